@@ -1,0 +1,107 @@
+"""``python -m local_node``: run the home node; ``python -m local_node tiny-model``: write a test checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .config import ConfigError, NodeConfig, config_path, load_config
+
+log = logging.getLogger("local_node")
+
+
+def physical_cores() -> int:
+    """Cores this process may use, counting each physical core once (SMT siblings share its units)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return usable
+    cores, package = set(), None
+    for line in cpuinfo.splitlines():
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key == "physical id":
+            package = value
+        elif key == "core id":
+            cores.add((package, value))
+    return max(1, min(usable, len(cores) or usable))
+
+
+def build_workers(config: NodeConfig) -> dict:
+    """Load, warm up and wrap every enabled model. Announced to the relay only after this."""
+    from .engine import SyntheticEngine
+    from .worker import ModelWorker
+
+    workers = {}
+    for model in config.enabled_models:
+        if model.engine == "synthetic":
+            engine = SyntheticEngine(model)
+        else:
+            from .qwen_engine import QwenEngine
+
+            engine = QwenEngine(model, config.dtype)
+            engine.warm_up()
+        workers[model.name] = ModelWorker(engine, model.max_queue)
+    return workers
+
+
+def run(config: NodeConfig) -> int:
+    from .qwen_engine import ModelUnavailable
+    from .tunnel_client import Refused, TunnelClient
+
+    if any(m.engine == "qwen" for m in config.enabled_models):
+        import torch
+
+        threads = config.threads or physical_cores()
+        torch.set_num_threads(threads)
+        log.info("torch %s on %s, %d threads, %s", torch.__version__, config.device, threads, config.dtype)
+    try:
+        workers = build_workers(config)
+    except ModelUnavailable as exc:
+        log.error("%s", exc)
+        return 1
+    except ConfigError as exc:
+        log.error("config: %s", exc)
+        return 2
+    client = TunnelClient(config.relay_url, config.token, config.node_name, workers)
+    try:
+        asyncio.run(client.run_forever())
+    except Refused as exc:
+        log.error("stopping: %s", exc)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if argv[:1] == ["tiny-model"]:
+        parser = argparse.ArgumentParser(prog="python -m local_node tiny-model",
+                                         description="Write a tiny randomly initialised Qwen3-TTS checkpoint (for tests and pipeline checks; it speaks noise).")
+        parser.add_argument("directory", type=Path)
+        parser.add_argument("--type", required=True, choices=["base", "custom_voice", "voice_design"])
+        parser.add_argument("--seed", type=int, default=0)
+        args = parser.parse_args(argv[1:])
+        from .tiny_model import write_tiny_checkpoint
+
+        print(write_tiny_checkpoint(args.directory, args.type, seed=args.seed))
+        return
+    parser = argparse.ArgumentParser(prog="python -m local_node", description="Run a Qwen3-TTS node that dials out to a relay.")
+    parser.add_argument("--config", help="YAML config (default: $QWEN3_TTS_CONFIG or ./config-cpu-local.yaml)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(config_path(args.config))
+    except ConfigError as exc:
+        sys.exit(f"local_node: config: {exc}")
+    sys.exit(run(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""The node's YAML configuration, validated strictly: an unknown key or a bad value stops the start
+with a message that names it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+DEFAULT_CONFIG = "config-cpu-local.yaml"
+DTYPES = ("bfloat16", "float32")
+ENGINES = ("qwen", "synthetic")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class VoiceConfig:
+    name: str
+    speaker: str | None = None  # CustomVoice: a built-in speaker
+    ref_audio: Path | None = None  # Base: reference clip to clone
+    ref_text: str | None = None  # Base: its transcript (in-context cloning); omitted -> x-vector only
+    description: str | None = None  # VoiceDesign: the voice, described in words
+    language: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    enabled: bool
+    source: str  # Hugging Face id or local folder
+    aliases: tuple[str, ...] = ()
+    engine: str = "qwen"
+    language: str | None = None  # None: detected automatically
+    voices: tuple[VoiceConfig, ...] = ()
+    max_queue: int = 4  # requests waiting behind the running one; beyond that the relay answers 429
+    max_new_frames: int | None = None  # cap on generated codec frames per text piece
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    relay_url: str
+    token: str = field(repr=False)
+    node_name: str = "node"
+    device: str = "cpu"
+    dtype: str = "bfloat16"
+    threads: int | None = None  # None: one per physical core
+    models: tuple[ModelConfig, ...] = ()
+
+    @property
+    def enabled_models(self) -> tuple[ModelConfig, ...]:
+        return tuple(m for m in self.models if m.enabled)
+
+
+def config_path(cli_value: str | None, environ: Mapping[str, str] = os.environ) -> Path:
+    """``--config``, else ``QWEN3_TTS_CONFIG``, else ./config-cpu-local.yaml."""
+    return Path(cli_value or environ.get("QWEN3_TTS_CONFIG") or DEFAULT_CONFIG)
+
+
+def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> NodeConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return parse_config(data, base_dir=path.parent, environ=environ)
+
+
+def parse_config(data: Any, base_dir: Path = Path("."), environ: Mapping[str, str] = os.environ) -> NodeConfig:
+    top = _Section(data, "config")
+    relay = _Section(top.pop("relay", dict), "relay")
+    relay_url = relay.pop("url", str)
+    if not relay_url.startswith(("ws://", "wss://")):
+        raise ConfigError(f"relay.url must start with ws:// or wss://, not {relay_url!r}")
+    token = _token(relay, environ)
+    node_name = relay.pop("node_name", str, default="node")
+    relay.finish()
+
+    device = top.pop("device", str, default="cpu")
+    if device != "cpu":
+        raise ConfigError(f"device: only 'cpu' is supported, not {device!r}")
+    dtype = top.pop("dtype", str, default="bfloat16")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    threads = top.pop("threads", (int, str), default="auto")
+    if threads == "auto":
+        threads = None
+    elif isinstance(threads, str) or threads < 1:
+        raise ConfigError(f"threads must be 'auto' or a positive integer, not {threads!r}")
+
+    models_data = top.pop("models", dict)
+    models = tuple(_model(name, spec, base_dir) for name, spec in models_data.items())
+    top.finish()
+
+    override = environ.get("ENABLED_MODELS")
+    if override is not None:
+        wanted = {n.strip() for n in override.split(",") if n.strip()}
+        unknown = wanted - {m.name for m in models}
+        if unknown:
+            raise ConfigError(f"ENABLED_MODELS names models not in the config: {', '.join(sorted(unknown))}")
+        models = tuple(replace(m, enabled=m.name in wanted) for m in models)
+    if not any(m.enabled for m in models):
+        raise ConfigError("no model is enabled: set enabled: true on one under models:, or use ENABLED_MODELS")
+    return NodeConfig(relay_url, token, node_name, device, dtype, threads, models)
+
+
+def _token(relay: _Section, environ: Mapping[str, str]) -> str:
+    token = relay.pop("token", str, default=None)
+    token_env = relay.pop("token_env", str, default=None)
+    if token and token_env:
+        raise ConfigError("relay: give either token or token_env, not both")
+    if token_env:
+        token = environ.get(token_env)
+        if not token:
+            raise ConfigError(f"relay.token_env: the environment variable {token_env} is not set")
+    if not token:
+        raise ConfigError("relay.token (or relay.token_env, the name of a variable holding it) is required")
+    return token
+
+
+def _model(name: Any, spec: Any, base_dir: Path) -> ModelConfig:
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"models: {name!r} is not a valid model name")
+    where = f"models.{name}"
+    section = _Section(spec, where)
+    enabled = section.pop("enabled", bool, default=True)
+    engine = section.pop("engine", str, default="qwen")
+    if engine not in ENGINES:
+        raise ConfigError(f"{where}.engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    source = section.pop("source", str, default="" if engine == "synthetic" else None)
+    if engine == "qwen" and not source:
+        raise ConfigError(f"{where}.source is required: a Hugging Face id or a local folder")
+    if source and _looks_like_path(source):
+        source = str((base_dir / source).expanduser())
+    aliases = section.pop("aliases", list, default=[])
+    if not all(isinstance(a, str) and a for a in aliases):
+        raise ConfigError(f"{where}.aliases must be a list of names")
+    language = _language(section.pop("language", str, default=None), f"{where}.language")
+    voices_data = section.pop("voices", dict, default={})
+    voices = tuple(_voice(vname, vspec, f"{where}.voices", base_dir) for vname, vspec in voices_data.items())
+    max_queue = section.pop("max_queue", int, default=4)
+    if max_queue < 0:
+        raise ConfigError(f"{where}.max_queue must be 0 or more")
+    max_new_frames = section.pop("max_new_frames", int, default=None)
+    if max_new_frames is not None and max_new_frames < 2:
+        raise ConfigError(f"{where}.max_new_frames must be at least 2")
+    section.finish()
+    return ModelConfig(name, enabled, source, tuple(aliases), engine, language, voices, max_queue, max_new_frames)
+
+
+def _voice(name: Any, spec: Any, where: str, base_dir: Path) -> VoiceConfig:
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}: {name!r} is not a valid voice name")
+    where = f"{where}.{name}"
+    section = _Section(spec, where)
+    speaker = section.pop("speaker", str, default=None)
+    ref_audio = section.pop("ref_audio", str, default=None)
+    ref_text = section.pop("ref_text", str, default=None)
+    description = section.pop("description", str, default=None)
+    language = _language(section.pop("language", str, default=None), f"{where}.language")
+    section.finish()
+    kinds = [k for k, v in (("speaker", speaker), ("ref_audio", ref_audio), ("description", description)) if v]
+    if len(kinds) != 1:
+        raise ConfigError(f"{where}: give exactly one of speaker (CustomVoice), ref_audio (Base) or description (VoiceDesign)")
+    if ref_text and not ref_audio:
+        raise ConfigError(f"{where}.ref_text goes with ref_audio")
+    audio_path = (base_dir / ref_audio).expanduser() if ref_audio else None
+    if audio_path is not None and not audio_path.is_file():
+        raise ConfigError(f"{where}.ref_audio: no such file {audio_path}")
+    return VoiceConfig(name, speaker, audio_path, ref_text, description, language)
+
+
+def _language(value: str | None, where: str) -> str | None:
+    if value is None or value.lower() == "auto":
+        return None
+    return value.lower()
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).expanduser().exists()
+
+
+_MISSING = object()
+
+
+class _Section:
+    """Takes typed keys out of one mapping of the YAML; leftovers are unknown keys."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where} must be a mapping")
+        self.data = dict(data)
+        self.where = where
+
+    def pop(self, key: str, kinds: Any, default: Any = _MISSING) -> Any:
+        if key not in self.data or self.data[key] is None:
+            self.data.pop(key, None)
+            if default is _MISSING:
+                raise ConfigError(f"{self._name(key)} is required")
+            return default
+        value = self.data.pop(key)
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            names = " or ".join(k.__name__.replace("str", "string").replace("dict", "mapping") for k in kinds)
+            raise ConfigError(f"{self._name(key)} must be a {names}, not {value!r}")
+        return value
+
+    def finish(self) -> None:
+        if self.data:
+            key = sorted(map(str, self.data))[0]
+            raise ConfigError(f"unknown key {self._name(key)}")
+
+    def _name(self, key: str) -> str:
+        return key if self.where == "config" else f"{self.where}.{key}"

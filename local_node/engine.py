@@ -1,0 +1,82 @@
+"""What the node asks of a speech engine, and a synthetic one for measuring the tunnel alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import numpy as np
+
+from relay.protocol import ModelInfo
+
+from .config import ModelConfig
+
+SAMPLE_RATE = 24000
+SAMPLES_PER_FRAME = 1920  # one 12.5 Hz codec frame: 80 ms at 24 kHz
+
+
+class JobError(Exception):
+    """A request this engine cannot serve; ``code`` is one of the tunnel protocol's error codes."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Cancelled(Exception):
+    """The client went away; generation stopped early."""
+
+
+@dataclass(frozen=True)
+class Job:
+    text: str
+    voice: str
+    instructions: str | None = None
+
+
+class Engine(Protocol):
+    info: ModelInfo
+
+    def check(self, job: Job) -> None:
+        """Raise JobError if ``job`` cannot be served (unknown voice, missing description...)."""
+
+    def count_tokens(self, text: str) -> int:
+        """Input tokens, as reported in the usage of a response."""
+
+    def synthesize(self, job: Job, cancelled: threading.Event) -> Iterator[np.ndarray]:
+        """Yield 24 kHz mono float32 PCM as it is produced. Runs in a worker thread; stops soon
+        after ``cancelled`` is set."""
+
+
+class SyntheticEngine:
+    """A 220 Hz tone, one 80 ms frame per input character, produced at real-time pace.
+
+    It loads nothing and sounds like nothing, which is the point: tests and load benchmarks use it
+    to measure the relay and tunnel without a model in the way.
+    """
+
+    frame_seconds = SAMPLES_PER_FRAME / SAMPLE_RATE
+
+    def __init__(self, config: ModelConfig) -> None:
+        voices = tuple(v.name for v in config.voices) or ("tone",)
+        self.info = ModelInfo(config.name, config.aliases, voices, any_voice=False)
+
+    def check(self, job: Job) -> None:
+        if job.voice not in self.info.voices:
+            raise JobError("unknown_voice", f"voice {job.voice!r} is not one of {', '.join(self.info.voices)}")
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def synthesize(self, job: Job, cancelled: threading.Event) -> Iterator[np.ndarray]:
+        t = np.arange(SAMPLES_PER_FRAME) / SAMPLE_RATE
+        start = time.monotonic()
+        for i in range(len(job.text)):
+            if cancelled.is_set():
+                raise Cancelled()
+            phase = 2 * np.pi * 220 * (t + i * self.frame_seconds)
+            yield (0.3 * np.sin(phase)).astype(np.float32)
+            time.sleep(max(0.0, start + (i + 1) * self.frame_seconds - time.monotonic()))

@@ -1,0 +1,167 @@
+"""Qwen3-TTS through the qwen-tts package: loading, voices, and synthesis piece by piece."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from relay.protocol import ModelInfo
+
+from .config import ConfigError, ModelConfig
+from .engine import Cancelled, Job, JobError
+from .qwen_import import import_qwen_tts
+from .text_split import split_text
+
+log = logging.getLogger("local_node.qwen")
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+MAX_PIECE_CHARS = 300
+
+
+class ModelUnavailable(Exception):
+    """The weights could not be loaded; the message says why and how to fix it."""
+
+
+@dataclass(frozen=True)
+class _Voice:
+    language: str
+    speaker: str | None = None
+    description: str | None = None
+    clone_prompt: Any = None  # qwen-tts VoiceClonePromptItem list, computed once at start
+
+
+class QwenEngine:
+    def __init__(self, config: ModelConfig, dtype: str = "bfloat16") -> None:
+        self.config = config
+        started = time.monotonic()
+        self.tts = _load(config, _DTYPES[dtype])
+        self.kind: str = self.tts.model.tts_model_type  # "base", "custom_voice" or "voice_design"
+        self.voices = self._build_voices()
+        self.info = ModelInfo(config.name, config.aliases, tuple(self.voices), any_voice=self.kind == "voice_design")
+        self._cancelled = threading.Event()
+        # qwen-tts generates a whole piece in one call with no way to stop it; a check before every
+        # talker step (one per 80 ms codec frame) lets a cancelled request stop within a frame.
+        self.tts.model.talker.register_forward_pre_hook(self._stop_if_cancelled)
+        log.info("%s: loaded %s model from %s in %.1f s", config.name, self.kind, config.source, time.monotonic() - started)
+
+    # --- voices ---------------------------------------------------------------------------
+
+    def _build_voices(self) -> dict[str, _Voice]:
+        where = f"models.{self.config.name}"
+        languages = set(self.tts.get_supported_languages() or [])
+        default_language = self.default_language = self._language(self.config.language, languages, f"{where}.language")
+        voices: dict[str, _Voice] = {}
+        if self.kind == "custom_voice":
+            for speaker in self.tts.get_supported_speakers() or []:
+                voices[speaker] = _Voice(default_language, speaker=speaker)
+        for voice in self.config.voices:
+            language = self._language(voice.language, languages, f"{where}.voices.{voice.name}.language") or default_language
+            if self.kind == "custom_voice":
+                speaker = (voice.speaker or "").lower()
+                if speaker not in voices:
+                    raise ConfigError(f"{where}.voices.{voice.name}: a CustomVoice model takes speaker: one of {', '.join(sorted(voices))}")
+                voices[voice.name] = _Voice(language, speaker=speaker)
+            elif self.kind == "voice_design":
+                if not voice.description:
+                    raise ConfigError(f"{where}.voices.{voice.name}: a VoiceDesign model takes description:")
+                voices[voice.name] = _Voice(language, description=voice.description)
+            else:
+                if not voice.ref_audio:
+                    raise ConfigError(f"{where}.voices.{voice.name}: a Base model clones voices; give ref_audio: (and ref_text:)")
+                prompt = self.tts.create_voice_clone_prompt(
+                    ref_audio=str(voice.ref_audio), ref_text=voice.ref_text, x_vector_only_mode=not voice.ref_text
+                )
+                voices[voice.name] = _Voice(language, clone_prompt=prompt)
+        if self.kind == "base" and not voices:
+            raise ConfigError(f"{where}: a Base model clones voices; declare at least one under voices: with ref_audio:")
+        return voices
+
+    @staticmethod
+    def _language(value: str | None, supported: set[str], where: str) -> str:
+        if value is None:
+            return "Auto"
+        if supported and value not in supported:
+            raise ConfigError(f"{where}: {value!r} is not supported; choose from {', '.join(sorted(supported))}")
+        return value
+
+    # --- the Engine interface -------------------------------------------------------------
+
+    def check(self, job: Job) -> None:
+        if self.kind == "voice_design":
+            voice = self.voices.get(job.voice)
+            if not job.instructions and voice is None:
+                raise JobError("invalid_request", "A VoiceDesign model needs the voice described in 'instructions' "
+                               f"(or a configured voice: {', '.join(self.voices) or 'none'}).")
+        elif job.voice not in self.voices:
+            raise JobError("unknown_voice", f"Voice '{job.voice}' is not available; choose from {', '.join(self.voices)}.")
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tts.processor.tokenizer(text)["input_ids"])
+
+    def synthesize(self, job: Job, cancelled: threading.Event) -> Iterator[np.ndarray]:
+        self._cancelled = cancelled
+        for piece in split_text(job.text, MAX_PIECE_CHARS):
+            if cancelled.is_set():
+                raise Cancelled()
+            wavs, _ = self._generate(piece, job)
+            yield np.asarray(wavs[0], dtype=np.float32)
+
+    def warm_up(self) -> None:
+        """One short synthesis, so the first real request does not pay for lazy initialisation."""
+        started = time.monotonic()
+        voice = next(iter(self.voices), "warmup")
+        job = Job("Hello.", voice, "A clear, calm voice." if self.kind == "voice_design" else None)
+        self._generate("Hello.", job, max_frames=4)
+        log.info("%s: warmed up in %.1f s", self.config.name, time.monotonic() - started)
+
+    # --- generation -----------------------------------------------------------------------
+
+    def _generate(self, text: str, job: Job, max_frames: int | None = None) -> tuple[list[np.ndarray], int]:
+        max_frames = max_frames or self.config.max_new_frames or _frame_budget(text)
+        voice = self.voices.get(job.voice)
+        language = voice.language if voice else self.default_language
+        common = dict(text=text, language=language, max_new_tokens=max_frames)
+        with torch.inference_mode():
+            if self.kind == "custom_voice":
+                return self.tts.generate_custom_voice(speaker=voice.speaker, instruct=job.instructions, **common)
+            if self.kind == "voice_design":
+                return self.tts.generate_voice_design(instruct=job.instructions or voice.description, **common)
+            return self.tts.generate_voice_clone(voice_clone_prompt=voice.clone_prompt, **common)
+
+    def _stop_if_cancelled(self, module: Any, args: Any) -> None:
+        if self._cancelled.is_set():
+            raise Cancelled()
+
+
+def _frame_budget(text: str) -> int:
+    """A generous cap on codec frames for one piece: speech runs about one frame per character
+    in English and three in Chinese; the cap only stops a model that never says EOS."""
+    return min(8192, 25 + 6 * len(text))
+
+
+def _load(config: ModelConfig, dtype: torch.dtype) -> Any:
+    qwen_tts = import_qwen_tts()
+    source = config.source
+    is_folder = source.startswith((".", "/", "~")) or os.path.isdir(source)
+    if is_folder and not os.path.isdir(os.path.expanduser(source)):
+        raise ModelUnavailable(f"models.{config.name}.source: no such folder {source}")
+    try:
+        return qwen_tts.Qwen3TTSModel.from_pretrained(source, dtype=dtype)
+    except Exception as exc:  # hub, network and file errors come in many types; all mean "not here"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if is_folder:
+            raise ModelUnavailable(f"models.{config.name}: cannot load {source}: {reason}") from exc
+        raise ModelUnavailable(
+            f"models.{config.name}: could not fetch '{source}' from Hugging Face ({reason}).\n"
+            "  This machine may be offline or the hub unreachable. To fix it, either:\n"
+            f"  - download the model where there is network: huggingface-cli download {source} --local-dir models/{config.name}\n"
+            f"    copy that folder here and set models.{config.name}.source: ./models/{config.name}\n"
+            "  - or check the pipeline without weights: ./run.sh --tiny (tiny random checkpoints; they produce noise)"
+        ) from exc

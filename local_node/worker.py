@@ -1,0 +1,72 @@
+"""Runs one model's syntheses off the event loop: one at a time, a bounded queue behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Awaitable, Callable
+
+from relay.protocol import Request
+
+from .audio import StreamEncoder
+from .engine import SAMPLES_PER_FRAME, Cancelled, Engine, Job
+
+_DONE = object()
+
+
+class Busy(Exception):
+    """The model is running and its queue is full."""
+
+
+class ModelWorker:
+    def __init__(self, engine: Engine, max_queue: int) -> None:
+        self.engine = engine
+        self.capacity = 1 + max_queue
+        self.admitted = 0
+        # One thread: syntheses of one model run one after another, in arrival order.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"synth-{engine.info.name}")
+
+    async def run(self, request: Request, cancelled: threading.Event, emit: Callable[[bytes], Awaitable[None]]) -> tuple[int, int]:
+        """Synthesise ``request``, passing encoded audio to ``emit`` as it is produced.
+
+        Returns (input tokens, output codec frames). Raises JobError, Busy, or whatever the
+        engine raised. Setting ``cancelled`` ends it early, without error.
+        """
+        job = Job(request.input, request.voice, request.instructions)
+        self.engine.check(job)
+        if self.admitted >= self.capacity:
+            raise Busy()
+        self.admitted += 1
+        try:
+            loop = asyncio.get_running_loop()
+            chunks: asyncio.Queue = asyncio.Queue()
+            put = lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item)  # noqa: E731
+            produced = loop.run_in_executor(self._thread, self._produce, job, request, cancelled, put)
+            while (chunk := await chunks.get()) is not _DONE:
+                await emit(chunk)
+            samples = await produced
+            return self.engine.count_tokens(request.input), math.ceil(samples / SAMPLES_PER_FRAME)
+        finally:
+            cancelled.set()  # if we leave early (the tunnel broke), the thread stops too
+            self.admitted -= 1
+
+    def _produce(self, job: Job, request: Request, cancelled: threading.Event, put: Callable) -> int:
+        samples = 0
+        try:
+            if cancelled.is_set():  # cancelled while it waited in the queue
+                return 0
+            encoder = StreamEncoder(request.response_format, request.speed)
+            try:
+                for pcm in self.engine.synthesize(job, cancelled):
+                    samples += len(pcm)
+                    if data := encoder.encode(pcm):
+                        put(data)
+            except Cancelled:
+                return samples  # nobody is listening for the rest
+            if data := encoder.finish():
+                put(data)
+            return samples
+        finally:
+            put(_DONE)

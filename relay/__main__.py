@@ -1,0 +1,44 @@
+"""``python -m relay``: run the public relay."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import uvicorn
+
+from .app import create_app
+from .config import ConfigError, RelayConfig
+from .protocol import MAX_FRAME_BYTES
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m relay", description="OpenAI-compatible speech API relay for Qwen3-TTS nodes.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = RelayConfig.from_env()
+    except ConfigError as exc:
+        sys.exit(f"relay: {exc}")
+    uvicorn.run(
+        create_app(config),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        ws="websockets-sansio",
+        ws_max_size=MAX_FRAME_BYTES + 1024,  # a tunnel frame is at most 64 KiB
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
+        proxy_headers=True,
+        # The access log is off: it adds nothing the relay's own log lines lack.
+        access_log=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The relay's Starlette application: the OpenAI speech API in front, the node tunnel behind."""
+
+from __future__ import annotations
+
+import time
+from typing import Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+
+from .auth import bearer_token
+from .config import RelayConfig
+from .errors import ApiError
+from .router import Router
+from .speech import create_speech
+from .tunnel_server import tunnel_endpoint
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def api_key_required(endpoint: Endpoint) -> Endpoint:
+    async def guarded(request: Request) -> Response:
+        config: RelayConfig = request.app.state.config
+        if config.require_api_key:
+            token = bearer_token(request.headers.get("authorization"))
+            if token is None:
+                raise ApiError(401, "Missing API key: send it as 'Authorization: Bearer <key>'.", code="missing_api_key")
+            if config.api_keys.match(token) is None:
+                raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        return await endpoint(request)
+
+    return guarded
+
+
+async def list_models(request: Request) -> JSONResponse:
+    """OpenAI's model list: every name and alias a connected node answers to."""
+    created = request.app.state.started
+    data = []
+    for info in request.app.state.router.catalogue().values():
+        for model_id in (info.name, *info.aliases):
+            data.append({"id": model_id, "object": "model", "created": created, "owned_by": "qwen3-tts", "root": info.name})
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def list_voices(request: Request) -> JSONResponse:
+    data = [
+        {"model": info.name, "aliases": list(info.aliases), "voices": list(info.voices), "any_voice": info.any_voice}
+        for info in request.app.state.router.catalogue().values()
+    ]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def health(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+async def ready(request: Request) -> JSONResponse:
+    """Ready when at least one node has announced a model; load balancers may poll this."""
+    nodes = [node for node in request.app.state.router.nodes if node.models]
+    if nodes:
+        return JSONResponse({"status": "ready", "nodes": len(nodes)})
+    return JSONResponse({"status": "no node connected", "nodes": 0}, status_code=503)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    return exc.response()  # type: ignore[attr-defined]
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return ApiError(exc.status_code, str(exc.detail), code=code).response()
+
+
+def create_app(config: RelayConfig) -> Starlette:
+    routes = [
+        Route("/v1/audio/speech", api_key_required(create_speech), methods=["POST"]),
+        Route("/v1/models", api_key_required(list_models), methods=["GET"]),
+        Route("/v1/audio/voices", api_key_required(list_voices), methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        WebSocketRoute("/v1/tunnel", tunnel_endpoint),
+    ]
+    app = Starlette(routes=routes, exception_handlers={ApiError: _api_error, HTTPException: _http_error})
+    app.state.config = config
+    app.state.router = Router()
+    app.state.started = int(time.time())
+    return app

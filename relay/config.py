@@ -1,0 +1,85 @@
+"""Relay settings, read from the environment (a VPS is usually configured that way)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from .auth import Credentials
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names it."""
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    api_keys: Credentials = field(default_factory=lambda: Credentials({}))
+    node_tokens: Credentials = field(default_factory=lambda: Credentials({}))
+    # Off only on purpose: with it False, anyone who can reach the relay may use the API.
+    require_api_key: bool = True
+    # How long a node may take to produce the first audio of a request (CPU models are slow to
+    # start on long inputs), and how long a started stream may then stay silent.
+    first_audio_timeout: float = 120.0
+    stream_idle_timeout: float = 60.0
+    retry_after_seconds: int = 2
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> RelayConfig:
+        """Read ``RELAY_API_KEYS``, ``RELAY_NODE_TOKENS`` and friends; see the README."""
+        require_api_key = _flag(environ, "RELAY_REQUIRE_API_KEY", True)
+        api_keys = _secrets(environ.get("RELAY_API_KEYS", ""), "key")
+        node_tokens = _secrets(environ.get("RELAY_NODE_TOKENS", ""), "node")
+        if require_api_key and not api_keys:
+            raise ConfigError(
+                "RELAY_API_KEYS is empty: set one or more client API keys (comma-separated), "
+                "or set RELAY_REQUIRE_API_KEY=false to serve the API to anyone on purpose."
+            )
+        if not node_tokens:
+            raise ConfigError("RELAY_NODE_TOKENS is empty: set at least one node token (name:token, comma-separated).")
+        return cls(
+            api_keys=Credentials(api_keys),
+            node_tokens=Credentials(node_tokens),
+            require_api_key=require_api_key,
+            first_audio_timeout=_number(environ, "RELAY_FIRST_AUDIO_TIMEOUT", cls.first_audio_timeout),
+            stream_idle_timeout=_number(environ, "RELAY_STREAM_IDLE_TIMEOUT", cls.stream_idle_timeout),
+            retry_after_seconds=int(_number(environ, "RELAY_RETRY_AFTER", cls.retry_after_seconds)),
+        )
+
+
+def _secrets(value: str, prefix: str) -> dict[str, str]:
+    """``name:secret,secret2`` -> {name: secret, prefix2: secret2}. Names appear in logs, secrets never."""
+    secrets: dict[str, str] = {}
+    for i, entry in enumerate(filter(None, (e.strip() for e in value.split(","))), start=1):
+        name, sep, secret = entry.partition(":")
+        if not sep:
+            name, secret = f"{prefix}{i}", entry
+        if len(secret) < 16:
+            raise ConfigError(f"a {prefix} secret ({name}) is shorter than 16 characters; use a long random value")
+        secrets[name] = secret
+    return secrets
+
+
+def _flag(environ: Mapping[str, str], key: str, default: bool) -> bool:
+    value = environ.get(key, "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{key} must be true or false, not {value!r}")
+
+
+def _number(environ: Mapping[str, str], key: str, default: float) -> float:
+    value = environ.get(key)
+    if value is None or not value.strip():
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{key} must be a number, not {value!r}") from None
+    if number <= 0:
+        raise ConfigError(f"{key} must be positive")
+    return number

@@ -1,0 +1,367 @@
+"""The tunnel's wire protocol, sans I/O: pure encoding, decoding and per-connection state.
+
+A node dials out to the relay over one websocket and keeps it open; every request the relay
+forwards travels over it, many at a time, each on its own stream id.
+
+Handshake (plain HTTP upgrade, checked before the websocket is accepted):
+  * ``Authorization: Bearer <node token>``; a wrong or missing token is refused with HTTP 401.
+  * ``Sec-WebSocket-Protocol: qwen3-tts-tunnel.v<N>``; a relay that does not speak version N
+    refuses with HTTP 426 and says which version it speaks.
+
+Frames after the handshake:
+  * text frames: one JSON object each, ``{"type": ..., ...}``, at most ``MAX_FRAME_BYTES``;
+  * binary frames: encoded audio for one stream, a 4-byte big-endian stream id followed by
+    1 to ``MAX_AUDIO_PAYLOAD`` bytes, so a frame never exceeds 64 KiB.
+
+Conversation:
+  node  -> relay  hello   {node, models: [{name, aliases, voices, any_voice}]}   first, and again
+                                                                                  whenever it changes
+  relay -> node   request {id, request_id, model, voice, input, instructions, response_format, speed}
+  node  -> relay  audio   (binary) ... then exactly one of
+  node  -> relay  end     {id, input_tokens, output_tokens}
+  node  -> relay  error   {id, code, message}
+  relay -> node   cancel  {id}      the client went away; the node stops generating
+
+A ``Connection`` holds one side's view of the streams so that out-of-order or malformed input is
+caught here, in one place, and the asyncio code around it stays thin.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+PROTOCOL_VERSION = 1
+SUBPROTOCOL = f"qwen3-tts-tunnel.v{PROTOCOL_VERSION}"
+MAX_FRAME_BYTES = 64 * 1024
+_AUDIO_HEADER = struct.Struct(">I")
+MAX_AUDIO_PAYLOAD = MAX_FRAME_BYTES - _AUDIO_HEADER.size
+MAX_STREAM_ID = 2**32 - 1
+
+RESPONSE_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
+MAX_INPUT_CHARS = 4096
+MAX_INSTRUCTIONS_CHARS = 4096
+MIN_SPEED, MAX_SPEED = 0.25, 4.0
+
+# Why a node could not serve a request; the relay maps each to an HTTP status.
+ERROR_CODES = ("busy", "unknown_model", "unknown_voice", "invalid_request", "internal_error")
+
+_NAME_CHARS = 128
+_MAX_MODELS = 64
+_MAX_NAMES = 1024
+
+
+class ProtocolError(Exception):
+    """The peer sent something this protocol does not allow; the connection should be closed."""
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    aliases: tuple[str, ...] = ()
+    voices: tuple[str, ...] = ()
+    any_voice: bool = False  # VoiceDesign: the voice is described by `instructions`
+
+
+@dataclass(frozen=True)
+class Hello:
+    node: str
+    models: tuple[ModelInfo, ...]
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int
+    request_id: str
+    model: str
+    voice: str
+    input: str
+    instructions: str | None = None
+    response_format: str = "mp3"
+    speed: float = 1.0
+
+
+@dataclass(frozen=True)
+class Cancel:
+    id: int
+
+
+@dataclass(frozen=True)
+class Audio:
+    id: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class End:
+    id: int
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True)
+class Error:
+    id: int
+    code: str
+    message: str
+
+
+Message = Union[Hello, Request, Cancel, Audio, End, Error]
+Frame = Union[str, bytes]
+
+_FROM_NODE = (Hello, Audio, End, Error)
+_FROM_RELAY = (Request, Cancel)
+_TYPE_NAMES = {Hello: "hello", Request: "request", Cancel: "cancel", End: "end", Error: "error"}
+_TYPES_BY_NAME = {name: cls for cls, name in _TYPE_NAMES.items()}
+
+
+# --- encoding ---------------------------------------------------------------------------------
+
+
+def encode(message: Message) -> Frame:
+    """Encode a message as a websocket frame payload (bytes for audio, str for the rest)."""
+    if isinstance(message, Audio):
+        return _AUDIO_HEADER.pack(message.id) + message.data
+    body = {"type": _TYPE_NAMES[type(message)]}
+    for name, value in message.__dict__.items():
+        if isinstance(value, tuple):
+            value = [v.__dict__ if isinstance(v, ModelInfo) else v for v in value]
+        body[name] = value
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+
+def audio_frames(stream_id: int, data: bytes) -> list[bytes]:
+    """Split encoded audio into binary frames of at most MAX_FRAME_BYTES."""
+    return [
+        encode(Audio(stream_id, data[i : i + MAX_AUDIO_PAYLOAD]))  # type: ignore[misc]
+        for i in range(0, len(data), MAX_AUDIO_PAYLOAD)
+    ]
+
+
+# --- decoding and validation ------------------------------------------------------------------
+
+
+def decode(frame: Frame) -> Message:
+    """Decode and fully validate one frame. Raises ProtocolError for anything malformed."""
+    if isinstance(frame, (bytes, bytearray, memoryview)):
+        return _decode_audio(bytes(frame))
+    if not isinstance(frame, str):
+        raise ProtocolError("frame is neither text nor binary")
+    if len(frame.encode()) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"text frame larger than {MAX_FRAME_BYTES} bytes")
+    try:
+        body = json.loads(frame)
+    except (ValueError, RecursionError):
+        raise ProtocolError("text frame is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("text frame is not a JSON object")
+    fields = _Fields(body)
+    cls = _TYPES_BY_NAME.get(fields.pop_str("type", 16))  # type: ignore[arg-type]
+    if cls is None:
+        raise ProtocolError(f"unknown message type {body.get('type')!r}")
+    message = _DECODERS[cls](fields)
+    fields.finish(_TYPE_NAMES[cls])
+    return message
+
+
+def _decode_audio(frame: bytes) -> Audio:
+    if len(frame) <= _AUDIO_HEADER.size:
+        raise ProtocolError("audio frame carries no audio")
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"audio frame larger than {MAX_FRAME_BYTES} bytes")
+    (stream_id,) = _AUDIO_HEADER.unpack_from(frame)
+    return Audio(stream_id, frame[_AUDIO_HEADER.size :])
+
+
+class _Fields:
+    """Takes typed fields out of a decoded JSON object; whatever is left over is an error."""
+
+    def __init__(self, body: dict) -> None:
+        self.body = dict(body)
+
+    def _pop(self, key: str, kinds: tuple[type, ...], optional: bool = False):
+        if key not in self.body:
+            if optional:
+                return None
+            raise ProtocolError(f"missing field {key!r}")
+        value = self.body.pop(key)
+        if value is None and optional:
+            return None
+        # bool is an int in Python, but never a valid number on this wire
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            raise ProtocolError(f"field {key!r} has the wrong type")
+        return value
+
+    def pop_str(self, key: str, max_chars: int, optional: bool = False, empty: bool = False) -> str | None:
+        value = self._pop(key, (str,), optional)
+        if value is not None and (len(value) > max_chars or (not value and not empty)):
+            raise ProtocolError(f"field {key!r} is empty or longer than {max_chars} characters")
+        return value
+
+    def pop_int(self, key: str, low: int, high: int) -> int:
+        value = self._pop(key, (int,))
+        if not low <= value <= high:
+            raise ProtocolError(f"field {key!r} is out of range")
+        return value
+
+    def pop_float(self, key: str, low: float, high: float) -> float:
+        value = float(self._pop(key, (int, float)))
+        if not (math.isfinite(value) and low <= value <= high):
+            raise ProtocolError(f"field {key!r} is out of range")
+        return value
+
+    def pop_bool(self, key: str) -> bool:
+        return self._pop(key, (bool,))
+
+    def pop_names(self, key: str) -> tuple[str, ...]:
+        values = self._pop(key, (list,))
+        if len(values) > _MAX_NAMES:
+            raise ProtocolError(f"field {key!r} lists too many names")
+        for value in values:
+            if not isinstance(value, str) or not 0 < len(value) <= _NAME_CHARS:
+                raise ProtocolError(f"field {key!r} holds an invalid name")
+        return tuple(values)
+
+    def pop_objects(self, key: str, max_items: int) -> list[_Fields]:
+        values = self._pop(key, (list,))
+        if len(values) > max_items or not all(isinstance(v, dict) for v in values):
+            raise ProtocolError(f"field {key!r} must be a list of at most {max_items} objects")
+        return [_Fields(v) for v in values]
+
+    def finish(self, what: str) -> None:
+        if self.body:
+            raise ProtocolError(f"unexpected fields in {what}: {sorted(self.body)}")
+
+
+def _decode_model(f: _Fields) -> ModelInfo:
+    model = ModelInfo(
+        name=f.pop_str("name", _NAME_CHARS),  # type: ignore[arg-type]
+        aliases=f.pop_names("aliases"),
+        voices=f.pop_names("voices"),
+        any_voice=f.pop_bool("any_voice"),
+    )
+    f.finish("model")
+    return model
+
+
+def _decode_hello(f: _Fields) -> Hello:
+    node = f.pop_str("node", _NAME_CHARS)
+    return Hello(node=node, models=tuple(_decode_model(m) for m in f.pop_objects("models", _MAX_MODELS)))  # type: ignore[arg-type]
+
+
+def _decode_request(f: _Fields) -> Request:
+    response_format = f.pop_str("response_format", 8)
+    if response_format not in RESPONSE_FORMATS:
+        raise ProtocolError(f"unknown response_format {response_format!r}")
+    return Request(
+        id=f.pop_int("id", 0, MAX_STREAM_ID),
+        request_id=f.pop_str("request_id", _NAME_CHARS),  # type: ignore[arg-type]
+        model=f.pop_str("model", _NAME_CHARS),  # type: ignore[arg-type]
+        voice=f.pop_str("voice", _NAME_CHARS),  # type: ignore[arg-type]
+        input=f.pop_str("input", MAX_INPUT_CHARS),  # type: ignore[arg-type]
+        instructions=f.pop_str("instructions", MAX_INSTRUCTIONS_CHARS, optional=True, empty=True),
+        response_format=response_format,  # type: ignore[arg-type]
+        speed=f.pop_float("speed", MIN_SPEED, MAX_SPEED),
+    )
+
+
+_DECODERS = {
+    Hello: _decode_hello,
+    Request: _decode_request,
+    Cancel: lambda f: Cancel(id=f.pop_int("id", 0, MAX_STREAM_ID)),
+    End: lambda f: End(
+        id=f.pop_int("id", 0, MAX_STREAM_ID),
+        input_tokens=f.pop_int("input_tokens", 0, 2**31),
+        output_tokens=f.pop_int("output_tokens", 0, 2**31),
+    ),
+    Error: lambda f: _decode_error(f),
+}
+
+
+def _decode_error(f: _Fields) -> Error:
+    error = Error(
+        id=f.pop_int("id", 0, MAX_STREAM_ID),
+        code=f.pop_str("code", 32),  # type: ignore[arg-type]
+        message=f.pop_str("message", 1024, empty=True),  # type: ignore[arg-type]
+    )
+    if error.code not in ERROR_CODES:
+        raise ProtocolError(f"unknown error code {error.code!r}")
+    return error
+
+
+# --- per-connection state ---------------------------------------------------------------------
+
+
+@dataclass
+class Connection:
+    """One side's view of a tunnel: which messages may come next, which streams are open.
+
+    ``send`` encodes what this side says; ``receive`` decodes what the peer said and returns it,
+    or None for a frame that arrived after this side cancelled its stream (an expected race).
+    """
+
+    role: Literal["relay", "node"]
+    hello_done: bool = False
+    open_streams: set[int] = field(default_factory=set)  # requests not yet ended or failed
+    cancelled: set[int] = field(default_factory=set)  # relay: cancelled, node may still be talking
+    next_id: int = 1
+
+    def new_stream_id(self) -> int:
+        stream_id = self.next_id
+        self.next_id = 1 if stream_id >= MAX_STREAM_ID else stream_id + 1
+        return stream_id
+
+    def send(self, message: Message) -> Frame:
+        allowed = _FROM_RELAY if self.role == "relay" else _FROM_NODE
+        if not isinstance(message, allowed):
+            raise ValueError(f"a {self.role} does not send {type(message).__name__}")
+        if isinstance(message, Hello):
+            self.hello_done = True
+        elif isinstance(message, Request):
+            self.open_streams.add(message.id)
+        elif isinstance(message, Cancel):
+            if message.id in self.open_streams:
+                self.open_streams.discard(message.id)
+                self.cancelled.add(message.id)
+        elif isinstance(message, (End, Error)):
+            self.open_streams.discard(message.id)
+        return encode(message)
+
+    def receive(self, frame: Frame) -> Message | None:
+        message = decode(frame)
+        expected = _FROM_NODE if self.role == "relay" else _FROM_RELAY
+        if not isinstance(message, expected):
+            raise ProtocolError(f"{type(message).__name__} is not sent to a {self.role}")
+        return self._receive_at_relay(message) if self.role == "relay" else self._receive_at_node(message)
+
+    def _receive_at_relay(self, message: Message) -> Message | None:
+        if isinstance(message, Hello):
+            self.hello_done = True
+            return message
+        if not self.hello_done:
+            raise ProtocolError("the node must say hello first")
+        stream_id = message.id  # type: ignore[union-attr]
+        if stream_id in self.cancelled:
+            if isinstance(message, (End, Error)):
+                self.cancelled.discard(stream_id)
+            return None
+        if stream_id not in self.open_streams:
+            raise ProtocolError(f"stream {stream_id} is not open")
+        if isinstance(message, (End, Error)):
+            self.open_streams.discard(stream_id)
+        return message
+
+    def _receive_at_node(self, message: Message) -> Message | None:
+        if isinstance(message, Request):
+            if message.id in self.open_streams:
+                raise ProtocolError(f"stream {message.id} is already open")
+            self.open_streams.add(message.id)
+            return message
+        # A cancel may cross the node's own end or error on the wire: nothing left to stop.
+        return message if message.id in self.open_streams else None  # type: ignore[union-attr]

@@ -1,0 +1,192 @@
+"""``POST /v1/audio/speech``: forward the request to a node and stream its audio back."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import secrets
+
+from starlette.requests import Request as HttpRequest
+from starlette.types import Receive, Scope, Send
+
+from .config import RelayConfig
+from .errors import ApiError
+from .protocol import Audio, End, Error, Request
+from .router import Router
+from .speech_request import CONTENT_TYPES, MAX_BODY_BYTES, SpeechRequest, parse_speech_request
+from .tunnel_server import NodeGone, Stream
+
+log = logging.getLogger("relay.speech")
+
+_NODE_ERRORS = {  # node error code -> (HTTP status, OpenAI error code)
+    "busy": (429, "node_busy"),
+    "unknown_model": (404, "model_not_found"),
+    "unknown_voice": (404, "voice_not_found"),
+    "invalid_request": (400, "invalid_value"),
+    "internal_error": (502, "node_error"),
+}
+
+
+async def create_speech(request: HttpRequest) -> SpeechResponse:
+    body = await read_body(request, MAX_BODY_BYTES)
+    speech = parse_speech_request(body)
+    return SpeechResponse(request.app.state.router, request.app.state.config, speech)
+
+
+async def read_body(request: HttpRequest, limit: int) -> bytes:
+    """The request body, refusing to buffer more than ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
+    return bytes(body)
+
+
+async def open_stream(router: Router, config: RelayConfig, speech: SpeechRequest, request_id: str) -> tuple[Stream, Audio | End]:
+    """Start the request on a node and wait for its first audio (or its immediate end).
+
+    Nodes are tried least-busy first; a node that is busy or drops before sending anything is
+    skipped, so the client only sees an error when no node could take the work.
+    """
+    if not router.nodes:
+        raise ApiError(503, "No node is connected to this relay right now.", code="no_node_available",
+                       retry_after=config.retry_after_seconds)
+    candidates = router.candidates(speech.model)
+    if not candidates:
+        raise ApiError(404, f"The model '{speech.model}' does not exist or no connected node serves it.",
+                       param="model", code="model_not_found")
+    candidates = [(node, info) for node, info in candidates if info.any_voice or speech.voice in info.voices]
+    if not candidates:
+        raise ApiError(404, f"The voice '{speech.voice}' is not available for model '{speech.model}'.",
+                       param="voice", code="voice_not_found")
+
+    busy = False
+    for node, info in candidates:
+        message = Request(
+            id=node.new_stream_id(), request_id=request_id, model=info.name, voice=speech.voice,
+            input=speech.input, instructions=speech.instructions,
+            response_format=speech.response_format, speed=speech.speed,
+        )
+        try:
+            stream = await node.open_stream(message)
+            first = await stream.next_event(config.first_audio_timeout)
+        except NodeGone:
+            log.warning("%s: node %s left before answering; trying another", request_id, node.name)
+            continue
+        except asyncio.TimeoutError:
+            await stream.close()
+            raise ApiError(504, "The node did not start producing audio in time.", code="node_timeout") from None
+        if isinstance(first, Error):
+            if first.code == "busy":
+                busy = True
+                continue
+            status, code = _NODE_ERRORS[first.code]
+            param = {"unknown_voice": "voice", "unknown_model": "model"}.get(first.code)
+            raise ApiError(status, first.message or "The node could not serve this request.", code=code, param=param)
+        log.info("%s: streaming from node %s (%s)", request_id, node.name, info.name)
+        return stream, first
+    if busy:
+        raise ApiError(429, "Every node serving this model is at capacity; retry shortly.", code="node_busy",
+                       retry_after=config.retry_after_seconds)
+    raise ApiError(502, "The node serving this model disconnected.", code="node_failed")
+
+
+class SpeechResponse:
+    """An ASGI response that opens the node stream itself, so that a client who hangs up at any
+    moment (even before the first byte) cancels the node's work."""
+
+    def __init__(self, router: Router, config: RelayConfig, speech: SpeechRequest) -> None:
+        self.router = router
+        self.config = config
+        self.speech = speech
+        self.request_id = "req_" + secrets.token_hex(12)
+        self.sse = speech.stream_format == "sse"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        work = asyncio.ensure_future(self._respond(scope, send))
+        gone = asyncio.ensure_future(_disconnected(receive))
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            log.info("%s: client went away", self.request_id)
+            work.cancel()
+        gone.cancel()
+        await asyncio.gather(work, gone, return_exceptions=True)
+        if work.done() and not work.cancelled() and work.exception() is not None:
+            raise work.exception()  # type: ignore[misc]
+
+    async def _respond(self, scope: Scope, send: Send) -> None:
+        stream = None
+        try:
+            try:
+                stream, event = await open_stream(self.router, self.config, self.speech, self.request_id)
+            except ApiError as error:
+                log.info("%s: %d %s", self.request_id, error.status, error.code)
+                await error.response()(scope, _no_receive, send)
+                return
+            await send({"type": "http.response.start", "status": 200, "headers": self._headers()})
+            while isinstance(event, Audio):
+                await self._send_body(send, self._audio(event.data))
+                event = await stream.next_event(self.config.stream_idle_timeout)
+            if isinstance(event, End):
+                await self._send_body(send, self._done(event), more=False)
+                return
+            log.warning("%s: node failed mid-stream: %s", self.request_id, event.message)
+            await self._fail_mid_stream(send, ApiError(502, event.message or "The node failed.", code="node_error"))
+        except NodeGone:
+            log.warning("%s: node disconnected mid-stream", self.request_id)
+            await self._fail_mid_stream(send, ApiError(502, "The node disconnected mid-stream.", code="node_failed"))
+        except asyncio.TimeoutError:
+            log.warning("%s: node stalled mid-stream", self.request_id)
+            await self._fail_mid_stream(send, ApiError(504, "The node stopped sending audio.", code="node_timeout"))
+        finally:
+            if stream is not None:
+                await stream.close()
+
+    def _headers(self) -> list[tuple[bytes, bytes]]:
+        media_type = "text/event-stream" if self.sse else CONTENT_TYPES[self.speech.response_format]
+        return [
+            (b"content-type", media_type.encode()),
+            (b"cache-control", b"no-cache"),
+            (b"x-request-id", self.request_id.encode()),
+        ]
+
+    def _audio(self, data: bytes) -> bytes:
+        if not self.sse:
+            return data
+        return _sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+
+    def _done(self, end: End) -> bytes:
+        if not self.sse:
+            return b""
+        usage = {"input_tokens": end.input_tokens, "output_tokens": end.output_tokens,
+                 "total_tokens": end.input_tokens + end.output_tokens}
+        return _sse_event({"type": "speech.audio.done", "usage": usage})
+
+    async def _fail_mid_stream(self, send: Send, error: ApiError) -> None:
+        """Headers are gone, so the status can no longer change. SSE gets an error event; raw
+        audio is cut off without the closing chunk, which HTTP clients report as a failed read."""
+        if self.sse:
+            await self._send_body(send, _sse_event({"type": "error", **error.body()}), more=False)
+
+    @staticmethod
+    async def _send_body(send: Send, body: bytes, more: bool = True) -> None:
+        await send({"type": "http.response.body", "body": body, "more_body": more})
+
+
+def _sse_event(payload: dict) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _no_receive() -> dict:
+    raise RuntimeError("an error response reads nothing")
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

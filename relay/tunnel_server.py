@@ -1,0 +1,172 @@
+"""The relay's end of the tunnel: the websocket endpoint nodes dial into, one session per node."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from starlette.responses import JSONResponse
+from starlette.websockets import WebSocket
+
+from . import protocol
+from .auth import bearer_token
+from .protocol import Audio, Cancel, Connection, End, Error, Hello, ModelInfo, ProtocolError, Request
+
+log = logging.getLogger("relay.tunnel")
+
+HELLO_TIMEOUT = 30.0
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_GOING_AWAY = 1001
+
+
+class NodeGone(Exception):
+    """The node's connection closed while a stream was open."""
+
+
+class Stream:
+    """One request as the relay sees it: the events its node sends, in order."""
+
+    def __init__(self, session: NodeSession, stream_id: int) -> None:
+        self.session = session
+        self.id = stream_id
+        self._events: asyncio.Queue[Audio | End | Error | NodeGone] = asyncio.Queue()
+        self.finished = False
+
+    def deliver(self, event: Audio | End | Error | NodeGone) -> None:
+        self._events.put_nowait(event)
+
+    async def next_event(self, timeout: float) -> Audio | End | Error:
+        """Wait for the next event; raises NodeGone, or TimeoutError when the node stays silent."""
+        event = await asyncio.wait_for(self._events.get(), timeout)
+        if isinstance(event, NodeGone):
+            self.finished = True
+            raise event
+        if isinstance(event, (End, Error)):
+            self.finished = True
+        return event
+
+    async def close(self) -> None:
+        """Release the stream; tell the node to stop if it is still producing."""
+        if not self.finished:
+            self.finished = True
+            await self.session.cancel(self)
+
+
+class NodeSession:
+    """A connected, authenticated node."""
+
+    def __init__(self, websocket: WebSocket, name: str) -> None:
+        self.websocket = websocket
+        self.name = name
+        self.models: dict[str, ModelInfo] = {}
+        self.conn = Connection("relay")
+        self.streams: dict[int, Stream] = {}
+        self._send_lock = asyncio.Lock()
+        self.closed = False
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.streams)
+
+    async def open_stream(self, request: Request) -> Stream:
+        if self.closed:
+            raise NodeGone()
+        stream = Stream(self, request.id)
+        self.streams[request.id] = stream
+        await self._send(request)
+        return stream
+
+    def new_stream_id(self) -> int:
+        return self.conn.new_stream_id()
+
+    async def cancel(self, stream: Stream) -> None:
+        self.streams.pop(stream.id, None)
+        if not self.closed:
+            await self._send(Cancel(stream.id))
+
+    async def _send(self, message: Request | Cancel) -> None:
+        frame = self.conn.send(message)
+        try:
+            async with self._send_lock:
+                await self.websocket.send_text(frame)  # type: ignore[arg-type]
+        except Exception as exc:  # the socket is going away; the reader will clean up
+            log.info("node %s: send failed: %s", self.name, exc)
+
+    async def run(self, router) -> None:
+        """Read frames until the node leaves; route each to its stream. The first must be hello."""
+        frame = await asyncio.wait_for(self._receive_frame(), HELLO_TIMEOUT)
+        while frame is not None:
+            message = self.conn.receive(frame)
+            if isinstance(message, Hello):
+                self.models = {model.name: model for model in message.models}
+                log.info("node %s serves %s", self.name, ", ".join(self.models) or "nothing yet")
+                router.add(self)
+            elif message is not None:
+                stream = self.streams.get(message.id)  # type: ignore[union-attr]
+                if isinstance(message, (End, Error)):
+                    self.streams.pop(message.id, None)  # type: ignore[union-attr]
+                if stream is not None:
+                    stream.deliver(message)  # type: ignore[arg-type]
+            frame = await self._receive_frame()
+
+    async def _receive_frame(self) -> str | bytes | None:
+        raw = await self.websocket.receive()
+        if raw["type"] == "websocket.disconnect":
+            return None
+        return raw["text"] if raw.get("text") is not None else raw["bytes"]
+
+    def fail_all(self) -> None:
+        self.closed = True
+        for stream in self.streams.values():
+            stream.deliver(NodeGone())
+        self.streams.clear()
+
+
+async def tunnel_endpoint(websocket: WebSocket) -> None:
+    """``/v1/tunnel``: authenticate at the handshake, then serve the node until it leaves."""
+    config = websocket.app.state.config
+    router = websocket.app.state.router
+    offered = websocket.scope.get("subprotocols", [])
+    node_name = config.node_tokens.match(bearer_token(websocket.headers.get("authorization")))
+    if node_name is None:
+        log.warning("refused a node from %s: missing or wrong token", _peer(websocket))
+        await _deny(websocket, 401, "node token missing or not accepted by this relay")
+        return
+    if protocol.SUBPROTOCOL not in offered:
+        log.warning("refused node %s: it speaks %s, this relay %s", node_name, offered, protocol.SUBPROTOCOL)
+        await _deny(websocket, 426, f"unsupported tunnel protocol {offered}; this relay speaks {protocol.SUBPROTOCOL}")
+        return
+
+    await websocket.accept(subprotocol=protocol.SUBPROTOCOL)
+    session = NodeSession(websocket, node_name)
+    log.info("node %s connected from %s", node_name, _peer(websocket))
+    try:
+        await session.run(router)
+    except (ProtocolError, asyncio.TimeoutError) as exc:
+        reason = str(exc) or "no hello in time"
+        log.warning("node %s broke the protocol: %s", node_name, reason)
+        await _close(websocket, CLOSE_PROTOCOL_ERROR, reason[:120])
+    finally:
+        router.remove(session)
+        session.fail_all()
+        log.info("node %s disconnected", node_name)
+
+
+async def _deny(websocket: WebSocket, status: int, message: str) -> None:
+    response = JSONResponse({"error": {"message": message, "type": "tunnel_error", "param": None, "code": status}}, status)
+    try:
+        await websocket.send_denial_response(response)
+    except RuntimeError:  # the server lacks the denial extension: a bare refusal still refuses
+        await websocket.close(code=1008)
+
+
+async def _close(websocket: WebSocket, code: int, reason: str) -> None:
+    try:
+        await websocket.close(code=code, reason=reason)
+    except Exception:
+        pass
+
+
+def _peer(websocket: WebSocket) -> str:
+    client = websocket.client
+    return f"{client.host}:{client.port}" if client else "unknown"
