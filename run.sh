@@ -19,7 +19,7 @@ PY
 fi
 set -a; source .secrets; set +a
 export RELAY_NODE_TOKENS="home:${QWEN3_TTS_NODE_TOKEN}"
-PORT=${PORT:-8000}
+PORT=8000  # config-cpu-local.yaml and config-tiny.yaml dial this port
 
 config=${QWEN3_TTS_CONFIG:-config-cpu-local.yaml}
 if [ "${1:-}" = "--tiny" ]; then

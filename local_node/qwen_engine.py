@@ -21,6 +21,9 @@ from .text_split import split_text
 
 log = logging.getLogger("local_node.qwen")
 
+# Hugging Face generate warns on every call that it picked the EOS id as padding; that is expected.
+logging.getLogger("transformers.generation.utils").setLevel(logging.ERROR)
+
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 MAX_PIECE_CHARS = 300
 
@@ -127,7 +130,8 @@ class QwenEngine:
         max_frames = max_frames or self.config.max_new_frames or _frame_budget(text)
         voice = self.voices.get(job.voice)
         language = voice.language if voice else self.default_language
-        common = dict(text=text, language=language, max_new_tokens=max_frames)
+        # qwen-tts spends its first generation step on the prompt: N new tokens make N - 1 frames.
+        common = dict(text=text, language=language, max_new_tokens=max_frames + 1)
         with torch.inference_mode():
             if self.kind == "custom_voice":
                 return self.tts.generate_custom_voice(speaker=voice.speaker, instruct=job.instructions, **common)
