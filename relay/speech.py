@@ -73,14 +73,18 @@ async def open_stream(router: Router, config: RelayConfig, speech: SpeechRequest
             input=speech.input, instructions=speech.instructions,
             response_format=speech.response_format, speed=speech.speed,
         )
+        stream = None
         try:
             stream = await node.open_stream(message)
             first = await stream.next_event(config.first_audio_timeout)
         except NodeGone:
             log.warning("%s: node %s left before answering; trying another", request_id, node.name)
             continue
-        except asyncio.TimeoutError:
-            await stream.close()
+        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:  # too slow, or the client hung up
+            if stream is not None:
+                await stream.close()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             raise ApiError(504, "The node did not start producing audio in time.", code="node_timeout") from None
         if isinstance(first, Error):
             if first.code == "busy":

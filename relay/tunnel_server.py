@@ -99,7 +99,7 @@ class NodeSession:
             message = self.conn.receive(frame)
             if isinstance(message, Hello):
                 self.models = {model.name: model for model in message.models}
-                log.info("node %s serves %s", self.name, ", ".join(self.models) or "nothing yet")
+                log.info("node %s (%s) serves %s", self.name, message.node, ", ".join(self.models) or "nothing yet")
                 router.add(self)
             elif message is not None:
                 stream = self.streams.get(message.id)  # type: ignore[union-attr]

@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from datetime import datetime
 
 import av
@@ -40,6 +41,8 @@ def stack(tmp_path_factory):
         "base_small": {"source": str(tmp / "base"), "aliases": ["qwen3-tts-clone"], "max_new_frames": MAX_FRAMES,
                        "voices": {"me": {"ref_audio": str(tmp / "ref.wav"), "ref_text": "A short reference clip."},
                                   "timbre": {"ref_audio": str(tmp / "ref.wav")}}},
+        # Same weights, one piece of text takes minutes: for cancelling mid-generation.
+        "slow": {"source": str(tmp / "custom_voice"), "max_new_frames": 4000, "max_queue": 0},
         "voice_design": {"source": str(tmp / "voice_design"), "aliases": ["qwen3-tts-design"],
                          "max_new_frames": MAX_FRAMES, "voices": {"narrator": {"description": "A calm narrator."}}},
     }
@@ -176,3 +179,22 @@ def test_concurrent_requests_are_served_in_turn(client):
         results = list(pool.map(lambda _: client.audio.speech.create(model="tts-1", voice="alloy", input="Queued.",
                                                                      response_format="pcm").content, range(2)))
     assert all(len(r) >= 2 * FRAME * 2 for r in results)
+
+
+def test_client_hanging_up_stops_generation_within_a_frame(stack):
+    """qwen-tts returns a piece only when it is complete, so the client hangs up before any audio:
+    the relay cancels, and the node's per-frame check stops generate() long before its 4000 frames
+    (minutes of work). max_queue is 0, so while that work ran a new request would get 429."""
+    import httpx
+
+    relay, node = stack
+    speak = lambda text: httpx.post(  # noqa: E731
+        f"{relay.url}/v1/audio/speech", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=3,
+        json={"model": "slow", "voice": "vivian", "input": text, "response_format": "pcm"})
+    for attempt in (1, 2):
+        with pytest.raises(httpx.ReadTimeout):  # accepted and generating (a 429 would return at once)
+            speak(f"A long one, take {attempt}.")
+        deadline = time.monotonic() + 15
+        while node.log().count("done, 0 frames") < attempt:
+            assert time.monotonic() < deadline, node.log()[-2000:]
+            time.sleep(0.1)

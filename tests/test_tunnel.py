@@ -143,3 +143,82 @@ def test_node_reconnects_after_the_relay_restarts(tmp_path):
     finally:
         node.stop()
         relay.stop()
+
+
+class ScriptedNode:
+    """A hand-driven node on a real websocket, to put the relay through failures a real node rarely shows."""
+
+    def __init__(self, relay, model="tone", aliases=("tts-1",)):
+        self.relay, self.model, self.aliases = relay, model, aliases
+
+    async def __aenter__(self):
+        from relay.protocol import Connection, Hello, ModelInfo
+
+        self.conn = Connection("node")
+        self.ws = await websockets.connect(self.relay.tunnel_url, subprotocols=[SUBPROTOCOL],
+                                           additional_headers={"Authorization": f"Bearer {NODE_TOKEN}"})
+        # The marker model shows in /v1/models once the relay has taken this node's hello.
+        models = (ModelInfo(self.model, self.aliases, ("alloy",)), ModelInfo("scripted-marker"))
+        await self.ws.send(self.conn.send(Hello("scripted", models)))
+        await asyncio.to_thread(self.relay.wait_for_models, {"scripted-marker"}, 30.0)
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.ws.close()
+
+    async def next_message(self):
+        return self.conn.receive(await asyncio.wait_for(self.ws.recv(), 10))
+
+
+async def post_async(relay, **extra):
+    async with httpx.AsyncClient(timeout=30) as client:
+        return await client.post(f"{relay.url}/v1/audio/speech", json={**SPEECH, "input": "Hi", **extra}, headers=AUTH)
+
+
+async def test_silent_node_times_out_with_504_and_is_told_to_cancel(tmp_path):
+    from relay.protocol import Cancel, Request
+
+    relay = Relay(tmp_path, env={"RELAY_FIRST_AUDIO_TIMEOUT": "1"})
+    try:
+        async with ScriptedNode(relay) as node:
+            response = asyncio.create_task(post_async(relay))
+            request = await node.next_message()
+            assert isinstance(request, Request) and request.input == "Hi" and request.response_format == "pcm"
+            assert isinstance(await node.next_message(), Cancel)
+            response = await response
+            assert response.status_code == 504 and response.json()["error"]["code"] == "node_timeout"
+    finally:
+        relay.stop()
+
+
+async def test_node_error_before_audio_is_a_502(relay):
+    from relay.protocol import Error
+
+    async with ScriptedNode(relay) as node:
+        response = asyncio.create_task(post_async(relay))
+        request = await node.next_message()
+        await node.ws.send(node.conn.send(Error(request.id, "internal_error", "out of memory")))
+        response = await response
+        assert response.status_code == 502
+        assert response.json()["error"] == {"message": "out of memory", "type": "server_error", "param": None, "code": "node_error"}
+
+
+async def test_a_node_that_drops_before_the_first_byte_is_replaced_by_another(tmp_path, relay):
+    real = Node(tmp_path, relay, synthetic_models())
+    try:
+        await asyncio.to_thread(relay.wait_for_models, {"tts-1"}, 60.0, real)
+        # The scripted node is idle while the real one is busy with a long request: it gets picked next.
+        async with httpx.AsyncClient(timeout=60) as client:
+            async with client.stream("POST", f"{relay.url}/v1/audio/speech", headers=AUTH,
+                                     json={**SPEECH, "input": "x" * 50}) as busy:
+                busy_chunks = busy.aiter_bytes()
+                await busy_chunks.__anext__()
+                node = await ScriptedNode(relay).__aenter__()
+                response = asyncio.create_task(post_async(relay, input="Retry me"))
+                request = await node.next_message()
+                assert request.input == "Retry me"
+                await node.ws.close()  # gone before sending anything
+                response = await response
+                assert response.status_code == 200 and len(response.content) == len("Retry me") * 1920 * 2
+    finally:
+        real.stop()
