@@ -30,7 +30,7 @@ fi
 
 .venv/bin/python -m relay --host 127.0.0.1 --port "$PORT" &
 relay=$!
-trap 'kill $relay 2>/dev/null; wait $relay 2>/dev/null' EXIT
+trap 'kill $relay 2>/dev/null; wait $relay 2>/dev/null || true' EXIT
 echo "Relay on http://127.0.0.1:$PORT/v1 - API key: ${RELAY_API_KEYS#*:}" >&2
 status=0
 .venv/bin/python -m local_node --config "$config" || status=$?

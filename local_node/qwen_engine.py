@@ -23,6 +23,10 @@ log = logging.getLogger("local_node.qwen")
 
 # Hugging Face generate warns on every call that it picked the EOS id as padding; that is expected.
 logging.getLogger("transformers.generation.utils").setLevel(logging.ERROR)
+# qwen-tts logs at INFO, on every request, that it filled in a default sub-config.
+logging.getLogger("qwen_tts").setLevel(logging.WARNING)
+# The hub client logs each of its retries with the whole exception; a failure is reported once, below.
+logging.getLogger("huggingface_hub.utils._http").setLevel(logging.ERROR)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 MAX_PIECE_CHARS = 300
@@ -156,6 +160,8 @@ def _load(config: ModelConfig, dtype: torch.dtype) -> Any:
     is_folder = source.startswith((".", "/", "~")) or os.path.isdir(source)
     if is_folder and not os.path.isdir(os.path.expanduser(source)):
         raise ModelUnavailable(f"models.{config.name}.source: no such folder {source}")
+    if not is_folder:
+        log.info("%s: loading %s from Hugging Face (downloaded once, then cached; a few GB)", config.name, source)
     try:
         return qwen_tts.Qwen3TTSModel.from_pretrained(source, dtype=dtype)
     except Exception as exc:  # hub, network and file errors come in many types; all mean "not here"
