@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/setup.sh
 
-# Local secrets, made once and kept in .secrets (git-ignored). Set them yourself to override.
+# Local secrets, made once and kept in .secrets (git-ignored); delete the file for new ones.
 if [ ! -f .secrets ]; then
   umask 077
   .venv/bin/python - > .secrets <<'PY'

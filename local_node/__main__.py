@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from relay.auth import RedactCredentials
+
 from .config import ConfigError, NodeConfig, config_path, load_config
 
 log = logging.getLogger("local_node")
@@ -31,7 +33,7 @@ def physical_cores() -> int:
     return max(1, min(usable, len(cores) or usable))
 
 
-def build_workers(config: NodeConfig) -> dict:
+def build_workers(config: NodeConfig) -> dict[str, "ModelWorker"]:
     """Load, warm up and wrap every enabled model. Announced to the relay only after this."""
     from .engine import SyntheticEngine
     from .worker import ModelWorker
@@ -50,7 +52,7 @@ def build_workers(config: NodeConfig) -> dict:
 
 
 def run(config: NodeConfig) -> int:
-    from .qwen_engine import ModelUnavailable
+    from .engine import ModelUnavailable
     from .tunnel_client import Refused, TunnelClient
 
     if any(m.engine == "qwen" for m in config.enabled_models):
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("websockets.client").addFilter(RedactCredentials())
     if argv[:1] == ["tiny-model"]:
         parser = argparse.ArgumentParser(prog="python -m local_node tiny-model",
                                          description="Write a tiny randomly initialised Qwen3-TTS checkpoint (for tests and pipeline checks; it speaks noise).")

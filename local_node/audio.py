@@ -21,9 +21,10 @@ from fractions import Fraction
 import av
 import numpy as np
 
+from relay.protocol import MAX_SPEED, MIN_SPEED
+from relay.protocol import RESPONSE_FORMATS as FORMATS
+
 SAMPLE_RATE = 24000
-FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
-MIN_SPEED, MAX_SPEED = 0.25, 4.0
 
 # response_format -> (muxer, encoder, bit rate, muxer options). Bit rates suit 24 kHz mono speech.
 _CODECS: dict[str, tuple[str, str, int | None, dict[str, str]]] = {

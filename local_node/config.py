@@ -10,6 +10,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from relay.protocol import MAX_NAME_CHARS
+
 DEFAULT_CONFIG = "config-cpu-local.yaml"
 DTYPES = ("bfloat16", "float32")
 ENGINES = ("qwen", "synthetic")
@@ -81,7 +83,7 @@ def parse_config(data: Any, base_dir: Path = Path("."), environ: Mapping[str, st
     if not relay_url.startswith(("ws://", "wss://")):
         raise ConfigError(f"relay.url must start with ws:// or wss://, not {relay_url!r}")
     token = _token(relay, environ)
-    node_name = relay.pop("node_name", str, default="node")
+    node_name = _name(relay.pop("node_name", str, default="node"), "relay.node_name")
     relay.finish()
 
     device = top.pop("device", str, default="cpu")
@@ -127,9 +129,7 @@ def _token(relay: _Section, environ: Mapping[str, str]) -> str:
 
 
 def _model(name: Any, spec: Any, base_dir: Path) -> ModelConfig:
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"models: {name!r} is not a valid model name")
-    where = f"models.{name}"
+    where = f"models.{_name(name, 'models')}"
     section = _Section(spec, where)
     enabled = section.pop("enabled", bool, default=True)
     engine = section.pop("engine", str, default="qwen")
@@ -141,8 +141,8 @@ def _model(name: Any, spec: Any, base_dir: Path) -> ModelConfig:
     if source and _looks_like_path(source):
         source = str((base_dir / source).expanduser())
     aliases = section.pop("aliases", list, default=[])
-    if not all(isinstance(a, str) and a for a in aliases):
-        raise ConfigError(f"{where}.aliases must be a list of names")
+    for alias in aliases:
+        _name(alias, f"{where}.aliases")
     language = _language(section.pop("language", str, default=None), f"{where}.language")
     voices_data = section.pop("voices", dict, default={})
     voices = tuple(_voice(vname, vspec, f"{where}.voices", base_dir) for vname, vspec in voices_data.items())
@@ -157,9 +157,7 @@ def _model(name: Any, spec: Any, base_dir: Path) -> ModelConfig:
 
 
 def _voice(name: Any, spec: Any, where: str, base_dir: Path) -> VoiceConfig:
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"{where}: {name!r} is not a valid voice name")
-    where = f"{where}.{name}"
+    where = f"{where}.{_name(name, where)}"
     section = _Section(spec, where)
     speaker = section.pop("speaker", str, default=None)
     ref_audio = section.pop("ref_audio", str, default=None)
@@ -176,6 +174,13 @@ def _voice(name: Any, spec: Any, where: str, base_dir: Path) -> VoiceConfig:
     if audio_path is not None and not audio_path.is_file():
         raise ConfigError(f"{where}.ref_audio: no such file {audio_path}")
     return VoiceConfig(name, speaker, audio_path, ref_text, description, language)
+
+
+def _name(value: Any, where: str) -> str:
+    """Names travel to the relay and into the API: short, plain strings."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_CHARS:
+        raise ConfigError(f"{where}: {value!r} is not a valid name (a string of 1 to {MAX_NAME_CHARS} characters)")
+    return value
 
 
 def _language(value: str | None, where: str) -> str | None:

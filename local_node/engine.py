@@ -11,9 +11,9 @@ import numpy as np
 
 from relay.protocol import ModelInfo
 
+from .audio import SAMPLE_RATE
 from .config import ModelConfig
 
-SAMPLE_RATE = 24000
 SAMPLES_PER_FRAME = 1920  # one 12.5 Hz codec frame: 80 ms at 24 kHz
 
 
@@ -30,6 +30,10 @@ class Cancelled(Exception):
     """The client went away; generation stopped early."""
 
 
+class ModelUnavailable(Exception):
+    """The weights could not be loaded; the message says why and how to fix it."""
+
+
 @dataclass(frozen=True)
 class Job:
     text: str
@@ -44,7 +48,7 @@ class Engine(Protocol):
         """Raise JobError if ``job`` cannot be served (unknown voice, missing description...)."""
 
     def count_tokens(self, text: str) -> int:
-        """Input tokens, as reported in the usage of a response."""
+        """Input tokens, as reported in the usage of a response. Called on the worker thread."""
 
     def synthesize(self, job: Job, cancelled: threading.Event) -> Iterator[np.ndarray]:
         """Yield 24 kHz mono float32 PCM as it is produced. Runs in a worker thread; stops soon

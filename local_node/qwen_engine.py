@@ -15,7 +15,7 @@ import torch
 from relay.protocol import ModelInfo
 
 from .config import ConfigError, ModelConfig
-from .engine import Cancelled, Job, JobError
+from .engine import Cancelled, Job, JobError, ModelUnavailable
 from .qwen_import import import_qwen_tts
 from .text_split import split_text
 
@@ -29,11 +29,8 @@ logging.getLogger("qwen_tts").setLevel(logging.WARNING)
 logging.getLogger("huggingface_hub.utils._http").setLevel(logging.ERROR)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-MAX_PIECE_CHARS = 300
-
-
-class ModelUnavailable(Exception):
-    """The weights could not be loaded; the message says why and how to fix it."""
+# qwen-tts returns a piece only when all of it is generated: shorter pieces, earlier audio.
+MAX_PIECE_CHARS = 150
 
 
 @dataclass(frozen=True)
@@ -82,9 +79,12 @@ class QwenEngine:
             else:
                 if not voice.ref_audio:
                     raise ConfigError(f"{where}.voices.{voice.name}: a Base model clones voices; give ref_audio: (and ref_text:)")
-                prompt = self.tts.create_voice_clone_prompt(
-                    ref_audio=str(voice.ref_audio), ref_text=voice.ref_text, x_vector_only_mode=not voice.ref_text
-                )
+                try:
+                    prompt = self.tts.create_voice_clone_prompt(
+                        ref_audio=str(voice.ref_audio), ref_text=voice.ref_text, x_vector_only_mode=not voice.ref_text
+                    )
+                except Exception as exc:  # unreadable or unusable audio: a config problem, not a crash
+                    raise ConfigError(f"{where}.voices.{voice.name}.ref_audio: cannot use {voice.ref_audio}: {exc}") from exc
                 voices[voice.name] = _Voice(language, clone_prompt=prompt)
         if self.kind == "base" and not voices:
             raise ConfigError(f"{where}: a Base model clones voices; declare at least one under voices: with ref_audio:")

@@ -41,7 +41,7 @@ class Refused(Exception):
 
 def backoff_delay(attempt: int) -> float:
     """Exponential backoff with full jitter, so many nodes do not reconnect in step."""
-    return random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
+    return random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(attempt, 16)))
 
 
 class TunnelClient:
@@ -50,7 +50,6 @@ class TunnelClient:
         self._token = token
         self.node_name = node_name
         self.workers = workers
-        self.connected = asyncio.Event()
 
     async def run_forever(self) -> None:
         """Keep a connection to the relay; raises Refused when retrying cannot help."""
@@ -82,8 +81,6 @@ class TunnelClient:
                 log.warning("relay answered HTTP %s: %s", status, detail)
             except (OSError, asyncio.TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
                 log.warning("relay %s unreachable or dropped: %s", self.url, exc or type(exc).__name__)
-            finally:
-                self.connected.clear()
             attempt = 0 if time.monotonic() - started > STABLE_AFTER else attempt + 1
             delay = backoff_delay(attempt)
             log.info("reconnecting in %.1f s", delay)
@@ -94,14 +91,13 @@ class TunnelClient:
         jobs: dict[int, tuple[asyncio.Task, threading.Event]] = {}
         models = tuple(worker.engine.info for worker in self.workers.values())
         await ws.send(conn.send(Hello(self.node_name, models)))
-        self.connected.set()
         try:
             async for frame in ws:
                 try:
                     message = conn.receive(frame)
                 except ProtocolError as exc:
                     log.error("relay broke the protocol: %s", exc)
-                    await ws.close(1002, str(exc)[:120])
+                    await ws.close(1002, str(exc).encode()[:120].decode(errors="ignore"))
                     return
                 if isinstance(message, Request):
                     cancelled = threading.Event()

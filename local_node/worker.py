@@ -39,24 +39,30 @@ class ModelWorker:
         if self.admitted >= self.capacity:
             raise Busy()
         self.admitted += 1
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue = asyncio.Queue()
+        put = lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item)  # noqa: E731
+        produced = loop.run_in_executor(self._thread, self._produce, job, request, cancelled, put)
         try:
-            loop = asyncio.get_running_loop()
-            chunks: asyncio.Queue = asyncio.Queue()
-            put = lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item)  # noqa: E731
-            produced = loop.run_in_executor(self._thread, self._produce, job, request, cancelled, put)
             while (chunk := await chunks.get()) is not _DONE:
-                await emit(chunk)
-            samples = await produced
-            return self.engine.count_tokens(request.input), math.ceil(samples / SAMPLES_PER_FRAME)
+                if not cancelled.is_set():
+                    await emit(chunk)
         finally:
             cancelled.set()  # if we leave early (the tunnel broke), the thread stops too
-            self.admitted -= 1
+            try:
+                input_tokens, samples = await produced
+            finally:
+                self.admitted -= 1
+        return input_tokens, math.ceil(samples / SAMPLES_PER_FRAME)
 
-    def _produce(self, job: Job, request: Request, cancelled: threading.Event, put: Callable) -> int:
+    def _produce(self, job: Job, request: Request, cancelled: threading.Event, put: Callable) -> tuple[int, int]:
+        """On the model's thread: synthesise and encode. Returns (input tokens, samples)."""
+        # The tokenizer is not safe to share across threads, so tokens are counted here too.
+        tokens = self.engine.count_tokens(job.text)
         samples = 0
         try:
             if cancelled.is_set():  # cancelled while it waited in the queue
-                return 0
+                return tokens, 0
             encoder = StreamEncoder(request.response_format, request.speed)
             try:
                 for pcm in self.engine.synthesize(job, cancelled):
@@ -64,9 +70,9 @@ class ModelWorker:
                     if data := encoder.encode(pcm):
                         put(data)
             except Cancelled:
-                return samples  # nobody is listening for the rest
+                return tokens, samples  # nobody is listening for the rest
             if data := encoder.finish():
                 put(data)
-            return samples
+            return tokens, samples
         finally:
             put(_DONE)

@@ -9,6 +9,7 @@ import sys
 import uvicorn
 
 from .app import create_app
+from .auth import RedactCredentials
 from .config import ConfigError, RelayConfig
 from .protocol import MAX_FRAME_BYTES
 
@@ -21,6 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("uvicorn.error").addFilter(RedactCredentials())  # uvicorn hands it to websockets
     try:
         config = RelayConfig.from_env()
     except ConfigError as exc:

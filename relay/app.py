@@ -58,7 +58,8 @@ async def health(request: Request) -> JSONResponse:
 
 
 async def ready(request: Request) -> JSONResponse:
-    """Ready when at least one node has announced a model; load balancers may poll this."""
+    """Ready when at least one node has announced a model; load balancers may poll this.
+    Says how many nodes are connected and nothing about them."""
     nodes = [node for node in request.app.state.router.nodes if node.models]
     if nodes:
         return JSONResponse({"status": "ready", "nodes": len(nodes)})
@@ -67,6 +68,10 @@ async def ready(request: Request) -> JSONResponse:
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     return exc.response()  # type: ignore[attr-defined]
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    return ApiError(500, "The relay failed to handle this request.", code="internal_error").response()
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -84,7 +89,8 @@ def create_app(config: RelayConfig) -> Starlette:
         Route("/ready", ready, methods=["GET"]),
         WebSocketRoute("/v1/tunnel", tunnel_endpoint),
     ]
-    app = Starlette(routes=routes, exception_handlers={ApiError: _api_error, HTTPException: _http_error})
+    handlers = {ApiError: _api_error, HTTPException: _http_error, Exception: _unexpected_error}
+    app = Starlette(routes=routes, exception_handlers=handlers)
     app.state.config = config
     app.state.router = Router()
     app.state.started = int(time.time())

@@ -19,10 +19,10 @@ class RelayConfig:
     node_tokens: Credentials = field(default_factory=lambda: Credentials({}))
     # Off only on purpose: with it False, anyone who can reach the relay may use the API.
     require_api_key: bool = True
-    # How long a node may take to produce the first audio of a request (CPU models are slow to
-    # start on long inputs), and how long a started stream may then stay silent.
-    first_audio_timeout: float = 120.0
-    stream_idle_timeout: float = 60.0
+    # How long a node may take to produce the first audio of a request, queueing included (CPU
+    # models are slow), and how long a started stream may then stay silent between pieces.
+    first_audio_timeout: float = 300.0
+    stream_idle_timeout: float = 120.0
     retry_after_seconds: int = 2
 
     @classmethod
@@ -44,7 +44,7 @@ class RelayConfig:
             require_api_key=require_api_key,
             first_audio_timeout=_number(environ, "RELAY_FIRST_AUDIO_TIMEOUT", cls.first_audio_timeout),
             stream_idle_timeout=_number(environ, "RELAY_STREAM_IDLE_TIMEOUT", cls.stream_idle_timeout),
-            retry_after_seconds=int(_number(environ, "RELAY_RETRY_AFTER", cls.retry_after_seconds)),
+            retry_after_seconds=max(1, round(_number(environ, "RELAY_RETRY_AFTER", cls.retry_after_seconds))),
         )
 
 
@@ -55,6 +55,8 @@ def _secrets(value: str, prefix: str) -> dict[str, str]:
         name, sep, secret = entry.partition(":")
         if not sep:
             name, secret = f"{prefix}{i}", entry
+        if name in secrets:
+            raise ConfigError(f"two {prefix} secrets are both named {name!r}")
         if len(secret) < 16:
             raise ConfigError(f"a {prefix} secret ({name}) is shorter than 16 characters; use a long random value")
         secrets[name] = secret
@@ -80,6 +82,6 @@ def _number(environ: Mapping[str, str], key: str, default: float) -> float:
         number = float(value)
     except ValueError:
         raise ConfigError(f"{key} must be a number, not {value!r}") from None
-    if number <= 0:
-        raise ConfigError(f"{key} must be positive")
+    if not 0 < number < float("inf"):
+        raise ConfigError(f"{key} must be a positive number")
     return number

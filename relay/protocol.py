@@ -29,7 +29,6 @@ caught here, in one place, and the asyncio code around it stays thin.
 from __future__ import annotations
 
 import json
-import math
 import struct
 from dataclasses import dataclass, field
 from typing import Literal, Union
@@ -49,9 +48,9 @@ MIN_SPEED, MAX_SPEED = 0.25, 4.0
 # Why a node could not serve a request; the relay maps each to an HTTP status.
 ERROR_CODES = ("busy", "unknown_model", "unknown_voice", "invalid_request", "internal_error")
 
-_NAME_CHARS = 128
-_MAX_MODELS = 64
-_MAX_NAMES = 1024
+MAX_NAME_CHARS = 128  # node, model, alias and voice names
+MAX_MODELS = 64
+MAX_NAMES = 1024  # aliases or voices of one model
 
 
 class ProtocolError(Exception):
@@ -157,8 +156,10 @@ def decode(frame: Frame) -> Message:
         raise ProtocolError(f"text frame larger than {MAX_FRAME_BYTES} bytes")
     try:
         body = json.loads(frame)
-    except (ValueError, RecursionError):
-        raise ProtocolError("text frame is not valid JSON") from None
+        # JSON escapes can smuggle in lone surrogates, which are not text and cannot be re-encoded.
+        json.dumps(body, ensure_ascii=False).encode()
+    except (ValueError, RecursionError):  # UnicodeError is a ValueError
+        raise ProtocolError("text frame is not valid JSON in UTF-8") from None
     if not isinstance(body, dict):
         raise ProtocolError("text frame is not a JSON object")
     fields = _Fields(body)
@@ -211,20 +212,20 @@ class _Fields:
         return value
 
     def pop_float(self, key: str, low: float, high: float) -> float:
-        value = float(self._pop(key, (int, float)))
-        if not (math.isfinite(value) and low <= value <= high):
+        value = self._pop(key, (int, float))
+        if not low <= value <= high:  # also false for NaN; exact for huge integers
             raise ProtocolError(f"field {key!r} is out of range")
-        return value
+        return float(value)
 
     def pop_bool(self, key: str) -> bool:
         return self._pop(key, (bool,))
 
     def pop_names(self, key: str) -> tuple[str, ...]:
         values = self._pop(key, (list,))
-        if len(values) > _MAX_NAMES:
+        if len(values) > MAX_NAMES:
             raise ProtocolError(f"field {key!r} lists too many names")
         for value in values:
-            if not isinstance(value, str) or not 0 < len(value) <= _NAME_CHARS:
+            if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_CHARS:
                 raise ProtocolError(f"field {key!r} holds an invalid name")
         return tuple(values)
 
@@ -241,7 +242,7 @@ class _Fields:
 
 def _decode_model(f: _Fields) -> ModelInfo:
     model = ModelInfo(
-        name=f.pop_str("name", _NAME_CHARS),  # type: ignore[arg-type]
+        name=f.pop_str("name", MAX_NAME_CHARS),  # type: ignore[arg-type]
         aliases=f.pop_names("aliases"),
         voices=f.pop_names("voices"),
         any_voice=f.pop_bool("any_voice"),
@@ -251,8 +252,8 @@ def _decode_model(f: _Fields) -> ModelInfo:
 
 
 def _decode_hello(f: _Fields) -> Hello:
-    node = f.pop_str("node", _NAME_CHARS)
-    return Hello(node=node, models=tuple(_decode_model(m) for m in f.pop_objects("models", _MAX_MODELS)))  # type: ignore[arg-type]
+    node = f.pop_str("node", MAX_NAME_CHARS)
+    return Hello(node=node, models=tuple(_decode_model(m) for m in f.pop_objects("models", MAX_MODELS)))  # type: ignore[arg-type]
 
 
 def _decode_request(f: _Fields) -> Request:
@@ -261,27 +262,14 @@ def _decode_request(f: _Fields) -> Request:
         raise ProtocolError(f"unknown response_format {response_format!r}")
     return Request(
         id=f.pop_int("id", 0, MAX_STREAM_ID),
-        request_id=f.pop_str("request_id", _NAME_CHARS),  # type: ignore[arg-type]
-        model=f.pop_str("model", _NAME_CHARS),  # type: ignore[arg-type]
-        voice=f.pop_str("voice", _NAME_CHARS),  # type: ignore[arg-type]
+        request_id=f.pop_str("request_id", MAX_NAME_CHARS),  # type: ignore[arg-type]
+        model=f.pop_str("model", MAX_NAME_CHARS),  # type: ignore[arg-type]
+        voice=f.pop_str("voice", MAX_NAME_CHARS),  # type: ignore[arg-type]
         input=f.pop_str("input", MAX_INPUT_CHARS),  # type: ignore[arg-type]
         instructions=f.pop_str("instructions", MAX_INSTRUCTIONS_CHARS, optional=True, empty=True),
         response_format=response_format,  # type: ignore[arg-type]
         speed=f.pop_float("speed", MIN_SPEED, MAX_SPEED),
     )
-
-
-_DECODERS = {
-    Hello: _decode_hello,
-    Request: _decode_request,
-    Cancel: lambda f: Cancel(id=f.pop_int("id", 0, MAX_STREAM_ID)),
-    End: lambda f: End(
-        id=f.pop_int("id", 0, MAX_STREAM_ID),
-        input_tokens=f.pop_int("input_tokens", 0, 2**31),
-        output_tokens=f.pop_int("output_tokens", 0, 2**31),
-    ),
-    Error: lambda f: _decode_error(f),
-}
 
 
 def _decode_error(f: _Fields) -> Error:
@@ -293,6 +281,19 @@ def _decode_error(f: _Fields) -> Error:
     if error.code not in ERROR_CODES:
         raise ProtocolError(f"unknown error code {error.code!r}")
     return error
+
+
+_DECODERS = {
+    Hello: _decode_hello,
+    Request: _decode_request,
+    Cancel: lambda f: Cancel(id=f.pop_int("id", 0, MAX_STREAM_ID)),
+    End: lambda f: End(
+        id=f.pop_int("id", 0, MAX_STREAM_ID),
+        input_tokens=f.pop_int("input_tokens", 0, 2**31),
+        output_tokens=f.pop_int("output_tokens", 0, 2**31),
+    ),
+    Error: _decode_error,
+}
 
 
 # --- per-connection state ---------------------------------------------------------------------

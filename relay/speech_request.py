@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 
-from .errors import ApiError, bad_request
-from .protocol import MAX_INPUT_CHARS, MAX_INSTRUCTIONS_CHARS, MAX_SPEED, MIN_SPEED, RESPONSE_FORMATS
+from .errors import bad_request
+from .protocol import MAX_INPUT_CHARS, MAX_INSTRUCTIONS_CHARS, MAX_NAME_CHARS, MAX_SPEED, MIN_SPEED, RESPONSE_FORMATS
 
 CONTENT_TYPES = {
     "mp3": "audio/mpeg",
@@ -19,7 +18,6 @@ CONTENT_TYPES = {
 }
 STREAM_FORMATS = ("audio", "sse")
 MAX_BODY_BYTES = 64 * 1024
-_MAX_NAME_CHARS = 128
 
 _FIELDS = ("model", "input", "voice", "instructions", "response_format", "speed", "stream_format")
 
@@ -37,12 +35,12 @@ class SpeechRequest:
 
 def parse_speech_request(body: bytes) -> SpeechRequest:
     """Parse and validate a request body; raise ApiError(400) naming the offending parameter."""
-    if len(body) > MAX_BODY_BYTES:
-        raise ApiError(413, f"Request body is larger than {MAX_BODY_BYTES} bytes.", code="request_too_large")
     try:
         data = json.loads(body)
-    except (ValueError, RecursionError):
-        raise bad_request("The request body is not valid JSON.", code="invalid_json") from None
+        # JSON escapes can smuggle in lone surrogates, which are not text and cannot be encoded.
+        json.dumps(data, ensure_ascii=False).encode()
+    except (ValueError, RecursionError):  # UnicodeError is a ValueError
+        raise bad_request("The request body is not valid JSON in UTF-8.", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
     unknown = sorted(set(data) - set(_FIELDS))
@@ -51,7 +49,7 @@ def parse_speech_request(body: bytes) -> SpeechRequest:
     # OpenAI treats an explicit null like an omitted optional field.
     data = {key: value for key, value in data.items() if value is not None}
 
-    model = _string(data, "model", _MAX_NAME_CHARS)
+    model = _string(data, "model", MAX_NAME_CHARS)
     text = _string(data, "input", MAX_INPUT_CHARS)
     if not text.strip():
         raise bad_request("'input' must contain text to speak.", param="input")
@@ -81,15 +79,17 @@ def _string(data: dict, key: str, max_chars: int, *, required: bool = True, empt
 def _voice(data: dict) -> str:
     value = data.get("voice")
     if isinstance(value, dict):
-        if set(value) != {"id"}:
-            raise bad_request("'voice' as an object takes exactly one field, 'id'.", param="voice", code="invalid_type")
-        return _string(value, "id", _MAX_NAME_CHARS)
-    return _string(data, "voice", _MAX_NAME_CHARS)
+        if set(value) != {"id"} or not isinstance(value["id"], str):
+            raise bad_request("'voice' as an object takes exactly one field, 'id', a string.", param="voice", code="invalid_type")
+        data = {"voice": value["id"]}
+    return _string(data, "voice", MAX_NAME_CHARS)
 
 
 def _choice(data: dict, key: str, choices: tuple[str, ...], default: str) -> str:
     value = data.get(key, default)
-    if value not in choices or not isinstance(value, str):
+    if not isinstance(value, str):
+        raise bad_request(f"Invalid type for '{key}': expected a string.", param=key, code="invalid_type")
+    if value not in choices:
         raise bad_request(f"Invalid value for '{key}': {value!r}. Supported values are: {', '.join(choices)}.", param=key)
     return value
 
@@ -98,6 +98,6 @@ def _speed(data: dict) -> float:
     value = data.get("speed", 1.0)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise bad_request("Invalid type for 'speed': expected a number.", param="speed", code="invalid_type")
-    if not (math.isfinite(value) and MIN_SPEED <= value <= MAX_SPEED):
+    if not MIN_SPEED <= value <= MAX_SPEED:  # also false for NaN; exact for huge integers
         raise bad_request(f"'speed' must be between {MIN_SPEED} and {MAX_SPEED}.", param="speed")
     return float(value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket
@@ -12,11 +13,13 @@ from . import protocol
 from .auth import bearer_token
 from .protocol import Audio, Cancel, Connection, End, Error, Hello, ModelInfo, ProtocolError, Request
 
+if TYPE_CHECKING:
+    from .router import Router
+
 log = logging.getLogger("relay.tunnel")
 
 HELLO_TIMEOUT = 30.0
 CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_GOING_AWAY = 1001
 
 
 class NodeGone(Exception):
@@ -73,7 +76,11 @@ class NodeSession:
             raise NodeGone()
         stream = Stream(self, request.id)
         self.streams[request.id] = stream
-        await self._send(request)
+        try:
+            await self._send(request)
+        except asyncio.CancelledError:  # the client left while the request was being sent
+            asyncio.ensure_future(stream.close())
+            raise
         return stream
 
     def new_stream_id(self) -> int:
@@ -92,7 +99,7 @@ class NodeSession:
         except Exception as exc:  # the socket is going away; the reader will clean up
             log.info("node %s: send failed: %s", self.name, exc)
 
-    async def run(self, router) -> None:
+    async def run(self, router: Router) -> None:
         """Read frames until the node leaves; route each to its stream. The first must be hello."""
         frame = await asyncio.wait_for(self._receive_frame(), HELLO_TIMEOUT)
         while frame is not None:
@@ -145,7 +152,8 @@ async def tunnel_endpoint(websocket: WebSocket) -> None:
     except (ProtocolError, asyncio.TimeoutError) as exc:
         reason = str(exc) or "no hello in time"
         log.warning("node %s broke the protocol: %s", node_name, reason)
-        await _close(websocket, CLOSE_PROTOCOL_ERROR, reason[:120])
+        router.remove(session)
+        await _close(websocket, CLOSE_PROTOCOL_ERROR, reason)
     finally:
         router.remove(session)
         session.fail_all()
@@ -161,6 +169,7 @@ async def _deny(websocket: WebSocket, status: int, message: str) -> None:
 
 
 async def _close(websocket: WebSocket, code: int, reason: str) -> None:
+    reason = reason.encode()[:120].decode(errors="ignore")  # a close frame holds 123 bytes of reason
     try:
         await websocket.close(code=code, reason=reason)
     except Exception:

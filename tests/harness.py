@@ -55,13 +55,13 @@ class Process:
 
 
 class Relay(Process):
-    def __init__(self, tmp: Path, env: dict[str, str] | None = None, port: int | None = None) -> None:
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None, port: int | None = None, args: tuple = ()) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.tunnel_url = f"ws://127.0.0.1:{self.port}/v1/tunnel"
         base_env = {"RELAY_API_KEYS": f"test:{API_KEY}", "RELAY_NODE_TOKENS": f"home:{NODE_TOKEN}",
                     "RELAY_FIRST_AUDIO_TIMEOUT": "60", "RELAY_STREAM_IDLE_TIMEOUT": "20", "RELAY_RETRY_AFTER": "1"}
-        super().__init__([sys.executable, "-m", "relay", "--port", str(self.port)], {**base_env, **(env or {})},
+        super().__init__([sys.executable, "-m", "relay", "--port", str(self.port), *args], {**base_env, **(env or {})},
                          tmp / f"relay-{self.port}.log")
         deadline = time.monotonic() + 30
         while True:
@@ -89,13 +89,14 @@ class Relay(Process):
 
 
 class Node(Process):
-    def __init__(self, tmp: Path, relay: Relay, models: dict, name: str = "node", token: str = NODE_TOKEN, **extra) -> None:
+    def __init__(self, tmp: Path, relay: Relay, models: dict, name: str = "node", token: str = NODE_TOKEN,
+                 env: dict[str, str] | None = None, **extra) -> None:
         config = {"relay": {"url": relay.tunnel_url, "token_env": "TEST_NODE_TOKEN", "node_name": name},
                   "dtype": "bfloat16", "threads": 2, "models": models, **extra}
         config_path = tmp / f"node-{name}-{free_port()}.yaml"
         config_path.write_text(yaml.safe_dump(config))
         super().__init__([sys.executable, "-m", "local_node", "--config", str(config_path)],
-                         {"TEST_NODE_TOKEN": token}, tmp / f"{config_path.stem}.log")
+                         {"TEST_NODE_TOKEN": token, **(env or {})}, tmp / f"{config_path.stem}.log")
 
 
 def synthetic_models(name: str = "tone", aliases: tuple[str, ...] = ("tts-1",), max_queue: int = 4) -> dict:

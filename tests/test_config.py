@@ -63,6 +63,9 @@ def test_local_folder_sources_are_relative_to_the_config_file(tmp_path):
         (minimal(models={"a": {"source": "Qwen/x", "max_queue": -1}}), ENV, "models.a.max_queue"),
         (minimal(models={"a": {"source": "Qwen/x", "enabled": False}}), ENV, "no model is enabled"),
         (minimal(), {**ENV, "ENABLED_MODELS": "zzz"}, "zzz"),
+        (minimal(relay={"url": "ws://x/v1/tunnel", "token": "t", "node_name": ""}), ENV, "relay.node_name"),
+        (minimal(models={"a": {"source": "Qwen/x", "aliases": ["x" * 129]}}), ENV, "models.a.aliases"),
+        (minimal(models={"a": {"source": "Qwen/x", "aliases": [3]}}), ENV, "models.a.aliases"),
     ],
 )
 def test_bad_config_names_the_key(data, env, named):

@@ -20,7 +20,7 @@ from local_node.tiny_model import write_tiny_checkpoint
 
 FRAME = 1920  # samples per codec frame at 24 kHz
 MAX_FRAMES = 6  # per text piece; random weights never say EOS, so most pieces are exactly this long
-TWO_PIECES = "A" * 250 + ". " + "B" * 250 + "."  # over 300 characters: split into two pieces
+TWO_PIECES = "A" * 100 + ". " + "B" * 100 + "."  # too long for one piece (150 characters): two
 
 
 @pytest.fixture(scope="module")

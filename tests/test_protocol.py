@@ -79,6 +79,9 @@ def _text(**body):
         b"\x00\x00\x00\x01",
         b"\x00\x00\x00\x01" + b"x" * MAX_FRAME_BYTES,
         "[" * 100000,
+        _text(type="request", id=1, request_id="r", model="m", voice="v", input="hi", instructions=None,
+              response_format="wav", speed=10**400),
+        '{"type": "hello", "node": "\\ud800", "models": []}',  # a lone surrogate is not text
     ],
 )
 def test_malformed_frames_are_refused(frame):

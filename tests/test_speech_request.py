@@ -50,9 +50,10 @@ def test_input_of_exactly_4096_characters_is_accepted():
         ({"model": "m", "input": "hi"}, "voice", "missing_required_parameter"),
         ({"model": "m", "input": "hi", "voice": ["a"]}, "voice", "invalid_type"),
         ({"model": "m", "input": "hi", "voice": {"name": "a"}}, "voice", "invalid_type"),
-        ({"model": "m", "input": "hi", "voice": {"id": 3}}, "id", "invalid_type"),
+        ({"model": "m", "input": "hi", "voice": {"id": 3}}, "voice", "invalid_type"),
+        ({"model": "m", "input": "hi", "voice": {"id": ""}}, "voice", "invalid_value"),
         ({"model": "m", "input": "hi", "voice": "v", "response_format": "ogg"}, "response_format", "invalid_value"),
-        ({"model": "m", "input": "hi", "voice": "v", "response_format": ["mp3"]}, "response_format", "invalid_value"),
+        ({"model": "m", "input": "hi", "voice": "v", "response_format": ["mp3"]}, "response_format", "invalid_type"),
         ({"model": "m", "input": "hi", "voice": "v", "speed": 0.2}, "speed", "invalid_value"),
         ({"model": "m", "input": "hi", "voice": "v", "speed": 4.01}, "speed", "invalid_value"),
         ({"model": "m", "input": "hi", "voice": "v", "speed": "fast"}, "speed", "invalid_type"),
@@ -81,5 +82,21 @@ def test_nan_speed_is_rejected():
     assert (error.status, error.param) == (400, "speed")
 
 
-def test_oversized_body():
-    assert rejected(b" " * (64 * 1024 + 1)).status == 413
+@pytest.mark.parametrize("raw", [
+    b'{"model": "m", "input": "hi", "voice": "v", "speed": 1' + b"0" * 400 + b"}",
+    b'{"model": "m", "input": "hi", "voice": "v", "speed": -1e400}',
+])
+def test_huge_numbers_are_out_of_range(raw):
+    error = rejected(raw)
+    assert (error.status, error.param) == (400, "speed")
+
+
+@pytest.mark.parametrize("raw", [  # "\\ud800" in the source is the JSON escape \ud800 on the wire
+    b'{"model": "m", "input": "\\ud800", "voice": "v"}',
+    b'{"model": "\\udfff", "input": "hi", "voice": "v"}',
+    b'{"\\ud800": 1, "model": "m", "input": "hi", "voice": "v"}',
+])
+def test_lone_surrogates_are_not_text(raw):
+    error = rejected(raw)
+    assert (error.status, error.code) == (400, "invalid_json")
+    json.dumps(error.body()).encode()  # the error itself can be sent

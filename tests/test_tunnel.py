@@ -38,6 +38,20 @@ def test_wrong_node_token_is_refused_and_the_node_stops_with_a_clear_message(tmp
         node.stop()
 
 
+def test_secrets_stay_out_of_debug_logs(tmp_path):
+    relay = Relay(tmp_path, args=("--log-level", "debug"))
+    node = Node(tmp_path, relay, synthetic_models(), env={"LOG_LEVEL": "DEBUG"})
+    try:
+        relay.wait_for_models({"tts-1"}, node=node, timeout=60)
+        assert speak(relay).status_code == 200
+        assert "Authorization" in relay.log() + node.log()  # the headers are logged, their values not
+        for secret in (NODE_TOKEN, API_KEY):
+            assert secret not in relay.log() + node.log()
+    finally:
+        node.stop()
+        relay.stop()
+
+
 async def test_handshake_refusals(relay):
     for headers, subprotocols, status in [
         ({}, [SUBPROTOCOL], 401),
