@@ -11,7 +11,11 @@ from pathlib import Path
 
 from relay.auth import RedactCredentials
 
-from .config import ConfigError, NodeConfig, config_path, load_config
+try:
+    from .config import ConfigError, NodeConfig, config_path, load_config
+    from .worker import ModelWorker
+except ImportError as missing:  # a relay-only install (`pip install .`) has no node dependencies
+    sys.exit(f"local_node: {missing.name} is not installed; the node needs its extra: pip install 'qwen3-tts-relay[node]'")
 
 log = logging.getLogger("local_node")
 
@@ -33,10 +37,9 @@ def physical_cores() -> int:
     return max(1, min(usable, len(cores) or usable))
 
 
-def build_workers(config: NodeConfig) -> dict[str, "ModelWorker"]:
+def build_workers(config: NodeConfig) -> dict[str, ModelWorker]:
     """Load, warm up and wrap every enabled model. Announced to the relay only after this."""
     from .engine import SyntheticEngine
-    from .worker import ModelWorker
 
     workers = {}
     for model in config.enabled_models:
