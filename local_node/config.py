@@ -42,6 +42,9 @@ class ModelConfig:
     voices: tuple[VoiceConfig, ...] = ()
     max_queue: int = 4  # requests waiting behind the running one; beyond that the relay answers 429
     max_new_frames: int | None = None  # cap on generated codec frames per text piece
+    # Frames per streamed audio chunk: small first (latency), larger after (throughput); the
+    # last size repeats.
+    chunk_frames: tuple[int, ...] = (4, 8, 16, 32)
 
 
 @dataclass(frozen=True)
@@ -152,8 +155,12 @@ def _model(name: Any, spec: Any, base_dir: Path) -> ModelConfig:
     max_new_frames = section.pop("max_new_frames", int, default=None)
     if max_new_frames is not None and max_new_frames < 2:
         raise ConfigError(f"{where}.max_new_frames must be at least 2")
+    chunk_frames = section.pop("chunk_frames", list, default=list(ModelConfig.chunk_frames))
+    if not chunk_frames or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in chunk_frames):
+        raise ConfigError(f"{where}.chunk_frames must be a list of positive frame counts, e.g. [4, 8, 16, 32]")
     section.finish()
-    return ModelConfig(name, enabled, source, tuple(aliases), engine, language, voices, max_queue, max_new_frames)
+    return ModelConfig(name, enabled, source, tuple(aliases), engine, language, voices, max_queue, max_new_frames,
+                       tuple(chunk_frames))
 
 
 def _voice(name: Any, spec: Any, where: str, base_dir: Path) -> VoiceConfig:

@@ -1,4 +1,4 @@
-"""Qwen3-TTS through the qwen-tts package: loading, voices, and synthesis piece by piece."""
+"""Qwen3-TTS through the qwen-tts package: loading, voices, and synthesis streamed frame by frame."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ import torch
 from relay.protocol import ModelInfo
 
 from .config import ConfigError, ModelConfig
+from .codec_stream import StreamingDecoder
 from .engine import Cancelled, Job, JobError, ModelUnavailable
+from .generation import Prompt, SamplingConfig, generate_frames, prepare_prompt
 from .qwen_import import import_qwen_tts
 from .text_split import split_text
 
@@ -29,8 +31,8 @@ logging.getLogger("qwen_tts").setLevel(logging.WARNING)
 logging.getLogger("huggingface_hub.utils._http").setLevel(logging.ERROR)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-# qwen-tts returns a piece only when all of it is generated: shorter pieces, earlier audio.
-MAX_PIECE_CHARS = 150
+# Pieces only bound the prompt; audio streams frame by frame whatever their length.
+MAX_PIECE_CHARS = 300
 
 
 @dataclass(frozen=True)
@@ -46,13 +48,13 @@ class QwenEngine:
         self.config = config
         started = time.monotonic()
         self.tts = _load(config, _DTYPES[dtype])
+        # The codec runs in float32 whatever the model's dtype: it is small, and its convolutions
+        # are many times slower in bfloat16 on CPUs without native bf16 (AVX2-only machines).
+        self.tts.model.speech_tokenizer.model.float()
         self.kind: str = self.tts.model.tts_model_type  # "base", "custom_voice" or "voice_design"
         self.voices = self._build_voices()
         self.info = ModelInfo(config.name, config.aliases, tuple(self.voices), any_voice=self.kind == "voice_design")
-        self._cancelled = threading.Event()
-        # qwen-tts generates a whole piece in one call with no way to stop it; a check before every
-        # talker step (one per 80 ms codec frame) lets a cancelled request stop within a frame.
-        self.tts.model.talker.register_forward_pre_hook(self._stop_if_cancelled)
+        self.chunk_schedule = config.chunk_frames
         log.info("%s: loaded %s model from %s in %.1f s", config.name, self.kind, config.source, time.monotonic() - started)
 
     # --- voices ---------------------------------------------------------------------------
@@ -113,39 +115,45 @@ class QwenEngine:
         return len(self.tts.processor.tokenizer(text)["input_ids"])
 
     def synthesize(self, job: Job, cancelled: threading.Event) -> Iterator[np.ndarray]:
-        self._cancelled = cancelled
+        """Stream each piece frame by frame: codes from our generation loop, PCM from the
+        incremental codec decoder, as soon as each chunk of frames is decoded."""
         for piece in split_text(job.text, MAX_PIECE_CHARS):
+            prompt = self._prompt(piece, job)
+            decoder = StreamingDecoder(self.tts.model.speech_tokenizer, self.chunk_schedule)
+            if prompt.ref_code is not None:  # an in-context clone continues its reference audio
+                decoder.prime(prompt.ref_code)
+            sampling = SamplingConfig.from_tts(self.tts, max_new_tokens=self._max_frames(piece) + 1)
+            for codes in generate_frames(self.tts.model, prompt, sampling, cancelled=cancelled):
+                if (pcm := decoder.push(codes)) is not None:
+                    yield pcm
             if cancelled.is_set():
                 raise Cancelled()
-            wavs, _ = self._generate(piece, job)
-            yield np.asarray(wavs[0], dtype=np.float32)
+            yield decoder.flush()
 
     def warm_up(self) -> None:
         """One short synthesis, so the first real request does not pay for lazy initialisation."""
         started = time.monotonic()
         voice = next(iter(self.voices), "warmup")
         job = Job("Hello.", voice, "A clear, calm voice." if self.kind == "voice_design" else None)
-        self._generate("Hello.", job, max_frames=4)
+        for _ in self.synthesize(job, threading.Event()):
+            pass
         log.info("%s: warmed up in %.1f s", self.config.name, time.monotonic() - started)
 
     # --- generation -----------------------------------------------------------------------
 
-    def _generate(self, text: str, job: Job, max_frames: int | None = None) -> tuple[list[np.ndarray], int]:
-        max_frames = max_frames or self.config.max_new_frames or _frame_budget(text)
+    def _prompt(self, text: str, job: Job) -> Prompt:
         voice = self.voices.get(job.voice)
         language = voice.language if voice else self.default_language
-        # qwen-tts spends its first generation step on the prompt: N new tokens make N - 1 frames.
-        common = dict(text=text, language=language, max_new_tokens=max_frames + 1)
-        with torch.inference_mode():
-            if self.kind == "custom_voice":
-                return self.tts.generate_custom_voice(speaker=voice.speaker, instruct=job.instructions, **common)
-            if self.kind == "voice_design":
-                return self.tts.generate_voice_design(instruct=job.instructions or voice.description, **common)
-            return self.tts.generate_voice_clone(voice_clone_prompt=voice.clone_prompt, **common)
+        if self.kind == "custom_voice":
+            return prepare_prompt(self.tts, kind=self.kind, text=text, language=language, speaker=voice.speaker,
+                                  instruct=job.instructions)
+        if self.kind == "voice_design":
+            return prepare_prompt(self.tts, kind=self.kind, text=text, language=language,
+                                  instruct=job.instructions or voice.description)
+        return prepare_prompt(self.tts, kind=self.kind, text=text, language=language, voice_clone_prompt=voice.clone_prompt)
 
-    def _stop_if_cancelled(self, module: Any, args: Any) -> None:
-        if self._cancelled.is_set():
-            raise Cancelled()
+    def _max_frames(self, text: str) -> int:
+        return self.config.max_new_frames or _frame_budget(text)
 
 
 def _frame_budget(text: str) -> int:

@@ -88,7 +88,7 @@ class TunnelClient:
 
     async def _serve(self, ws: ClientConnection) -> None:
         conn = Connection("node")
-        jobs: dict[int, tuple[asyncio.Task, threading.Event]] = {}
+        jobs: dict[int, tuple[asyncio.Task, threading.Event, str]] = {}
         models = tuple(worker.engine.info for worker in self.workers.values())
         await ws.send(conn.send(Hello(self.node_name, models)))
         try:
@@ -102,16 +102,17 @@ class TunnelClient:
                 if isinstance(message, Request):
                     cancelled = threading.Event()
                     task = asyncio.create_task(self._handle(ws, conn, message, cancelled))
-                    jobs[message.id] = (task, cancelled)
+                    jobs[message.id] = (task, cancelled, message.request_id)
                     task.add_done_callback(lambda _, i=message.id: jobs.pop(i, None))
                 elif isinstance(message, Cancel) and message.id in jobs:
-                    log.info("stream %d cancelled by the relay", message.id)
-                    jobs[message.id][1].set()
+                    _, cancelled, request_id = jobs[message.id]
+                    log.info("%s: cancelled by the relay", request_id)
+                    cancelled.set()
         finally:
             # The relay has already failed these streams; stop the work and wait for the threads to notice.
-            for task, cancelled in list(jobs.values()):
+            for _, cancelled, _ in jobs.values():
                 cancelled.set()
-            await asyncio.gather(*(task for task, _ in list(jobs.values())), return_exceptions=True)
+            await asyncio.gather(*(task for task, _, _ in list(jobs.values())), return_exceptions=True)
 
     async def _handle(self, ws: ClientConnection, conn: Connection, request: Request, cancelled: threading.Event) -> None:
         log.info("%s: stream %d, model %s, voice %s, %d chars, %s",

@@ -27,10 +27,13 @@ def free_port() -> int:
 class Process:
     """A child process whose output goes to a log file the test can read."""
 
+    started: list["Process"] = []  # conftest kills any left at the end of the session
+
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(args, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+        Process.started.append(self)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -71,6 +74,7 @@ class Relay(Process):
             except httpx.HTTPError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
                 raise AssertionError(f"relay did not start:\n{self.log()}")
             time.sleep(0.05)
 

@@ -17,10 +17,12 @@ def relay(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("api")
     relay = Relay(tmp)
     node = Node(tmp, relay, synthetic_models(max_queue=0))
-    relay.wait_for_models({"tts-1", "tone"}, node=node, timeout=60)
-    yield relay
-    node.stop()
-    relay.stop()
+    try:
+        relay.wait_for_models({"tts-1", "tone"}, node=node, timeout=60)
+        yield relay
+    finally:
+        node.stop()
+        relay.stop()
 
 
 def post(relay, body=None, *, content=None, key=API_KEY, headers=None):

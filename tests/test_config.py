@@ -66,6 +66,8 @@ def test_local_folder_sources_are_relative_to_the_config_file(tmp_path):
         (minimal(relay={"url": "ws://x/v1/tunnel", "token": "t", "node_name": ""}), ENV, "relay.node_name"),
         (minimal(models={"a": {"source": "Qwen/x", "aliases": ["x" * 129]}}), ENV, "models.a.aliases"),
         (minimal(models={"a": {"source": "Qwen/x", "aliases": [3]}}), ENV, "models.a.aliases"),
+        (minimal(models={"a": {"source": "Qwen/x", "chunk_frames": [4, 0]}}), ENV, "models.a.chunk_frames"),
+        (minimal(models={"a": {"source": "Qwen/x", "chunk_frames": []}}), ENV, "models.a.chunk_frames"),
     ],
 )
 def test_bad_config_names_the_key(data, env, named):

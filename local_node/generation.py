@@ -1,0 +1,306 @@
+"""Frame-by-frame Qwen3-TTS generation: each 80 ms frame's 16 codes as soon as they exist.
+
+qwen-tts only returns codes once the whole utterance is done: ``Qwen3TTSForConditionalGeneration
+.generate`` hands the talker prompt to Hugging Face ``generate``, and every talker step runs a
+second HF ``generate`` for the code predictor. This module keeps qwen-tts' prompt construction
+(it runs qwen-tts' own code, see ``prepare_prompt``) and replaces only the two HF ``generate``
+loops with one plain loop over the model's own modules and weights, with KV caches:
+
+    prefill the talker on the prompt
+    per frame:  sample codebook 0 from the talker's last hidden state (talker logits processing)
+                the code predictor fills codebooks 1..15 (15 small steps, its own sampling)
+                yield the 16 codes
+                next talker input = sum of the 16 codebook embeddings + trailing text (or tts_pad)
+                one talker step
+
+Given the same inputs it reproduces ``tts.model.generate`` exactly, which the tests check frame
+for frame: greedily, and also when sampling from the same global torch seed (same logits, same
+processors in the same order, random numbers drawn in the same order). The points where that
+takes care:
+
+* ``max_new_tokens`` counts codebook-0 tokens as HF does: the token sampled after the prefill is
+  the first. A frame is completed one talker step after its token, so N tokens make at most N - 1
+  frames; the N-th token is sampled by qwen-tts and thrown away (here it is not computed).
+* EOS (``codec_eos_token_id``) as codebook 0 ends the utterance; its frame is not emitted. It is
+  barred from the first ``MIN_NEW_TOKENS`` tokens, so a finished utterance has at least 2 frames.
+* The top 1024 ids of the talker's vocabulary except EOS (control tokens) are never sampled.
+* Repetition penalty applies to the talker only, over the codebook-0 tokens generated so far
+  (HF sees an empty ``input_ids`` because the prompt is given as embeddings): none of the prompt,
+  none of codebooks 1..15, and not at all on the first token.
+* Logits are processed in float32 (HF casts them), in HF's order: repetition penalty, min
+  length, suppressed ids, then for sampling temperature, top-k, top-p; softmax, multinomial.
+  The code predictor has no penalty, suppression or EOS, only its own temperature/top-k/top-p.
+* Talker rope: the 3 multimodal rope sections get identical positions. For one unpadded prompt
+  of L positions ``get_rope_index`` gives 0..L-1 and a rope delta of 0, so the talker step that
+  takes frame k's codes is at position L + k. (qwen-tts keeps the delta on the talker module,
+  ``talker.rope_deltas``; here it is a local, so concurrent loops do not share it.)
+* The next talker input adds the 16 codebook embeddings in one ``sum`` as qwen-tts does (adding
+  them one by one rounds differently in bf16), then trailing text position k after frame k.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from transformers.cache_utils import DynamicCache
+from transformers.generation.logits_process import (
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+MIN_NEW_TOKENS = 2  # qwen-tts passes min_new_tokens=2 to the talker's generate
+N_CONTROL_IDS = 1024  # the talker vocabulary's top 1024 ids are control tokens, never sampled
+
+
+@dataclass
+class SamplingConfig:
+    """qwen-tts' generation settings. ``from_tts`` fills in the model's generation_config.json."""
+
+    do_sample: bool = True
+    top_k: int = 50
+    top_p: float = 1.0
+    temperature: float = 0.9
+    repetition_penalty: float = 1.05
+    subtalker_dosample: bool = True
+    subtalker_top_k: int = 50
+    subtalker_top_p: float = 1.0
+    subtalker_temperature: float = 0.9
+    max_new_tokens: int = 2048  # codebook-0 tokens, as in qwen-tts: at most max_new_tokens - 1 frames
+
+    @classmethod
+    def from_tts(cls, tts: Any, **overrides: Any) -> "SamplingConfig":
+        """The caller's values, else the checkpoint's generation_config.json, else qwen-tts' own
+        defaults: the rule of qwen-tts' ``_merge_generate_kwargs``, which does the merging."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        if unknown := set(overrides) - set(names):
+            raise TypeError(f"unknown sampling settings: {', '.join(sorted(unknown))}")
+        merged = tts._merge_generate_kwargs(**overrides)
+        return cls(**{name: merged[name] for name in names})
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One utterance's talker input, exactly as qwen-tts builds it (batch of one)."""
+
+    inputs_embeds: torch.Tensor  # [1, L, H] the talker prefill
+    trailing_text: torch.Tensor  # [1, T, H] added to the input after frame k while k < T
+    tts_pad: torch.Tensor  # [1, 1, H] added after that
+    ref_code: torch.Tensor | None = None  # [R, 16] ICL voice clone: qwen-tts decodes ref_code + frames, then cuts R off
+
+
+# --- the prompt: qwen-tts' own code, stopped where it would call HF generate ------------------
+
+
+def prepare_prompt(
+    tts: Any,
+    *,
+    kind: str,
+    text: str,
+    language: str = "Auto",
+    speaker: str | None = None,
+    instruct: str | None = None,
+    voice_clone_prompt: Any = None,
+    ref_audio: Any = None,
+    ref_text: str | None = None,
+    x_vector_only_mode: bool = False,
+    non_streaming_mode: bool | None = None,
+) -> Prompt:
+    """Build the talker prompt for one utterance the way ``tts.generate_<kind>`` does.
+
+    qwen-tts has no function that only builds the prompt: ``Qwen3TTSModel.generate_custom_voice``
+    & co. template and tokenize the texts, and ``Qwen3TTSForConditionalGeneration.generate``
+    turns those into embeddings and passes them straight to ``self.talker.generate``. So the
+    wrapper method runs unchanged on a shallow copy of ``tts`` whose model's talker stops at
+    ``generate`` and hands back what it was given. Nothing shared is modified.
+
+    kind "base" clones a voice: pass ``voice_clone_prompt`` (from ``tts.create_voice_clone_prompt``)
+    or ``ref_audio`` with ``ref_text`` (in-context) or ``x_vector_only_mode=True``.
+    ``non_streaming_mode`` None keeps the wrapper method's default, which differs: True (all of
+    the text in the prefill) for custom_voice and voice_design, False for base (the text after
+    the prompt is fed one token per frame, as the prompt's ``trailing_text``).
+    """
+    if kind not in ("base", "custom_voice", "voice_design"):
+        raise ValueError(f"kind must be base, custom_voice or voice_design, not {kind!r}")
+    if kind == "base" and voice_clone_prompt is None:
+        voice_clone_prompt = tts.create_voice_clone_prompt(
+            ref_audio=ref_audio, ref_text=ref_text, x_vector_only_mode=x_vector_only_mode
+        )
+    if kind == "base" and not isinstance(voice_clone_prompt, (list, dict)):
+        voice_clone_prompt = [voice_clone_prompt]  # one VoiceClonePromptItem
+    common: dict[str, Any] = dict(text=text, language=language)
+    if non_streaming_mode is not None:
+        common["non_streaming_mode"] = non_streaming_mode
+    capturing = copy.copy(tts)
+    capturing.model = _PromptOnlyModel(tts.model)
+    try:
+        if kind == "custom_voice":
+            capturing.generate_custom_voice(speaker=speaker, instruct=instruct, **common)
+        elif kind == "voice_design":
+            capturing.generate_voice_design(instruct=instruct, **common)
+        else:
+            capturing.generate_voice_clone(voice_clone_prompt=voice_clone_prompt, **common)
+    except _TalkerInputs as captured:
+        got = captured.kwargs
+    else:
+        raise RuntimeError("qwen-tts did not reach the talker's generate")
+    if got["inputs_embeds"].shape[0] != 1 or not bool(got["attention_mask"].all()):
+        raise ValueError("one unpadded utterance expected")
+    return Prompt(got["inputs_embeds"], got["trailing_text_hidden"], got["tts_pad_embed"], _icl_ref_code(voice_clone_prompt))
+
+
+def _icl_ref_code(voice_clone_prompt: Any) -> torch.Tensor | None:
+    """The reference codes qwen-tts puts before the new frames when decoding an ICL clone."""
+    if voice_clone_prompt is None:
+        return None
+    if isinstance(voice_clone_prompt, dict):
+        codes = voice_clone_prompt.get("ref_code")
+        return codes[0] if codes is not None and voice_clone_prompt["icl_mode"][0] else None
+    item = voice_clone_prompt[0]
+    return item.ref_code if item.icl_mode else None
+
+
+class _TalkerInputs(Exception):
+    def __init__(self, kwargs: dict) -> None:
+        super().__init__("talker inputs")
+        self.kwargs = kwargs
+
+
+class _PromptOnlyTalker:
+    """The real talker in every respect but ``generate``, which raises with its arguments."""
+
+    def __init__(self, talker: Any) -> None:
+        self._talker = talker
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._talker, name)
+
+    def generate(self, **kwargs: Any) -> None:
+        raise _TalkerInputs(kwargs)
+
+
+class _PromptOnlyModel:
+    """The real Qwen3TTSForConditionalGeneration, with ``self.talker`` as above inside generate."""
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+        self.talker = _PromptOnlyTalker(model.talker)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def generate(self, **kwargs: Any) -> Any:
+        return type(self._model).generate(self, **kwargs)
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def generate_frames(
+    model: Any,
+    prompt: Prompt,
+    sampling: SamplingConfig,
+    *,
+    generator: torch.Generator | None = None,
+    cancelled: threading.Event | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield each frame's 16 codes (LongTensor [16]) as soon as they exist.
+
+    ``model`` is ``tts.model`` (Qwen3TTSForConditionalGeneration). Stops at EOS, after
+    ``sampling.max_new_tokens - 1`` frames, or, checked before every frame's work, when
+    ``cancelled`` is set. ``generator`` None draws from torch's global RNG, as qwen-tts does.
+    """
+    talker, cfg = model.talker, model.config.talker_config
+    talker_logits, predictor_logits = _talker_processors(sampling, cfg, talker.device), _predictor_processors(sampling)
+    eos, n_frames = cfg.codec_eos_token_id, sampling.max_new_tokens - 1
+    cache, length = DynamicCache(), prompt.inputs_embeds.shape[1]
+    positions, rope_delta = talker.get_rope_index(torch.ones(1, length, dtype=torch.long, device=talker.device))
+    inputs, history = prompt.inputs_embeds, torch.empty(1, 0, dtype=torch.long, device=talker.device)
+
+    for frame in range(n_frames):
+        if cancelled is not None and cancelled.is_set():
+            return
+        if frame > 0:  # this frame's talker step; qwen-tts' delta: cache_position[0] + rope_deltas
+            positions = (length + frame - 1 + rope_delta).view(1, 1, 1).expand(3, 1, 1)
+        hidden = talker.model(inputs_embeds=inputs, position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state[:, -1:]
+        code0 = _pick(_process(talker_logits, history, talker.codec_head(hidden)[:, -1]), sampling.do_sample, generator)
+        if code0.item() == eos:
+            return
+        history = torch.cat([history, code0[:, None]], dim=1)
+        codes, embeds = _predict_codes(talker, hidden, code0, predictor_logits, sampling.subtalker_dosample, generator)
+        yield codes
+        text = prompt.trailing_text[:, frame : frame + 1] if frame < prompt.trailing_text.shape[1] else prompt.tts_pad
+        inputs = torch.cat(embeds, dim=1).sum(1, keepdim=True) + text
+
+
+def _predict_codes(
+    talker: Any, hidden: torch.Tensor, code0: torch.Tensor, processors: list, do_sample: bool, generator: torch.Generator | None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Codebooks 1..15 from the talker's hidden state and codebook 0, one small step each.
+    Returns the 16 codes and their 16 embeddings ([1, 1, H] each)."""
+    predictor = talker.code_predictor
+    embeds = [talker.model.codec_embedding(code0[:, None])]
+    inputs, cache, codes = torch.cat([hidden, embeds[0]], dim=1), DynamicCache(), [code0]
+    for group in range(talker.config.num_code_groups - 1):
+        out = predictor.model(inputs_embeds=predictor.small_to_mtp_projection(inputs), past_key_values=cache, use_cache=True)
+        logits = predictor.lm_head[group](out.last_hidden_state[:, -1])
+        codes.append(_pick(_process(processors, None, logits), do_sample, generator))
+        embeds.append(predictor.model.codec_embedding[group](codes[-1][:, None]))
+        inputs = embeds[-1]
+    return torch.cat(codes), embeds
+
+
+def _process(processors: list, history: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+    scores = logits.float()  # HF generate processes and samples in float32
+    for processor in processors:  # as LogitsProcessorList does, without its per-call signature check
+        scores = processor(history, scores)
+    return scores
+
+
+def _pick(scores: torch.Tensor, do_sample: bool, generator: torch.Generator | None) -> torch.Tensor:
+    if do_sample:
+        return torch.multinomial(scores.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
+    return scores.argmax(dim=-1)
+
+
+# --- logits processing: Hugging Face's own processors, in the order its generate applies them --
+
+
+def _talker_processors(s: SamplingConfig, cfg: Any, device: torch.device | str = "cpu") -> list:
+    eos = cfg.codec_eos_token_id
+    suppressed = [i for i in range(cfg.vocab_size - N_CONTROL_IDS, cfg.vocab_size) if i != eos]
+    processors: list = []
+    if s.repetition_penalty is not None and s.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(penalty=s.repetition_penalty))
+    # HF turns min_new_tokens into min_length too (the prompt is 0 tokens long): both apply.
+    processors.append(MinLengthLogitsProcessor(MIN_NEW_TOKENS, eos, device=device))
+    processors.append(MinNewTokensLengthLogitsProcessor(0, MIN_NEW_TOKENS, eos, device=device))
+    processors.append(SuppressTokensLogitsProcessor(suppressed, device=device))
+    if s.do_sample:
+        processors.extend(_warpers(s.temperature, s.top_k, s.top_p))
+    return processors
+
+
+def _predictor_processors(s: SamplingConfig) -> list:
+    return _warpers(s.subtalker_temperature, s.subtalker_top_k, s.subtalker_top_p) if s.subtalker_dosample else []
+
+
+def _warpers(temperature: float | None, top_k: int | None, top_p: float | None) -> list:
+    warpers: list = []
+    if temperature is not None and temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k is not None and top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+    return warpers
