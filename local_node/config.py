@@ -141,8 +141,8 @@ def _model(name: Any, spec: Any, base_dir: Path) -> ModelConfig:
     source = section.pop("source", str, default="" if engine == "synthetic" else None)
     if engine == "qwen" and not source:
         raise ConfigError(f"{where}.source is required: a Hugging Face id or a local folder")
-    if source and _looks_like_path(source):
-        source = str((base_dir / source).expanduser())
+    if source and _looks_like_path(source, base_dir):
+        source = str((base_dir / Path(source).expanduser()).resolve())
     aliases = section.pop("aliases", list, default=[])
     for alias in aliases:
         _name(alias, f"{where}.aliases")
@@ -177,7 +177,7 @@ def _voice(name: Any, spec: Any, where: str, base_dir: Path) -> VoiceConfig:
         raise ConfigError(f"{where}: give exactly one of speaker (CustomVoice), ref_audio (Base) or description (VoiceDesign)")
     if ref_text and not ref_audio:
         raise ConfigError(f"{where}.ref_text goes with ref_audio")
-    audio_path = (base_dir / ref_audio).expanduser() if ref_audio else None
+    audio_path = (base_dir / Path(ref_audio).expanduser()).resolve() if ref_audio else None
     if audio_path is not None and not audio_path.is_file():
         raise ConfigError(f"{where}.ref_audio: no such file {audio_path}")
     return VoiceConfig(name, speaker, audio_path, ref_text, description, language)
@@ -196,8 +196,9 @@ def _language(value: str | None, where: str) -> str | None:
     return value.lower()
 
 
-def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or Path(source).expanduser().exists()
+def _looks_like_path(source: str, base_dir: Path) -> bool:
+    """A local folder rather than a Hugging Face id; such sources become absolute paths here."""
+    return source.startswith((".", "/", "~")) or (base_dir / source).exists()
 
 
 _MISSING = object()

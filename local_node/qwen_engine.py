@@ -165,8 +165,8 @@ def _frame_budget(text: str) -> int:
 def _load(config: ModelConfig, dtype: torch.dtype) -> Any:
     qwen_tts = import_qwen_tts()
     source = config.source
-    is_folder = source.startswith((".", "/", "~")) or os.path.isdir(source)
-    if is_folder and not os.path.isdir(os.path.expanduser(source)):
+    is_folder = os.path.isabs(source)  # the config turned every local source into an absolute path
+    if is_folder and not os.path.isdir(source):
         raise ModelUnavailable(f"models.{config.name}.source: no such folder {source}")
     if not is_folder:
         log.info("%s: loading %s from Hugging Face (downloaded once, then cached; a few GB)", config.name, source)

@@ -40,7 +40,7 @@ def test_enabled_models_override():
 
 def test_local_folder_sources_are_relative_to_the_config_file(tmp_path):
     config = parse_config(minimal(models={"a": {"source": "./models/a"}}), base_dir=tmp_path, environ=ENV)
-    assert config.models[0].source == str(tmp_path / "models/a")
+    assert config.models[0].source == str((tmp_path / "models/a").resolve())
 
 
 @pytest.mark.parametrize(
