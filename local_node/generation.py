@@ -4,7 +4,8 @@ qwen-tts only returns codes once the whole utterance is done: ``Qwen3TTSForCondi
 .generate`` hands the talker prompt to Hugging Face ``generate``, and every talker step runs a
 second HF ``generate`` for the code predictor. This module keeps qwen-tts' prompt construction
 (it runs qwen-tts' own code, see ``prepare_prompt``) and replaces only the two HF ``generate``
-loops with one plain loop over the model's own modules and weights, with KV caches:
+loops with one plain loop over the model's own weights (``DecoderStack``: the decoder layers
+without Hugging Face's per-step bookkeeping, preallocated KV caches):
 
     prefill the talker on the prompt
     per frame:  sample codebook 0 from the talker's last hidden state (talker logits processing)
@@ -32,8 +33,7 @@ takes care:
   The code predictor has no penalty, suppression or EOS, only its own temperature/top-k/top-p.
 * Talker rope: the 3 multimodal rope sections get identical positions. For one unpadded prompt
   of L positions ``get_rope_index`` gives 0..L-1 and a rope delta of 0, so the talker step that
-  takes frame k's codes is at position L + k. (qwen-tts keeps the delta on the talker module,
-  ``talker.rope_deltas``; here it is a local, so concurrent loops do not share it.)
+  takes frame k's codes is at position L + k: positions are the KV cache's indices.
 * The next talker input adds the 16 codebook embeddings in one ``sum`` as qwen-tts does (adding
   them one by one rounds differently in bf16), then trailing text position k after frame k.
 """
@@ -47,7 +47,6 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
-from transformers.cache_utils import DynamicCache
 from transformers.generation.logits_process import (
     MinLengthLogitsProcessor,
     MinNewTokensLengthLogitsProcessor,
@@ -57,6 +56,8 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+from .decoder_stack import DecoderStack
 
 MIN_NEW_TOKENS = 2  # qwen-tts passes min_new_tokens=2 to the talker's generate
 N_CONTROL_IDS = 1024  # the talker vocabulary's top 1024 ids are control tokens, never sampled
@@ -223,37 +224,40 @@ def generate_frames(
     talker, cfg = model.talker, model.config.talker_config
     talker_logits, predictor_logits = _talker_processors(sampling, cfg, talker.device), _predictor_processors(sampling)
     eos, n_frames = cfg.codec_eos_token_id, sampling.max_new_tokens - 1
-    cache, length = DynamicCache(), prompt.inputs_embeds.shape[1]
-    positions, rope_delta = talker.get_rope_index(torch.ones(1, length, dtype=torch.long, device=talker.device))
+    # One unpadded prompt: talker positions are 0, 1, 2, ... in all three rope sections.
+    stack = DecoderStack(talker.model, capacity=prompt.inputs_embeds.shape[1] + min(n_frames, 256))
+    predictor = DecoderStack(talker.code_predictor.model, capacity=cfg.num_code_groups + 1)
     inputs, history = prompt.inputs_embeds, torch.empty(1, 0, dtype=torch.long, device=talker.device)
 
     for frame in range(n_frames):
         if cancelled is not None and cancelled.is_set():
             return
-        if frame > 0:  # this frame's talker step; qwen-tts' delta: cache_position[0] + rope_deltas
-            positions = (length + frame - 1 + rope_delta).view(1, 1, 1).expand(3, 1, 1)
-        hidden = talker.model(inputs_embeds=inputs, position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state[:, -1:]
+        hidden = stack.forward(inputs)[:, -1:]
         code0 = _pick(_process(talker_logits, history, talker.codec_head(hidden)[:, -1]), sampling.do_sample, generator)
         if code0.item() == eos:
             return
         history = torch.cat([history, code0[:, None]], dim=1)
-        codes, embeds = _predict_codes(talker, hidden, code0, predictor_logits, sampling.subtalker_dosample, generator)
+        codes, embeds = _predict_codes(talker, predictor, hidden, code0, predictor_logits, sampling.subtalker_dosample, generator)
         yield codes
         text = prompt.trailing_text[:, frame : frame + 1] if frame < prompt.trailing_text.shape[1] else prompt.tts_pad
         inputs = torch.cat(embeds, dim=1).sum(1, keepdim=True) + text
 
 
 def _predict_codes(
-    talker: Any, hidden: torch.Tensor, code0: torch.Tensor, processors: list, do_sample: bool, generator: torch.Generator | None
+    talker: Any, stack: DecoderStack, hidden: torch.Tensor, code0: torch.Tensor, processors: list, do_sample: bool,
+    generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Codebooks 1..15 from the talker's hidden state and codebook 0, one small step each.
     Returns the 16 codes and their 16 embeddings ([1, 1, H] each)."""
     predictor = talker.code_predictor
     embeds = [talker.model.codec_embedding(code0[:, None])]
-    inputs, cache, codes = torch.cat([hidden, embeds[0]], dim=1), DynamicCache(), [code0]
+    codes = [code0]
+    stack.length = 0  # a fresh sequence per frame: [talker hidden, code 0, code 1, ...]
+    stack.forward(predictor.small_to_mtp_projection(hidden))  # one position at a time: 2-row products cost 2x+
+    inputs = embeds[0]
     for group in range(talker.config.num_code_groups - 1):
-        out = predictor.model(inputs_embeds=predictor.small_to_mtp_projection(inputs), past_key_values=cache, use_cache=True)
-        logits = predictor.lm_head[group](out.last_hidden_state[:, -1])
+        out = stack.forward(predictor.small_to_mtp_projection(inputs))
+        logits = predictor.lm_head[group](out[:, -1])
         codes.append(_pick(_process(processors, None, logits), do_sample, generator))
         embeds.append(predictor.model.codec_embedding[group](codes[-1][:, None]))
         inputs = embeds[-1]

@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised Qwen3-TTS 12 Hz checkpoints.
+"""Randomly initialised Qwen3-TTS 12 Hz checkpoints: tiny ones for tests, real-shape ones for benchmarks.
 
 For tests and the offline pipeline check: a folder of about 20 MB (most of it the real text
 tokenizer and the 151936-row text embedding) laid out like a released model.
@@ -10,6 +10,9 @@ The configs are the real ones from ``qwen_files/`` with only sizes shrunk. Every
 151936-entry text vocabulary, the 3072-entry codec vocabulary, the 16 code groups, the 2048-entry
 codebooks, speaker and language ids, sample rates and the codec's up/down-sampling (1920 samples
 per frame at 24 kHz) stay as released.
+
+``write_random_checkpoint(..., tiny=False)`` keeps the released sizes too: the real compute and
+memory of a model (0.6B: ~1.9 GB, 1.7B: ~4.5 GB on disk in bf16) with none of its skill.
 """
 
 from __future__ import annotations
@@ -27,11 +30,8 @@ from local_node.qwen_import import import_qwen_tts
 ModelType = Literal["base", "custom_voice", "voice_design"]
 
 _FILES = Path(__file__).parent / "qwen_files"
-_CONFIGS: dict[str, str] = {
-    "base": "Qwen3-TTS-12Hz-0.6B-Base.json",
-    "custom_voice": "Qwen3-TTS-12Hz-0.6B-CustomVoice.json",
-    "voice_design": "Qwen3-TTS-12Hz-1.7B-VoiceDesign.json",
-}
+MODELS = ("0.6B-Base", "0.6B-CustomVoice", "1.7B-Base", "1.7B-CustomVoice", "1.7B-VoiceDesign")  # released 12 Hz models
+_TINY_MODELS: dict[str, str] = {"base": "0.6B-Base", "custom_voice": "0.6B-CustomVoice", "voice_design": "1.7B-VoiceDesign"}
 _COMMON = (
     "tokenizer_config.json",
     "vocab.json",
@@ -46,8 +46,16 @@ def write_tiny_checkpoint(directory: str | Path, model_type: ModelType, seed: in
 
     The same ``seed`` gives the same weights. Returns the folder.
     """
-    if model_type not in _CONFIGS:
-        raise ValueError(f"model_type must be one of {sorted(_CONFIGS)}, not {model_type!r}")
+    if model_type not in _TINY_MODELS:
+        raise ValueError(f"model_type must be one of {sorted(_TINY_MODELS)}, not {model_type!r}")
+    return write_random_checkpoint(directory, _TINY_MODELS[model_type], tiny=True, seed=seed)
+
+
+def write_random_checkpoint(directory: str | Path, model: str, *, tiny: bool, seed: int = 0) -> Path:
+    """Write a random checkpoint of a released model's config (one of ``MODELS``), shrunk if
+    ``tiny``, into ``directory``. The same ``seed`` gives the same weights. Returns the folder."""
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {', '.join(MODELS)}, not {model!r}")
     import_qwen_tts()
     from qwen_tts.core.models import Qwen3TTSConfig, Qwen3TTSForConditionalGeneration
     from qwen_tts.core.tokenizer_12hz.configuration_qwen3_tts_tokenizer_v2 import (
@@ -59,15 +67,23 @@ def write_tiny_checkpoint(directory: str | Path, model_type: ModelType, seed: in
 
     out = Path(directory)
     (out / "speech_tokenizer").mkdir(parents=True, exist_ok=True)
-    model_cfg = _shrink_model_config(_read_json(_FILES / "configs" / _CONFIGS[model_type]))
-    codec_cfg = _shrink_codec_config(_read_json(_FILES / "common/speech_tokenizer/config.json"))
+    model_cfg = _read_json(_FILES / "configs" / f"Qwen3-TTS-12Hz-{model}.json")
+    codec_cfg = _read_json(_FILES / "common/speech_tokenizer/config.json")
+    if tiny:
+        model_cfg, codec_cfg = _shrink_model_config(model_cfg), _shrink_codec_config(codec_cfg)
 
     # Fork the RNG so writing a checkpoint leaves the caller's torch random state alone.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen3TTSForConditionalGeneration(Qwen3TTSConfig(**copy.deepcopy(model_cfg)))
-        # Released weights are bf16; it also halves the 151936-row text embedding on disk.
-        model.to(torch.bfloat16).save_pretrained(out)
+        # Released weights are bf16; built in bf16, a real-shape 1.7B needs 4.5 GB rather than 9.
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            model = Qwen3TTSForConditionalGeneration(Qwen3TTSConfig(**copy.deepcopy(model_cfg)))
+        finally:
+            torch.set_default_dtype(default_dtype)
+        model.save_pretrained(out)
+        del model
 
         codec = Qwen3TTSTokenizerV2Model(Qwen3TTSTokenizerV2Config(**copy.deepcopy(codec_cfg)))
         _randomise_codec(codec)

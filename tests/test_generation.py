@@ -22,7 +22,7 @@ import torch
 from local_node import generation, tiny_model
 from local_node.generation import Prompt, SamplingConfig, generate_frames, prepare_prompt
 from local_node.qwen_import import import_qwen_tts
-from local_node.tiny_model import write_tiny_checkpoint
+from local_node.tiny_model import write_random_checkpoint, write_tiny_checkpoint
 
 qwen_tts = import_qwen_tts()
 
@@ -53,8 +53,7 @@ def load(tmp_path_factory):
     @functools.cache
     def folder(name: str) -> Path:
         if name == "custom_voice_1b7":
-            with mock.patch.dict(tiny_model._CONFIGS, custom_voice="Qwen3-TTS-12Hz-1.7B-CustomVoice.json"):
-                return write_tiny_checkpoint(tmp_path_factory.mktemp(name), "custom_voice")
+            return write_random_checkpoint(tmp_path_factory.mktemp(name), "1.7B-CustomVoice", tiny=True)
         return write_tiny_checkpoint(tmp_path_factory.mktemp(name), name)
 
     @functools.cache
