@@ -131,11 +131,16 @@ class QwenEngine:
             yield decoder.flush()
 
     def warm_up(self) -> None:
-        """One short synthesis, so the first real request does not pay for lazy initialisation."""
+        """Synthesise up to the first chunk, so the first real request does not pay for lazy
+        initialisation (weights paged in, kernels and buffers set up) in every stage."""
         started = time.monotonic()
         voice = next(iter(self.voices), "warmup")
         job = Job("Hello.", voice, "A clear, calm voice." if self.kind == "voice_design" else None)
-        for _ in self.synthesize(job, threading.Event()):
+        enough = threading.Event()
+        try:
+            for _ in self.synthesize(job, enough):
+                enough.set()
+        except Cancelled:
             pass
         log.info("%s: warmed up in %.1f s", self.config.name, time.monotonic() - started)
 

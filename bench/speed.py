@@ -1,0 +1,377 @@
+"""Model speed on this machine: the official qwen-tts call against our streaming path, in one run.
+
+    ./bench.sh                       # both sizes
+    ./bench.sh --models 0.6B         # options: --frames N, --text "...", --streams 1 2 4
+
+Random weights of the real 0.6B and 1.7B CustomVoice shapes (built from the released configs kept
+in ``local_node/qwen_files``, cached in ``.cache/bench``), bfloat16, all cores. Per size:
+
+  official  ``Qwen3TTSModel.generate_custom_voice``: HF generate for the talker and, inside every
+            talker step, for the code predictor; the codec decodes the whole utterance at the end.
+  ours      ``generate_frames`` + ``StreamingDecoder`` in this process, as the node runs them.
+  served    a real relay and node (subprocesses on loopback) and the openai SDK streaming
+            ``response_format="pcm"``: what a client sees, tunnel included; 1, 2 and 4 streams
+            at once for aggregate throughput.
+
+Both in-process paths sample with the checkpoint's defaults for the same number of frames (random
+weights almost never say EOS; a run that does is timed per frame all the same) and decode with
+the codec in float32, as the node does: in bfloat16 its convolutions are many times slower on CPUs
+without native bf16, which would flatter the ratio. Each in-process figure is the best of
+``--repeats`` runs, so a busy machine shows less. Prints a table, writes
+``bench/results/speed.json`` and ``bench/results/speed.png`` (ms per frame per configuration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache" / "bench"
+RESULTS = ROOT / "bench" / "results"
+TEXT = "The quick brown fox jumps over the lazy dog, then naps in the warm afternoon sun."
+SPEAKER = "ryan"
+FRAME_SECONDS = 0.08
+
+
+@dataclass
+class Run:
+    """One way of producing one utterance, timed."""
+
+    frames: int
+    seconds: float  # request to last audio
+    first_audio: float  # request to first audio (the whole run when not streamed)
+    decode_seconds: float = 0.0  # of which codec decoding (in-process runs)
+
+    @property
+    def ms_per_frame(self) -> float:
+        return 1000 * self.seconds / self.frames
+
+    @property
+    def rtf(self) -> float:
+        return self.seconds / (self.frames * FRAME_SECONDS)
+
+
+@dataclass
+class SizeResult:
+    model: str
+    weights_gb: float
+    load_seconds: float
+    official: Run
+    ours: Run
+    served: Run | None = None
+    node_startup_seconds: float | None = None
+    node_rss_gb: float | None = None
+    streams: dict[int, dict] = field(default_factory=dict)  # n -> aggregate figures
+
+
+# --- in process -----------------------------------------------------------------------------
+
+
+def official_run(tts, frames: int) -> Run:
+    """qwen-tts as documented; its codec decode is timed apart by wrapping it."""
+    tokenizer = tts.model.speech_tokenizer
+    decode, spent = tokenizer.decode, [0.0]
+
+    def timed_decode(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return decode(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - started
+
+    tokenizer.decode = timed_decode
+    try:
+        started = time.perf_counter()
+        wavs, rate = tts.generate_custom_voice(text=TEXT, speaker=SPEAKER, language="English", max_new_tokens=frames + 1)
+        seconds = time.perf_counter() - started
+    finally:
+        del tokenizer.decode  # back to the class's method
+    n = round(len(wavs[0]) / (rate * FRAME_SECONDS))
+    return Run(n, seconds, seconds, spent[0])
+
+
+def our_run(tts, frames: int, schedule: tuple[int, ...]) -> Run:
+    from local_node.codec_stream import StreamingDecoder
+    from local_node.generation import SamplingConfig, generate_frames, prepare_prompt
+
+    started = time.perf_counter()
+    prompt = prepare_prompt(tts, kind="custom_voice", text=TEXT, language="English", speaker=SPEAKER)
+    decoder = StreamingDecoder(tts.model.speech_tokenizer, schedule)
+    first, decoding, n = None, 0.0, 0
+    for codes in generate_frames(tts.model, prompt, SamplingConfig.from_tts(tts, max_new_tokens=frames + 1)):
+        n += 1
+        t = time.perf_counter()
+        pcm = decoder.push(codes)
+        decoding += time.perf_counter() - t
+        if pcm is not None and first is None:
+            first = time.perf_counter() - started
+    t = time.perf_counter()
+    decoder.flush()
+    decoding += time.perf_counter() - t
+    seconds = time.perf_counter() - started
+    return Run(n, seconds, first if first is not None else seconds, decoding)
+
+
+def best(runs: list[Run]) -> Run:
+    return min(runs, key=lambda r: r.ms_per_frame)
+
+
+# --- through relay and tunnel ---------------------------------------------------------------
+
+
+class Served:
+    """A relay and one node serving ``folder`` as ``model``, as subprocesses on loopback."""
+
+    API_KEY, NODE_TOKEN = "sk-bench-0123456789abcdef", "node-bench-0123456789abcdef"
+
+    def __init__(self, folder: Path, frames: int, schedule: tuple[int, ...], workdir: Path) -> None:
+        import yaml
+
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "RELAY_API_KEYS": f"bench:{self.API_KEY}", "RELAY_NODE_TOKENS": f"bench:{self.NODE_TOKEN}",
+               "BENCH_NODE_TOKEN": self.NODE_TOKEN}
+        config = {
+            "relay": {"url": f"ws://127.0.0.1:{port}/v1/tunnel", "token_env": "BENCH_NODE_TOKEN", "node_name": "bench"},
+            "dtype": "bfloat16", "threads": "auto",
+            "models": {"bench": {"source": str(folder), "max_new_frames": frames, "max_queue": 8,
+                                 "chunk_frames": list(schedule)}},
+        }
+        (workdir / "node.yaml").write_text(yaml.safe_dump(config))
+        self.logs = [open(workdir / "relay.log", "wb"), open(workdir / "node.log", "wb")]
+        self.relay = subprocess.Popen([sys.executable, "-m", "relay", "--port", str(port), "--log-level", "warning"],
+                                      env=env, stdout=self.logs[0], stderr=subprocess.STDOUT, cwd=ROOT)
+        self._wait(lambda: self._get("/health") == 200, "relay start", 30)
+        started = time.perf_counter()
+        self.node = subprocess.Popen([sys.executable, "-m", "local_node", "--config", str(workdir / "node.yaml")],
+                                     env=env, stdout=self.logs[1], stderr=subprocess.STDOUT, cwd=ROOT)
+        self._wait(lambda: "bench" in self._models(), "the node's model", 1800, workdir / "node.log")
+        self.startup_seconds = time.perf_counter() - started  # process start, imports, load, warm-up
+
+    def rss_gb(self) -> float:
+        for line in Path(f"/proc/{self.node.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+        return float("nan")
+
+    def speak(self, client) -> Run:
+        started = time.perf_counter()
+        first, size = None, 0
+        with client.audio.speech.with_streaming_response.create(
+            model="bench", voice=SPEAKER, input=TEXT, response_format="pcm"
+        ) as response:
+            for chunk in response.iter_bytes():
+                if chunk and first is None:
+                    first = time.perf_counter() - started
+                size += len(chunk)
+        seconds = time.perf_counter() - started
+        return Run(round(size / 2 / (24000 * FRAME_SECONDS)), seconds, first or seconds)
+
+    def concurrent(self, client, n: int) -> dict:
+        runs: list[Run] = []
+        started = time.perf_counter()
+        threads = [threading.Thread(target=lambda: runs.append(self.speak(client))) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - started
+        audio = sum(r.frames for r in runs) * FRAME_SECONDS
+        firsts = sorted(r.first_audio for r in runs)
+        return {"streams": n, "audio_seconds_per_second": audio / wall, "wall_seconds": wall,
+                "first_audio_min": firsts[0], "first_audio_max": firsts[-1]}
+
+    def close(self) -> None:
+        for proc in (self.node, self.relay):
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for log in self.logs:
+            log.close()
+
+    def _get(self, path: str) -> int | None:
+        import httpx
+
+        try:
+            return httpx.get(self.url + path, headers={"Authorization": f"Bearer {self.API_KEY}"}, timeout=2).status_code
+        except httpx.HTTPError:
+            return None
+
+    def _models(self) -> set[str]:
+        import httpx
+
+        try:
+            response = httpx.get(self.url + "/v1/models", headers={"Authorization": f"Bearer {self.API_KEY}"}, timeout=2)
+            return {m["id"] for m in response.json()["data"]}
+        except (httpx.HTTPError, ValueError, KeyError):
+            return set()
+
+    def _wait(self, ready, what: str, timeout: float, log: Path | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            for proc in (self.relay, getattr(self, "node", None)):
+                if proc is not None and proc.poll() is not None:
+                    raise SystemExit(f"waiting for {what}: a process exited\n{log.read_text()[-3000:] if log else ''}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"timed out waiting for {what}")
+            time.sleep(0.2)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- one model size -------------------------------------------------------------------------
+
+
+def bench_size(size: str, args: argparse.Namespace) -> SizeResult:
+    from local_node.config import ModelConfig
+    from local_node.qwen_import import import_qwen_tts
+    from local_node.tiny_model import write_random_checkpoint
+
+    model = f"{size}-CustomVoice"
+    folder = CACHE / model
+    if not (folder / "model.safetensors").exists():
+        print(f"  writing a random {model} checkpoint to {folder} (once)", flush=True)
+        write_random_checkpoint(folder, model, tiny=False)
+    weights_gb = sum(f.stat().st_size for f in folder.rglob("*.safetensors")) / 1e9
+    schedule = ModelConfig.chunk_frames if args.schedule is None else tuple(args.schedule)
+
+    started = time.perf_counter()
+    tts = import_qwen_tts().Qwen3TTSModel.from_pretrained(str(folder), dtype=torch.bfloat16)
+    tts.model.speech_tokenizer.model.float()
+    load_seconds = time.perf_counter() - started
+
+    warm = min(args.frames, 4)
+    official_run(tts, warm), our_run(tts, warm, schedule)  # page the weights in, set kernels up
+    officials, ours = [], []
+    for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits both
+        officials.append(official_run(tts, args.frames))
+        ours.append(our_run(tts, args.frames, schedule))
+        print(f"  official {officials[-1].ms_per_frame:.0f} ms/frame, ours {ours[-1].ms_per_frame:.0f} ms/frame", flush=True)
+    result = SizeResult(model, weights_gb, load_seconds, best(officials), best(ours))
+    del tts
+
+    if args.streams:
+        from openai import OpenAI
+
+        with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
+            served = Served(folder, args.frames, schedule, Path(workdir))
+            try:
+                result.node_startup_seconds = served.startup_seconds
+                result.node_rss_gb = served.rss_gb()
+                client = OpenAI(base_url=served.url + "/v1", api_key=served.API_KEY, timeout=1800)
+                result.served = best([served.speak(client) for _ in range(args.repeats)])
+                for n in args.streams:
+                    result.streams[n] = served.concurrent(client, n)
+                    print(f"  {n} stream(s): {result.streams[n]['audio_seconds_per_second']:.2f} audio s/s", flush=True)
+            finally:
+                served.close()
+    return result
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    bf16 = ", native bf16" if "avx512_bf16" in flags or "amx_bf16" in flags else ", no native bf16"
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{model}, {os.cpu_count()} cores ({simd}{bf16}), {memory:.0f} GiB, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def report(results: list[SizeResult]) -> str:
+    lines = [
+        "| model | path | ms/frame | of which decode | RTF | first audio | vs official |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        base = r.official.ms_per_frame
+        for name, run in (("official qwen-tts", r.official), ("ours, in process", r.ours), ("ours, served (relay + tunnel)", r.served)):
+            if run is None:
+                continue
+            decode = f"{1000 * run.decode_seconds / run.frames:.0f}" if run.decode_seconds else "-"
+            lines.append(f"| {r.model} | {name} | {run.ms_per_frame:.0f} | {decode} | {run.rtf:.2f} | "
+                         f"{run.first_audio:.2f} s | {base / run.ms_per_frame:.2f}x |")
+    lines += ["", "| model | weights | load (in process) | node start-up (load + warm-up) | node RSS | streams: audio s per s (first audio min-max) |",
+              "|---|---:|---:|---:|---:|---|"]
+    for r in results:
+        streams = ", ".join(f"{n}: {s['audio_seconds_per_second']:.2f} ({s['first_audio_min']:.1f}-{s['first_audio_max']:.1f} s)"
+                            for n, s in r.streams.items()) or "-"
+        startup = f"{r.node_startup_seconds:.1f} s" if r.node_startup_seconds else "-"
+        rss = f"{r.node_rss_gb:.2f} GiB" if r.node_rss_gb else "-"
+        lines.append(f"| {r.model} | {r.weights_gb:.2f} GB | {r.load_seconds:.1f} s | {startup} | {rss} | {streams} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[SizeResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, values, colours = [], [], []
+    for r in results:
+        for name, run, colour in (("official", r.official, "#999999"), ("ours", r.ours, "#1f77b4"), ("served", r.served, "#2ca02c")):
+            if run is not None:
+                labels.append(f"{r.model.split('-')[0]}\n{name}")
+                values.append(run.ms_per_frame)
+                colours.append(colour)
+    fig, ax = plt.subplots(figsize=(1.3 * len(values) + 2, 4))
+    bars = ax.bar(labels, values, color=colours)
+    ax.bar_label(bars, fmt="%.0f")
+    ax.axhline(1000 * FRAME_SECONDS, color="red", linestyle="--", linewidth=1, label="real time (80 ms of audio per frame)")
+    ax.set_ylabel("ms per 80 ms frame (incl. decoding)")
+    ax.set_title("Qwen3-TTS 12 Hz CustomVoice, bf16, random weights of the real shape")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="./bench.sh", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["0.6B", "1.7B"], choices=["0.6B", "1.7B"])
+    parser.add_argument("--frames", type=int, default=40, help="frames per utterance (40 = 3.2 s of audio)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per in-process path; the best counts")
+    parser.add_argument("--streams", type=int, nargs="*", default=[1, 2, 4], help="concurrent streams through the relay; none to skip")
+    parser.add_argument("--schedule", type=int, nargs="+", help="chunk_frames for our path (default: the node's)")
+    args = parser.parse_args(argv)
+
+    print(f"machine: {machine()}", flush=True)
+    results = []
+    for size in args.models:
+        print(f"{size}:", flush=True)
+        results.append(bench_size(size, args))
+    table = report(results)
+    print("\n" + table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "speed.json").write_text(json.dumps(
+        {"machine": machine(), "args": vars(args), "peak_rss_gb_bench_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+         "results": [asdict(r) for r in results]}, indent=2) + "\n")
+    plot(results, RESULTS / "speed.png")
+    print(f"\nwrote {RESULTS / 'speed.json'} and {RESULTS / 'speed.png'}")
+
+
+if __name__ == "__main__":
+    main()
