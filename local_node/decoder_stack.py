@@ -11,15 +11,16 @@ are the same numbers (the generation tests compare codes with qwen-tts' frame fo
                 x + down(silu(gate(h)) * up(h))                             on post_attention_layernorm(x)
     then the final norm
 
-At batch 1 every projection is a matrix-vector product bound by memory and by a fixed cost per
-call, so fewer, larger products are faster: q, k and v are one product, gate and up another. The
-fused matrices are made once per layer and the modules' own weights become views into them, so
-memory does not grow and the modules still work as before. Keys and values go into one
-preallocated buffer per stack that grows by doubling, so a step writes in place instead of
-concatenating the whole history. Attention is PyTorch's SDPA with
+Keys and values go into one preallocated buffer per stack that grows by doubling, so a step
+writes in place instead of concatenating the whole history. Attention is PyTorch's SDPA with
 grouped-query heads, as transformers calls it (causal over a fresh prompt, plain for one new
 position). The talker's multimodal rope gives text positions the same angle in all three
 sections, so it is the ordinary rope here.
+
+Tried and left out: fusing q/k/v and gate/up into single products (no measurable gain at batch 1
+here, and the copies of memory-mapped weights doubled their resident memory); a hand-written
+attention for one query (cheaper than SDPA's set-up, but it cannot round like SDPA's kernel, which
+uses an approximate exp, so codes drift from qwen-tts' in bf16).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ class DecoderStack:
     def __init__(self, model: Any, capacity: int, batch: int = 1) -> None:
         cfg = model.config
         self.layers = list(model.layers[: cfg.num_hidden_layers])
-        self.fused = [_fuse(layer) for layer in self.layers]
         self.norm = model.norm
         attention = self.layers[0].self_attn
         self.head_dim, self.scaling = attention.head_dim, attention.scaling
@@ -58,22 +58,18 @@ class DecoderStack:
         if end > self.keys.shape[3]:
             self._grow(end)
         cos, sin = self._rope(start, end)
-        for i, (layer, (qkv, gate_up)) in enumerate(zip(self.layers, self.fused)):
-            x = x + self._attend(layer.self_attn, qkv, layer.input_layernorm(x), i, start, end, cos, sin)
-            gate, up = F.linear(layer.post_attention_layernorm(x), gate_up).chunk(2, dim=-1)
-            x = x + layer.mlp.down_proj(F.silu(gate) * up)
+        for i, layer in enumerate(self.layers):
+            x = x + self._attend(layer.self_attn, layer.input_layernorm(x), i, start, end, cos, sin)
+            mlp, h = layer.mlp, layer.post_attention_layernorm(x)
+            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
         self.length = end
         return self.norm(x)
 
-    def _attend(
-        self, attn: Any, qkv: torch.Tensor, h: torch.Tensor, i: int, start: int, end: int, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
+    def _attend(self, attn: Any, h: torch.Tensor, i: int, start: int, end: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, steps, _ = h.shape
-        q, k, v = F.linear(h, qkv).view(batch, steps, -1, self.head_dim).split(
-            [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
-        q = attn.q_norm(q).transpose(1, 2)
-        k = attn.k_norm(k).transpose(1, 2)
-        v = v.transpose(1, 2)
+        q = attn.q_norm(attn.q_proj(h).view(batch, steps, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = attn.k_norm(attn.k_proj(h).view(batch, steps, self.n_kv_heads, self.head_dim)).transpose(1, 2)
+        v = attn.v_proj(h).view(batch, steps, self.n_kv_heads, self.head_dim).transpose(1, 2)
         self.keys[i, :, :, start:end] = k * cos + _rotate_half(k) * sin
         self.values[i, :, :, start:end] = v
         q = q * cos + _rotate_half(q) * sin
@@ -98,31 +94,6 @@ class DecoderStack:
             new = old.new_zeros(*old.shape[:3], capacity, old.shape[4])
             new[:, :, :, : self.length] = old[:, :, :, : self.length]
             setattr(self, name, new)
-
-
-def _fuse(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """[q; k; v] and [gate; up] of ``layer`` as single matrices, made on first use; the Linear
-    modules' weights are rebound to views of them so the memory is shared, not doubled."""
-    if not hasattr(layer, "_fused_projections"):
-        attn, mlp = layer.self_attn, layer.mlp
-        if any(m.bias is not None for m in (attn.q_proj, attn.k_proj, attn.v_proj)):
-            raise ValueError("attention projections with biases are not supported")
-        layer._fused_projections = (
-            _concatenate(attn.q_proj, attn.k_proj, attn.v_proj),
-            _concatenate(mlp.gate_proj, mlp.up_proj),
-        )
-    return layer._fused_projections
-
-
-@torch.no_grad()
-def _concatenate(*linears: torch.nn.Linear) -> torch.Tensor:
-    fused = torch.cat([linear.weight for linear in linears])
-    offset = 0
-    for linear in linears:
-        rows = linear.weight.shape[0]
-        linear.weight = torch.nn.Parameter(fused[offset : offset + rows], requires_grad=False)
-        offset += rows
-    return fused
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
