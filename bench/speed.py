@@ -9,6 +9,8 @@ in ``local_node/qwen_files``, cached in ``.cache/bench``), bfloat16, all cores. 
   official  ``Qwen3TTSModel.generate_custom_voice``: HF generate for the talker and, inside every
             talker step, for the code predictor; the codec decodes the whole utterance at the end.
   ours      ``generate_frames`` + ``StreamingDecoder`` in this process, as the node runs them.
+  int8      ours with ``weights: int8`` (local_node/int8.py), and how far its logits move from
+            bf16: KL divergence per frame, teacher-forced on the bf16 model's codes.
   served    a real relay and node (subprocesses on loopback) and the openai SDK streaming
             ``response_format="pcm"``: what a client sees, tunnel included; 1, 2 and 4 streams
             at once for aggregate throughput.
@@ -71,6 +73,8 @@ class SizeResult:
     load_seconds: float
     official: Run
     ours: Run
+    int8: Run | None = None
+    int8_drift: dict = field(default_factory=dict)
     served: Run | None = None
     node_startup_seconds: float | None = None
     node_rss_gb: float | None = None
@@ -123,6 +127,49 @@ def our_run(tts, frames: int, schedule: tuple[int, ...]) -> Run:
     decoding += time.perf_counter() - t
     seconds = time.perf_counter() - started
     return Run(n, seconds, first if first is not None else seconds, decoding)
+
+
+@torch.inference_mode()
+def teacher_forced_logprobs(model, prompt, frames: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of codebook 0 per frame [F, V] and of codebooks 1-15 [F * 15, V'] when
+    ``model`` is fed the given frames' codes: generate_frames' steps with the codes imposed."""
+    from local_node.decoder_stack import DecoderStack
+
+    talker = model.talker
+    predictor = talker.code_predictor
+    stack = DecoderStack(talker.model, capacity=prompt.inputs_embeds.shape[1] + len(frames))
+    small = DecoderStack(predictor.model, capacity=talker.config.num_code_groups + 1)
+    inputs, talker_lp, predictor_lp = prompt.inputs_embeds, [], []
+    for k, codes in enumerate(frames):
+        hidden = stack.forward(inputs)[:, -1:]
+        talker_lp.append(talker.codec_head(hidden)[:, -1].float().log_softmax(-1))
+        embeds = [talker.model.codec_embedding(codes[None, :1])]
+        small.length = 0
+        small.forward(predictor.small_to_mtp_projection(hidden))
+        for group in range(talker.config.num_code_groups - 1):
+            out = small.forward(predictor.small_to_mtp_projection(embeds[-1]))
+            predictor_lp.append(predictor.lm_head[group](out[:, -1]).float().log_softmax(-1))
+            embeds.append(predictor.model.codec_embedding[group](codes[None, group + 1 : group + 2]))
+        text = prompt.trailing_text[:, k : k + 1] if k < prompt.trailing_text.shape[1] else prompt.tts_pad
+        inputs = torch.cat(embeds, dim=1).sum(1, keepdim=True) + text
+    return torch.cat(talker_lp), torch.cat(predictor_lp)
+
+
+def int8_drift(tts, quantized, frames: int) -> dict:
+    """KL(bf16 || int8) per frame, and how often the most likely code is the same, on the bf16
+    model's greedy codes."""
+    from local_node.generation import SamplingConfig, generate_frames, prepare_prompt
+
+    prompt = prepare_prompt(tts, kind="custom_voice", text=TEXT, language="English", speaker=SPEAKER)
+    greedy = SamplingConfig.from_tts(tts, max_new_tokens=frames + 1, do_sample=False, subtalker_dosample=False)
+    codes = list(generate_frames(tts.model, prompt, greedy))
+    drift = {}
+    for name, ref, got in zip(("talker", "code_predictor"), teacher_forced_logprobs(tts.model, prompt, codes),
+                              teacher_forced_logprobs(quantized.model, prompt, codes)):
+        kl = (ref.exp() * (ref - got)).sum(-1)
+        drift[name] = {"kl_mean": kl.mean().item(), "kl_max": kl.max().item(),
+                       "top1_agreement": (ref.argmax(-1) == got.argmax(-1)).float().mean().item()}
+    return drift
 
 
 def best(runs: list[Run]) -> Run:
@@ -269,6 +316,18 @@ def bench_size(size: str, args: argparse.Namespace) -> SizeResult:
         ours.append(our_run(tts, args.frames, schedule))
         print(f"  official {officials[-1].ms_per_frame:.0f} ms/frame, ours {ours[-1].ms_per_frame:.0f} ms/frame", flush=True)
     result = SizeResult(model, weights_gb, load_seconds, best(officials), best(ours))
+
+    if args.int8:
+        from local_node.int8 import quantize_int8
+
+        quantized = import_qwen_tts().Qwen3TTSModel.from_pretrained(str(folder), dtype=torch.bfloat16)
+        quantized.model.speech_tokenizer.model.float()
+        quantize_int8(quantized.model)
+        our_run(quantized, warm, schedule)
+        result.int8 = best([our_run(quantized, args.frames, schedule) for _ in range(args.repeats)])
+        result.int8_drift = int8_drift(tts, quantized, min(args.frames, 20))
+        print(f"  int8 {result.int8.ms_per_frame:.0f} ms/frame, drift {result.int8_drift}", flush=True)
+        del quantized
     del tts
 
     if args.streams:
@@ -308,7 +367,8 @@ def report(results: list[SizeResult]) -> str:
     ]
     for r in results:
         base = r.official.ms_per_frame
-        for name, run in (("official qwen-tts", r.official), ("ours, in process", r.ours), ("ours, served (relay + tunnel)", r.served)):
+        for name, run in (("official qwen-tts", r.official), ("ours, in process", r.ours),
+                          ("ours, served (relay + tunnel)", r.served), ("ours, int8 weights, in process", r.int8)):
             if run is None:
                 continue
             decode = f"{1000 * run.decode_seconds / run.frames:.0f}" if run.decode_seconds else "-"
@@ -322,6 +382,10 @@ def report(results: list[SizeResult]) -> str:
         startup = f"{r.node_startup_seconds:.1f} s" if r.node_startup_seconds else "-"
         rss = f"{r.node_rss_gb:.2f} GiB" if r.node_rss_gb else "-"
         lines.append(f"| {r.model} | {r.weights_gb:.2f} GB | {r.load_seconds:.1f} s | {startup} | {rss} | {streams} |")
+    drifts = [(r.model, part, d) for r in results for part, d in r.int8_drift.items()]
+    if drifts:
+        lines += ["", "| model | int8 vs bf16 logits | KL mean | KL max | same top code |", "|---|---|---:|---:|---:|"]
+        lines += [f"| {m} | {part} | {d['kl_mean']:.4f} | {d['kl_max']:.4f} | {100 * d['top1_agreement']:.0f} % |" for m, part, d in drifts]
     return "\n".join(lines)
 
 
@@ -333,7 +397,8 @@ def plot(results: list[SizeResult], path: Path) -> None:
 
     labels, values, colours = [], [], []
     for r in results:
-        for name, run, colour in (("official", r.official, "#999999"), ("ours", r.ours, "#1f77b4"), ("served", r.served, "#2ca02c")):
+        for name, run, colour in (("official", r.official, "#999999"), ("ours", r.ours, "#1f77b4"),
+                                  ("served", r.served, "#2ca02c"), ("int8", r.int8, "#ff7f0e")):
             if run is not None:
                 labels.append(f"{r.model.split('-')[0]}\n{name}")
                 values.append(run.ms_per_frame)
@@ -355,6 +420,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frames", type=int, default=40, help="frames per utterance (40 = 3.2 s of audio)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per in-process path; the best counts")
     parser.add_argument("--streams", type=int, nargs="*", default=[1, 2, 4], help="concurrent streams through the relay; none to skip")
+    parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 run")
     parser.add_argument("--schedule", type=int, nargs="+", help="chunk_frames for our path (default: the node's)")
     args = parser.parse_args(argv)
 

@@ -15,6 +15,7 @@ from relay.protocol import MAX_NAME_CHARS
 DEFAULT_CONFIG = "config-cpu-local.yaml"
 DTYPES = ("bfloat16", "float32")
 ENGINES = ("qwen", "synthetic")
+WEIGHTS = ("dtype", "int8")  # the node's dtype as loaded, or int8 projections (opt-in)
 
 
 class ConfigError(Exception):
@@ -44,7 +45,8 @@ class ModelConfig:
     max_new_frames: int | None = None  # cap on generated codec frames per text piece
     # Frames per streamed audio chunk: small first (latency), larger after (throughput); the
     # last size repeats.
-    chunk_frames: tuple[int, ...] = (4, 8, 16, 32)
+    chunk_frames: tuple[int, ...] = (1, 4, 8, 16, 32)
+    weights: str = "dtype"  # "int8": the decoder layers' projections in int8 (local_node/int8.py)
 
 
 @dataclass(frozen=True)
@@ -157,10 +159,13 @@ def _model(name: Any, spec: Any, base_dir: Path) -> ModelConfig:
         raise ConfigError(f"{where}.max_new_frames must be at least 2")
     chunk_frames = section.pop("chunk_frames", list, default=list(ModelConfig.chunk_frames))
     if not chunk_frames or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in chunk_frames):
-        raise ConfigError(f"{where}.chunk_frames must be a list of positive frame counts, e.g. [4, 8, 16, 32]")
+        raise ConfigError(f"{where}.chunk_frames must be a list of positive frame counts, e.g. [1, 4, 8, 16, 32]")
+    weights = section.pop("weights", str, default="dtype")
+    if weights not in WEIGHTS:
+        raise ConfigError(f"{where}.weights must be one of {', '.join(WEIGHTS)}, not {weights!r}")
     section.finish()
     return ModelConfig(name, enabled, source, tuple(aliases), engine, language, voices, max_queue, max_new_frames,
-                       tuple(chunk_frames))
+                       tuple(chunk_frames), weights)
 
 
 def _voice(name: Any, spec: Any, where: str, base_dir: Path) -> VoiceConfig:

@@ -16,6 +16,7 @@ from relay.protocol import ModelInfo
 
 from .config import ConfigError, ModelConfig
 from .codec_stream import StreamingDecoder
+from .int8 import quantize_int8
 from .engine import Cancelled, Job, JobError, ModelUnavailable
 from .generation import Prompt, SamplingConfig, generate_frames, prepare_prompt
 from .qwen_import import import_qwen_tts
@@ -51,6 +52,9 @@ class QwenEngine:
         # The codec runs in float32 whatever the model's dtype: it is small, and its convolutions
         # are many times slower in bfloat16 on CPUs without native bf16 (AVX2-only machines).
         self.tts.model.speech_tokenizer.model.float()
+        if config.weights == "int8":
+            count = quantize_int8(self.tts.model)
+            log.info("%s: %d decoder projections in int8 (weights: int8; codes differ from the %s model's)", config.name, count, dtype)
         self.kind: str = self.tts.model.tts_model_type  # "base", "custom_voice" or "voice_design"
         self.voices = self._build_voices()
         self.info = ModelInfo(config.name, config.aliases, tuple(self.voices), any_voice=self.kind == "voice_design")

@@ -130,7 +130,7 @@ def test_stream_exact_with_every_branch_loud(codec_dir):
 
 def test_chunks_follow_the_schedule(codec):
     speech_tokenizer = codec(torch.float32)
-    decoder = StreamingDecoder(speech_tokenizer)  # default (4, 8, 16, 32)
+    decoder = StreamingDecoder(speech_tokenizer)  # default (1, 4, 8, 16, 32)
     returned_at = {}
     for i, frame in enumerate(random_codes(70)):
         pcm = decoder.push(frame)

@@ -1,0 +1,53 @@
+"""Opt-in int8 weights: ``weights: int8`` on a model in the node's YAML.
+
+At batch 1 a frame reads every weight of the talker once and of the code predictor 15 times, so
+the bytes read set the pace. Here the projections of every decoder layer (talker and code
+predictor: attention q/k/v/o and the MLP, nearly all the bytes read per frame) are stored as int8
+with one scale per output row, symmetric, and multiplied by PyTorch's weight-only int8 kernel
+(``_weight_int8pack_mm``: int8 weights, activations and scales in the model's dtype). Embeddings,
+norms, the output heads and the codec stay as they are.
+
+It halves those weights' memory and changes the numbers: codes no longer equal qwen-tts' and the
+voice may drift. ``./bench.sh`` reports how far the logits move (KL divergence per frame against
+the unquantised model). Off by default until judged by ear on real weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Int8Linear(nn.Module):
+    """A bias-free ``nn.Linear`` with int8 weights and a scale per output row."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("Int8Linear takes bias-free projections")
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight", (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scale)  # 2-D only
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+@torch.no_grad()
+def quantize_int8(model: Any) -> int:
+    """Replace the projections of every talker and code-predictor layer of ``model`` (a
+    Qwen3TTSForConditionalGeneration) with ``Int8Linear``, in place. Returns how many."""
+    talker = model.talker
+    count = 0
+    for layer in (*talker.model.layers, *talker.code_predictor.model.layers):
+        for block in (layer.self_attn, layer.mlp):
+            for name, child in list(block.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(block, name, Int8Linear(child))
+                    count += 1
+    return count

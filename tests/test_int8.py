@@ -1,0 +1,53 @@
+"""Opt-in int8 weights: the projections are replaced, stay close to the bf16 ones, and the model
+still generates through our loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from local_node.generation import SamplingConfig, generate_frames, prepare_prompt
+from local_node.int8 import Int8Linear, quantize_int8
+from local_node.qwen_import import import_qwen_tts
+from local_node.tiny_model import write_tiny_checkpoint
+
+qwen_tts = import_qwen_tts()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("int8"), "custom_voice"))
+
+
+def test_int8_linear_is_close_to_the_bf16_one():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96, bias=False).to(torch.bfloat16)
+    x = torch.randn(3, 5, 256, dtype=torch.bfloat16)
+    quantized = Int8Linear(linear)
+    assert quantized.weight.dtype == torch.int8 and quantized.scale.shape == (96,)
+    want, got = linear(x).float(), quantized(x).float()
+    assert got.shape == want.shape
+    assert (got - want).norm() / want.norm() < 0.02  # per-row int8: about 0.5 % here
+    with pytest.raises(ValueError):
+        Int8Linear(torch.nn.Linear(4, 4, bias=True))
+
+
+def test_quantized_model_generates_near_the_bf16_logits(folder):
+    tts = qwen_tts.Qwen3TTSModel.from_pretrained(folder, dtype=torch.bfloat16)
+    quantized = qwen_tts.Qwen3TTSModel.from_pretrained(folder, dtype=torch.bfloat16)
+    talker = tts.model.talker
+    layers = len(talker.model.layers) + len(talker.code_predictor.model.layers)
+    assert quantize_int8(quantized.model) == 7 * layers  # q, k, v, o, gate, up, down
+
+    prompt = prepare_prompt(tts, kind="custom_voice", text="Hello there.", language="English", speaker="ryan")
+    # Same prompt through both talkers: their first codebook-0 distributions barely differ.
+    logits = []
+    for model in (tts.model, quantized.model):
+        hidden = model.talker.model(inputs_embeds=prompt.inputs_embeds).last_hidden_state[:, -1]
+        logits.append(model.talker.codec_head(hidden).float().log_softmax(-1))
+    kl = torch.sum(logits[0].exp() * (logits[0] - logits[1])).item()
+    assert 0 < kl < 0.05  # moved, a little
+
+    sampling = SamplingConfig.from_tts(quantized, max_new_tokens=6)
+    frames = list(generate_frames(quantized.model, prompt, sampling, generator=torch.Generator().manual_seed(0)))
+    assert len(frames) == 5 and all(f.shape == (16,) and 0 <= int(f.min()) and int(f.max()) < 3072 for f in frames)
