@@ -75,6 +75,7 @@ class SizeResult:
     ours: Run
     int8: Run | None = None
     int8_drift: dict = field(default_factory=dict)
+    batch_scaling: dict = field(default_factory=dict)  # weights -> rows -> ms per talker pass
     served: Run | None = None
     node_startup_seconds: float | None = None
     node_rss_gb: float | None = None
@@ -170,6 +171,30 @@ def int8_drift(tts, quantized, frames: int) -> dict:
         drift[name] = {"kl_mean": kl.mean().item(), "kl_max": kl.max().item(),
                        "top1_agreement": (ref.argmax(-1) == got.argmax(-1)).float().mean().item()}
     return drift
+
+
+@torch.inference_mode()
+def batch_scaling(tts, rows: tuple[int, ...] = (1, 2, 4), repeats: int = 5) -> dict[str, dict[int, float]]:
+    """What batching streams could gain: ms for every projection of every talker layer (each
+    weight read once from memory) with 1, 2 and 4 rows, as bf16 and as int8 weights."""
+    from local_node.int8 import Int8Linear
+
+    layers = tts.model.talker.model.layers
+    bf16 = [m for layer in layers for m in (*layer.self_attn.children(), *layer.mlp.children()) if isinstance(m, torch.nn.Linear)]
+    int8 = [Int8Linear(m) for m in bf16]
+    timings: dict[str, dict[int, float]] = {}
+    for name, projections in (("bf16", bf16), ("int8", int8)):
+        timings[name] = {}
+        for n in rows:
+            inputs = {m.in_features: torch.randn(n, m.in_features, dtype=torch.bfloat16) for m in bf16}
+            runs = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                for m in projections:
+                    m(inputs[m.in_features])
+                runs.append(time.perf_counter() - started)
+            timings[name][n] = 1000 * min(runs)
+    return timings
 
 
 def best(runs: list[Run]) -> Run:
@@ -316,6 +341,8 @@ def bench_size(size: str, args: argparse.Namespace) -> SizeResult:
         ours.append(our_run(tts, args.frames, schedule))
         print(f"  official {officials[-1].ms_per_frame:.0f} ms/frame, ours {ours[-1].ms_per_frame:.0f} ms/frame", flush=True)
     result = SizeResult(model, weights_gb, load_seconds, best(officials), best(ours))
+    result.batch_scaling = batch_scaling(tts)
+    print(f"  talker projections, ms per pass by rows: {result.batch_scaling}", flush=True)
 
     if args.int8:
         from local_node.int8 import quantize_int8
@@ -382,6 +409,11 @@ def report(results: list[SizeResult]) -> str:
         startup = f"{r.node_startup_seconds:.1f} s" if r.node_startup_seconds else "-"
         rss = f"{r.node_rss_gb:.2f} GiB" if r.node_rss_gb else "-"
         lines.append(f"| {r.model} | {r.weights_gb:.2f} GB | {r.load_seconds:.1f} s | {startup} | {rss} | {streams} |")
+    lines += ["", "| model | weights | talker projections, ms per pass: 1 row | 2 rows | 4 rows | 4 rows vs 4 x 1 row |",
+              "|---|---|---:|---:|---:|---:|"]
+    for r in results:
+        for weights, ms in r.batch_scaling.items():
+            lines.append(f"| {r.model} | {weights} | {ms[1]:.0f} | {ms[2]:.0f} | {ms[4]:.0f} | {4 * ms[1] / ms[4]:.2f}x |")
     drifts = [(r.model, part, d) for r in results for part, d in r.int8_drift.items()]
     if drifts:
         lines += ["", "| model | int8 vs bf16 logits | KL mean | KL max | same top code |", "|---|---|---:|---:|---:|"]

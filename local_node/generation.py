@@ -221,47 +221,137 @@ def generate_frames(
     ``sampling.max_new_tokens - 1`` frames, or, checked before every frame's work, when
     ``cancelled`` is set. ``generator`` None draws from torch's global RNG, as qwen-tts does.
     """
-    talker, cfg = model.talker, model.config.talker_config
-    talker_logits, predictor_logits = _talker_processors(sampling, cfg, talker.device), _predictor_processors(sampling)
-    eos, n_frames = cfg.codec_eos_token_id, sampling.max_new_tokens - 1
-    # One unpadded prompt: talker positions are 0, 1, 2, ... in all three rope sections.
-    stack = DecoderStack(talker.model, capacity=prompt.inputs_embeds.shape[1] + min(n_frames, 256))
-    predictor = DecoderStack(talker.code_predictor.model, capacity=cfg.num_code_groups + 1)
-    inputs, history = prompt.inputs_embeds, torch.empty(1, 0, dtype=torch.long, device=talker.device)
-
-    for frame in range(n_frames):
+    batch = FrameBatch(model)
+    utterance = batch.add(prompt, sampling, generator)
+    while not utterance.done:
         if cancelled is not None and cancelled.is_set():
             return
-        hidden = stack.forward(inputs)[:, -1:]
-        code0 = _pick(_process(talker_logits, history, talker.codec_head(hidden)[:, -1]), sampling.do_sample, generator)
-        if code0.item() == eos:
-            return
-        history = torch.cat([history, code0[:, None]], dim=1)
-        codes, embeds = _predict_codes(talker, predictor, hidden, code0, predictor_logits, sampling.subtalker_dosample, generator)
-        yield codes
-        text = prompt.trailing_text[:, frame : frame + 1] if frame < prompt.trailing_text.shape[1] else prompt.tts_pad
-        inputs = torch.cat(embeds, dim=1).sum(1, keepdim=True) + text
+        if (codes := batch.step().get(utterance)) is not None:
+            yield codes
 
 
-def _predict_codes(
-    talker: Any, stack: DecoderStack, hidden: torch.Tensor, code0: torch.Tensor, processors: list, do_sample: bool,
-    generator: torch.Generator | None,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Codebooks 1..15 from the talker's hidden state and codebook 0, one small step each.
-    Returns the 16 codes and their 16 embeddings ([1, 1, H] each)."""
-    predictor = talker.code_predictor
-    embeds = [talker.model.codec_embedding(code0[:, None])]
-    codes = [code0]
-    stack.length = 0  # a fresh sequence per frame: [talker hidden, code 0, code 1, ...]
-    stack.forward(predictor.small_to_mtp_projection(hidden))  # one position at a time: 2-row products cost 2x+
-    inputs = embeds[0]
-    for group in range(talker.config.num_code_groups - 1):
-        out = stack.forward(predictor.small_to_mtp_projection(inputs))
-        logits = predictor.lm_head[group](out[:, -1])
-        codes.append(_pick(_process(processors, None, logits), do_sample, generator))
-        embeds.append(predictor.model.codec_embedding[group](codes[-1][:, None]))
-        inputs = embeds[-1]
-    return torch.cat(codes), embeds
+@dataclass(eq=False)
+class Utterance:
+    """One prompt's place in a ``FrameBatch``."""
+
+    prompt: Prompt
+    sampling: SamplingConfig
+    generator: torch.Generator | None
+    row: int  # its row of the talker's KV cache
+    talker_logits: list
+    predictor_logits: list
+    inputs: torch.Tensor  # the talker's next input: the prompt, then one position per frame
+    history: torch.Tensor  # codebook-0 tokens so far [1, frames]
+    frames: int = 0
+    done: bool = False  # EOS, or its frame budget spent; it has left the batch
+
+
+class FrameBatch:
+    """Utterances of one model advanced together, one frame each per ``step``; they may join and
+    leave between steps (continuous batching).
+
+    Each step runs every projection once for all utterances (at batch n a weight read from memory
+    serves n rows); attention, logits processing and sampling stay per utterance, in the order one
+    utterance alone would do them, so a batch of one computes exactly what the single-utterance
+    loop computed (and so what qwen-tts computes). A new utterance's prompt is prefilled on its own
+    in the step after it joins, as its length differs from everyone else's.
+    """
+
+    def __init__(self, model: Any, rows: int = 1) -> None:
+        self.model = model
+        talker = model.talker
+        self.cfg = model.config.talker_config
+        self.talker = DecoderStack(talker.model, capacity=256, batch=rows)
+        self.predictor = DecoderStack(talker.code_predictor.model, capacity=self.cfg.num_code_groups + 1, batch=rows)
+        self.free_rows = list(range(rows))
+        self.utterances: list[Utterance] = []
+
+    def add(self, prompt: Prompt, sampling: SamplingConfig, generator: torch.Generator | None = None) -> Utterance:
+        if not self.free_rows:
+            raise RuntimeError("the batch is full")
+        row = self.free_rows.pop(0)
+        self.talker.reset(row)
+        device = self.model.talker.device
+        utterance = Utterance(
+            prompt, sampling, generator, row, _talker_processors(sampling, self.cfg, device), _predictor_processors(sampling),
+            prompt.inputs_embeds, torch.empty(1, 0, dtype=torch.long, device=device),
+        )
+        if sampling.max_new_tokens - 1 < 1:
+            utterance.done = True
+        else:
+            self.utterances.append(utterance)
+        return utterance
+
+    def remove(self, utterance: Utterance) -> None:
+        if utterance in self.utterances:
+            self.utterances.remove(utterance)
+            self.free_rows.append(utterance.row)
+        utterance.done = True
+
+    def step(self) -> dict[Utterance, torch.Tensor]:
+        """One frame for every utterance in the batch: {utterance: its 16 codes}. Utterances that
+        end (EOS now, or frame budget spent with this frame) leave the batch, marked ``done``."""
+        if not self.utterances:
+            return {}
+        talker = self.model.talker
+        order = list(self.utterances)
+        hidden = self._talker_step()  # [n, 1, H], rows in ``order``
+        logits = talker.codec_head(hidden)[:, -1]
+        going, code0 = [], []
+        for utterance, row_logits in zip(order, logits.split(1)):
+            code = _pick(_process(utterance.talker_logits, utterance.history, row_logits), utterance.sampling.do_sample, utterance.generator)
+            if code.item() == self.cfg.codec_eos_token_id:
+                self.remove(utterance)
+                continue
+            utterance.history = torch.cat([utterance.history, code[:, None]], dim=1)
+            going.append(utterance)
+            code0.append(code)
+        if not going:
+            return {}
+        if len(going) < len(order):
+            hidden = hidden[[order.index(u) for u in going]]
+        codes, embeds = self._predict_codes(going, hidden, torch.cat(code0))
+        summed = embeds.sum(1, keepdim=True)  # the 16 codebook embeddings, in one sum as qwen-tts adds them
+        out = {}
+        for i, utterance in enumerate(going):
+            out[utterance] = codes[i]
+            text = utterance.prompt.trailing_text
+            k = utterance.frames
+            utterance.inputs = summed[i : i + 1] + (text[:, k : k + 1] if k < text.shape[1] else utterance.prompt.tts_pad)
+            utterance.frames += 1
+            if utterance.frames >= utterance.sampling.max_new_tokens - 1:
+                self.remove(utterance)
+        return out
+
+    def _talker_step(self) -> torch.Tensor:
+        """Run each utterance's pending talker input; their last hidden states [n, 1, H] in batch order."""
+        hidden: dict[Utterance, torch.Tensor] = {}
+        fresh = [u for u in self.utterances if u.frames == 0]
+        for u in fresh:  # prompts: one at a time, their lengths differ
+            hidden[u] = self.talker.forward(u.inputs, rows=[u.row])[:, -1:]
+        if stepping := [u for u in self.utterances if u.frames > 0]:
+            out = self.talker.forward(torch.cat([u.inputs for u in stepping]), rows=[u.row for u in stepping])
+            hidden.update(zip(stepping, out.split(1)))
+        return torch.cat([hidden[u] for u in self.utterances])
+
+    def _predict_codes(self, going: list[Utterance], hidden: torch.Tensor, code0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codebooks 1..15 for each utterance, from its talker hidden state and codebook 0, one
+        small step each for all at once. Returns codes [n, 16] and their embeddings [n, 16, H]."""
+        talker = self.model.talker
+        predictor = talker.code_predictor
+        embeds = [talker.model.codec_embedding(code0[:, None])]
+        codes = [code0]
+        self.predictor.reset()  # a fresh sequence per frame: [talker hidden, code 0, code 1, ...]
+        self.predictor.forward(predictor.small_to_mtp_projection(hidden))  # one position at a time: 2-row products cost 2x+
+        for group in range(self.cfg.num_code_groups - 1):
+            out = self.predictor.forward(predictor.small_to_mtp_projection(embeds[-1]))
+            logits = predictor.lm_head[group](out[:, -1])
+            codes.append(torch.cat([
+                _pick(_process(u.predictor_logits, None, row), u.sampling.subtalker_dosample, u.generator)
+                for u, row in zip(going, logits.split(1))
+            ]))
+            embeds.append(predictor.model.codec_embedding[group](codes[-1][:, None]))
+        return torch.stack(codes, dim=1), torch.cat(embeds, dim=1)
 
 
 def _process(processors: list, history: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
