@@ -41,7 +41,8 @@ class ModelConfig:
     engine: str = "qwen"
     language: str | None = None  # None: detected automatically
     voices: tuple[VoiceConfig, ...] = ()
-    max_queue: int = 4  # requests waiting behind the running one; beyond that the relay answers 429
+    max_queue: int = 4  # requests waiting behind the running ones; beyond that the relay answers 429
+    max_batch: int = 4  # syntheses generated together, frame by frame (continuous batching)
     max_new_frames: int | None = None  # cap on generated codec frames per text piece
     # Frames per streamed audio chunk: small first (latency), larger after (throughput); the
     # last size repeats.
@@ -154,6 +155,9 @@ def _model(name: Any, spec: Any, base_dir: Path) -> ModelConfig:
     max_queue = section.pop("max_queue", int, default=4)
     if max_queue < 0:
         raise ConfigError(f"{where}.max_queue must be 0 or more")
+    max_batch = section.pop("max_batch", int, default=ModelConfig.max_batch)
+    if max_batch < 1:
+        raise ConfigError(f"{where}.max_batch must be 1 or more")
     max_new_frames = section.pop("max_new_frames", int, default=None)
     if max_new_frames is not None and max_new_frames < 2:
         raise ConfigError(f"{where}.max_new_frames must be at least 2")
@@ -164,8 +168,8 @@ def _model(name: Any, spec: Any, base_dir: Path) -> ModelConfig:
     if weights not in WEIGHTS:
         raise ConfigError(f"{where}.weights must be one of {', '.join(WEIGHTS)}, not {weights!r}")
     section.finish()
-    return ModelConfig(name, enabled, source, tuple(aliases), engine, language, voices, max_queue, max_new_frames,
-                       tuple(chunk_frames), weights)
+    return ModelConfig(name, enabled, source, tuple(aliases), engine, language, voices, max_queue, max_batch,
+                       max_new_frames, tuple(chunk_frames), weights)
 
 
 def _voice(name: Any, spec: Any, where: str, base_dir: Path) -> VoiceConfig:

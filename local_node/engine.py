@@ -43,6 +43,7 @@ class Job:
 
 class Engine(Protocol):
     info: ModelInfo
+    concurrency: int  # syntheses it can have in progress at once
 
     def check(self, job: Job) -> None:
         """Raise JobError if ``job`` cannot be served (unknown voice, missing description...)."""
@@ -63,6 +64,7 @@ class SyntheticEngine:
     """
 
     frame_seconds = SAMPLES_PER_FRAME / SAMPLE_RATE
+    concurrency = 1
 
     def __init__(self, config: ModelConfig) -> None:
         voices = tuple(v.name for v in config.voices) or ("tone",)

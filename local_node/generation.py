@@ -237,7 +237,7 @@ class Utterance:
     prompt: Prompt
     sampling: SamplingConfig
     generator: torch.Generator | None
-    row: int  # its row of the talker's KV cache
+    row: int  # its row of the talker's KV cache while in the batch
     talker_logits: list
     predictor_logits: list
     inputs: torch.Tensor  # the talker's next input: the prompt, then one position per frame
@@ -267,19 +267,21 @@ class FrameBatch:
         self.utterances: list[Utterance] = []
 
     def add(self, prompt: Prompt, sampling: SamplingConfig, generator: torch.Generator | None = None) -> Utterance:
-        if not self.free_rows:
-            raise RuntimeError("the batch is full")
-        row = self.free_rows.pop(0)
-        self.talker.reset(row)
+        """Join the batch; the prompt is prefilled in the next ``step``. An utterance with no
+        frames to make (``max_new_tokens`` < 2) comes back ``done`` without joining."""
         device = self.model.talker.device
         utterance = Utterance(
-            prompt, sampling, generator, row, _talker_processors(sampling, self.cfg, device), _predictor_processors(sampling),
+            prompt, sampling, generator, -1, _talker_processors(sampling, self.cfg, device), _predictor_processors(sampling),
             prompt.inputs_embeds, torch.empty(1, 0, dtype=torch.long, device=device),
         )
         if sampling.max_new_tokens - 1 < 1:
             utterance.done = True
-        else:
-            self.utterances.append(utterance)
+            return utterance
+        if not self.free_rows:
+            raise RuntimeError("the batch is full")
+        utterance.row = self.free_rows.pop(0)
+        self.talker.reset(utterance.row)
+        self.utterances.append(utterance)
         return utterance
 
     def remove(self, utterance: Utterance) -> None:

@@ -18,7 +18,8 @@ from .config import ConfigError, ModelConfig
 from .codec_stream import StreamingDecoder
 from .int8 import quantize_int8
 from .engine import Cancelled, Job, JobError, ModelUnavailable
-from .generation import Prompt, SamplingConfig, generate_frames, prepare_prompt
+from .batcher import Batcher
+from .generation import Prompt, SamplingConfig, prepare_prompt
 from .qwen_import import import_qwen_tts
 from .text_split import split_text
 
@@ -59,6 +60,9 @@ class QwenEngine:
         self.voices = self._build_voices()
         self.info = ModelInfo(config.name, config.aliases, tuple(self.voices), any_voice=self.kind == "voice_design")
         self.chunk_schedule = config.chunk_frames
+        self.concurrency = config.max_batch
+        self.batcher = Batcher(self.tts.model, rows=config.max_batch, name=config.name)
+        self._tokenizer = threading.Lock()  # HF's fast tokenizers fail when two threads use one
         log.info("%s: loaded %s model from %s in %.1f s", config.name, self.kind, config.source, time.monotonic() - started)
 
     # --- voices ---------------------------------------------------------------------------
@@ -116,23 +120,23 @@ class QwenEngine:
             raise JobError("unknown_voice", f"Voice '{job.voice}' is not available; choose from {', '.join(self.voices)}.")
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tts.processor.tokenizer(text)["input_ids"])
+        with self._tokenizer:
+            return len(self.tts.processor.tokenizer(text)["input_ids"])
 
     def synthesize(self, job: Job, cancelled: threading.Event) -> Iterator[np.ndarray]:
-        """Stream each piece frame by frame: codes from our generation loop, PCM from the
-        incremental codec decoder, as soon as each chunk of frames is decoded."""
+        """Stream each piece frame by frame: codes from the model's batcher (our generation loop,
+        shared with the other syntheses in progress), PCM from the incremental codec decoder, as
+        soon as each chunk of frames is decoded."""
         for piece in split_text(job.text, MAX_PIECE_CHARS):
-            prompt = self._prompt(piece, job)
+            with self._tokenizer:
+                prompt = self._prompt(piece, job)
             decoder = StreamingDecoder(self.tts.model.speech_tokenizer, self.chunk_schedule)
             if prompt.ref_code is not None:  # an in-context clone continues its reference audio
                 decoder.prime(prompt.ref_code)
             sampling = SamplingConfig.from_tts(self.tts, max_new_tokens=self._max_frames(piece) + 1)
-            for codes in generate_frames(self.tts.model, prompt, sampling, cancelled=cancelled):
-                if (pcm := decoder.push(codes)) is not None:
-                    yield pcm
+            yield from self.batcher.run(prompt, sampling, cancelled, on_frame=decoder.push, on_end=decoder.flush)
             if cancelled.is_set():
                 raise Cancelled()
-            yield decoder.flush()
 
     def warm_up(self) -> None:
         """Synthesise up to the first chunk, so the first real request does not pay for lazy

@@ -1,4 +1,5 @@
-"""Runs one model's syntheses off the event loop: one at a time, a bounded queue behind it."""
+"""Runs one model's syntheses off the event loop: up to the engine's concurrency at once (a
+QwenEngine's are generated together by its batcher), a bounded queue behind them."""
 
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ class Busy(Exception):
 class ModelWorker:
     def __init__(self, engine: Engine, max_queue: int) -> None:
         self.engine = engine
-        self.capacity = 1 + max_queue
+        self.capacity = engine.concurrency + max_queue
         self.admitted = 0
-        # One thread: syntheses of one model run one after another, in arrival order.
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"synth-{engine.info.name}")
+        # A thread per synthesis in progress; beyond that they wait here, in arrival order.
+        self._thread = ThreadPoolExecutor(max_workers=engine.concurrency, thread_name_prefix=f"synth-{engine.info.name}")
 
     async def run(self, request: Request, cancelled: threading.Event, emit: Callable[[bytes], Awaitable[None]]) -> tuple[int, int]:
         """Synthesise ``request``, passing encoded audio to ``emit`` as it is produced.

@@ -41,13 +41,14 @@ def stack(tmp_path_factory):
                        "voices": {"me": {"ref_audio": str(tmp / "ref.wav"), "ref_text": "A short reference clip."},
                                   "timbre": {"ref_audio": str(tmp / "ref.wav")}}},
         # Same weights, one piece of text takes minutes: for cancelling mid-generation.
-        "slow": {"source": str(tmp / "custom_voice"), "max_new_frames": 4000, "max_queue": 0},
+        "slow": {"source": str(tmp / "custom_voice"), "max_new_frames": 4000, "max_batch": 1, "max_queue": 0},
+        "slow_batched": {"source": str(tmp / "custom_voice"), "max_new_frames": 4000, "max_batch": 2, "max_queue": 0},
         "voice_design": {"source": str(tmp / "voice_design"), "aliases": ["qwen3-tts-design"],
                          "max_new_frames": MAX_FRAMES, "voices": {"narrator": {"description": "A calm narrator."}}},
     }
     node = Node(tmp, relay, models)
     try:
-        relay.wait_for_models({"tts-1", "base_small", "voice_design", "slow"}, node=node, timeout=600)
+        relay.wait_for_models({"tts-1", "base_small", "voice_design", "slow", "slow_batched"}, node=node, timeout=600)
         yield relay, node
     finally:
         node.stop()
@@ -170,8 +171,8 @@ def test_models_and_voices_list_what_the_node_serves(stack, client):
     assert by_model["voice_design"]["any_voice"] is True
 
 
-def test_concurrent_requests_are_served_in_turn(client):
-    """Two requests for one model at once: one runs, the other waits in the queue; both complete."""
+def test_concurrent_requests_are_served_together(client):
+    """Two requests for one model at once: generated in one batch, frame by frame; both complete."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(2) as pool:
@@ -193,7 +194,8 @@ def _done_line(node, request_id: str) -> tuple[datetime, int]:
 def test_first_audio_arrives_while_the_node_is_still_generating(stack, client, response_format, stream_format):
     """The 'slow' model may generate 4000 frames (minutes). The client takes the first bytes and
     hangs up; the node's log then shows the request ended, cancelled, after a few frames, later
-    than the bytes arrived. max_queue is 0, so each next case also proves the model was freed."""
+    than the bytes arrived. max_batch is 1 and max_queue 0, so each next case also proves the
+    model was freed."""
     relay, node = stack
     with client.audio.speech.with_streaming_response.create(
         model="slow", voice="vivian", input="One long sentence.", response_format=response_format,
@@ -208,5 +210,24 @@ def test_first_audio_arrives_while_the_node_is_still_generating(stack, client, r
         assert first.startswith(b"data: {\"type\":\"speech.audio.delta\"")
     done_at, frames = _done_line(node, request_id)
     assert first_at < done_at
-    assert 4 <= frames < 4000  # the first chunk is 4 frames; generation stopped long before the cap
+    assert 1 <= frames < 4000  # the first chunk is 1 frame; generation stopped long before the cap
     assert f"{request_id}: cancelled by the relay" in node.log()
+
+
+def test_a_newcomer_streams_while_another_stream_is_still_generating(stack, client):
+    """Continuous batching: with a stream of up to 4000 frames (minutes) running, a second request
+    for the same model gets its first audio before the first one has finished: it joined the
+    batch between frames instead of waiting. Both are then cancelled, long before their caps."""
+    relay, node = stack
+    speak = dict(model="slow_batched", voice="vivian", input="One long sentence.", response_format="pcm")
+    with client.audio.speech.with_streaming_response.create(**speak) as first:
+        first_chunks = first.iter_bytes()
+        assert next(first_chunks)
+        with client.audio.speech.with_streaming_response.create(**speak) as second:
+            second_chunks = second.iter_bytes()
+            assert next(second_chunks)
+            assert f"{first.headers['x-request-id']}: done" not in node.log()  # still generating
+            assert next(first_chunks)  # and still streaming to its client
+    for response in (first, second):
+        _, frames = _done_line(node, response.headers["x-request-id"])
+        assert 1 <= frames < 4000
