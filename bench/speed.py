@@ -12,8 +12,9 @@ in ``local_node/qwen_files``, cached in ``.cache/bench``), bfloat16, all cores. 
   int8      ours with ``weights: int8`` (local_node/int8.py), and how far its logits move from
             bf16: KL divergence per frame, teacher-forced on the bf16 model's codes.
   served    a real relay and node (subprocesses on loopback) and the openai SDK streaming
-            ``response_format="pcm"``: what a client sees, tunnel included; 1, 2 and 4 streams
-            at once for aggregate throughput.
+            ``response_format="pcm"``: what a client sees, tunnel included; then 1, 2 and 4
+            streams at once (continuous batching, ``max_batch`` 4) for aggregate throughput,
+            with bf16 weights and with int8 weights. Node start-up and resident memory for each.
 
 Both in-process paths sample with the checkpoint's defaults for the same number of frames (random
 weights almost never say EOS; a run that does is timed per frame all the same) and decode with
@@ -76,10 +77,8 @@ class SizeResult:
     int8: Run | None = None
     int8_drift: dict = field(default_factory=dict)
     batch_scaling: dict = field(default_factory=dict)  # weights -> rows -> ms per talker pass
-    served: Run | None = None
-    node_startup_seconds: float | None = None
-    node_rss_gb: float | None = None
-    streams: dict[int, dict] = field(default_factory=dict)  # n -> aggregate figures
+    served: Run | None = None  # bf16 weights, one stream
+    nodes: dict[str, dict] = field(default_factory=dict)  # weights -> start-up, RSS, streams (n -> aggregate figures)
 
 
 # --- in process -----------------------------------------------------------------------------
@@ -209,7 +208,7 @@ class Served:
 
     API_KEY, NODE_TOKEN = "sk-bench-0123456789abcdef", "node-bench-0123456789abcdef"
 
-    def __init__(self, folder: Path, frames: int, schedule: tuple[int, ...], workdir: Path) -> None:
+    def __init__(self, folder: Path, frames: int, schedule: tuple[int, ...], weights: str, workdir: Path) -> None:
         import yaml
 
         port = _free_port()
@@ -219,8 +218,8 @@ class Served:
         config = {
             "relay": {"url": f"ws://127.0.0.1:{port}/v1/tunnel", "token_env": "BENCH_NODE_TOKEN", "node_name": "bench"},
             "dtype": "bfloat16", "threads": "auto",
-            "models": {"bench": {"source": str(folder), "max_new_frames": frames, "max_queue": 8,
-                                 "chunk_frames": list(schedule)}},
+            "models": {"bench": {"source": str(folder), "max_new_frames": frames, "max_batch": 4, "max_queue": 8,
+                                 "chunk_frames": list(schedule), "weights": weights}},
         }
         (workdir / "node.yaml").write_text(yaml.safe_dump(config))
         self.logs = [open(workdir / "relay.log", "wb"), open(workdir / "node.log", "wb")]
@@ -233,11 +232,11 @@ class Served:
         self._wait(lambda: "bench" in self._models(), "the node's model", 1800, workdir / "node.log")
         self.startup_seconds = time.perf_counter() - started  # process start, imports, load, warm-up
 
-    def rss_gb(self) -> float:
-        for line in Path(f"/proc/{self.node.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 2**20
-        return float("nan")
+    def rss_gb(self) -> dict[str, float]:
+        """The node's resident memory: all of it, and the part that is its own (not pages of
+        memory-mapped checkpoint files, which the kernel can drop and re-read)."""
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{self.node.pid}/status").read_text().splitlines() if ":" in line)
+        return {"rss": int(status["VmRSS"].split()[0]) / 2**20, "anon": int(status["RssAnon"].split()[0]) / 2**20}
 
     def speak(self, client) -> Run:
         started = time.perf_counter()
@@ -360,18 +359,19 @@ def bench_size(size: str, args: argparse.Namespace) -> SizeResult:
     if args.streams:
         from openai import OpenAI
 
-        with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
-            served = Served(folder, args.frames, schedule, Path(workdir))
-            try:
-                result.node_startup_seconds = served.startup_seconds
-                result.node_rss_gb = served.rss_gb()
-                client = OpenAI(base_url=served.url + "/v1", api_key=served.API_KEY, timeout=1800)
-                result.served = best([served.speak(client) for _ in range(args.repeats)])
-                for n in args.streams:
-                    result.streams[n] = served.concurrent(client, n)
-                    print(f"  {n} stream(s): {result.streams[n]['audio_seconds_per_second']:.2f} audio s/s", flush=True)
-            finally:
-                served.close()
+        for weights in ("dtype", "int8") if args.int8 else ("dtype",):
+            with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
+                served = Served(folder, args.frames, schedule, weights, Path(workdir))
+                try:
+                    client = OpenAI(base_url=served.url + "/v1", api_key=served.API_KEY, timeout=1800)
+                    if weights == "dtype":
+                        result.served = best([served.speak(client) for _ in range(args.repeats)])
+                    node = result.nodes[weights] = {"startup_seconds": served.startup_seconds, "rss_gb": served.rss_gb(), "streams": {}}
+                    for n in args.streams:
+                        node["streams"][n] = served.concurrent(client, n)
+                        print(f"  {weights} weights, {n} stream(s): {node['streams'][n]['audio_seconds_per_second']:.2f} audio s/s", flush=True)
+                finally:
+                    served.close()
     return result
 
 
@@ -401,14 +401,15 @@ def report(results: list[SizeResult]) -> str:
             decode = f"{1000 * run.decode_seconds / run.frames:.0f}" if run.decode_seconds else "-"
             lines.append(f"| {r.model} | {name} | {run.ms_per_frame:.0f} | {decode} | {run.rtf:.2f} | "
                          f"{run.first_audio:.2f} s | {base / run.ms_per_frame:.2f}x |")
-    lines += ["", "| model | weights | load (in process) | node start-up (load + warm-up) | node RSS | streams: audio s per s (first audio min-max) |",
-              "|---|---:|---:|---:|---:|---|"]
+    lines += ["", "| model | weights | load (in process) | node start-up (load + warm-up) | node RSS (own) | streams at once: audio s per s (first audio, first-last stream) |",
+              "|---|---|---:|---:|---:|---|"]
     for r in results:
-        streams = ", ".join(f"{n}: {s['audio_seconds_per_second']:.2f} ({s['first_audio_min']:.1f}-{s['first_audio_max']:.1f} s)"
-                            for n, s in r.streams.items()) or "-"
-        startup = f"{r.node_startup_seconds:.1f} s" if r.node_startup_seconds else "-"
-        rss = f"{r.node_rss_gb:.2f} GiB" if r.node_rss_gb else "-"
-        lines.append(f"| {r.model} | {r.weights_gb:.2f} GB | {r.load_seconds:.1f} s | {startup} | {rss} | {streams} |")
+        for weights, node in r.nodes.items():
+            streams = ", ".join(f"{n}: {s['audio_seconds_per_second']:.2f} ({s['first_audio_min']:.1f}-{s['first_audio_max']:.1f} s)"
+                                for n, s in node["streams"].items())
+            name = "bf16" if weights == "dtype" else weights
+            lines.append(f"| {r.model} | {name} ({r.weights_gb:.2f} GB on disk) | {r.load_seconds:.1f} s | "
+                         f"{node['startup_seconds']:.1f} s | {node['rss_gb']['rss']:.2f} GiB ({node['rss_gb']['anon']:.2f}) | {streams} |")
     lines += ["", "| model | weights | talker projections, ms per pass: 1 row | 2 rows | 4 rows | 4 rows vs 4 x 1 row |",
               "|---|---|---:|---:|---:|---:|"]
     for r in results:
