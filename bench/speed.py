@@ -15,6 +15,8 @@ in ``local_node/qwen_files``, cached in ``.cache/bench``), bfloat16, all cores. 
             ``response_format="pcm"``: what a client sees, tunnel included; then 1, 2 and 4
             streams at once (continuous batching, ``max_batch`` 4) for aggregate throughput,
             with bf16 weights and with int8 weights. Node start-up and resident memory for each.
+            Once more with ``text_input: streaming`` (the text fed a token per frame: a short
+            prompt to prefill), for time to first audio.
 
 Both in-process paths sample with the checkpoint's defaults for the same number of frames (random
 weights almost never say EOS; a run that does is timed per frame all the same) and decode with
@@ -78,6 +80,7 @@ class SizeResult:
     int8_drift: dict = field(default_factory=dict)
     batch_scaling: dict = field(default_factory=dict)  # weights -> rows -> ms per talker pass
     served: Run | None = None  # bf16 weights, one stream
+    served_streaming_text: Run | None = None  # the same with text_input: streaming
     nodes: dict[str, dict] = field(default_factory=dict)  # weights -> start-up, RSS, streams (n -> aggregate figures)
 
 
@@ -208,7 +211,7 @@ class Served:
 
     API_KEY, NODE_TOKEN = "sk-bench-0123456789abcdef", "node-bench-0123456789abcdef"
 
-    def __init__(self, folder: Path, frames: int, schedule: tuple[int, ...], weights: str, workdir: Path) -> None:
+    def __init__(self, folder: Path, frames: int, schedule: tuple[int, ...], weights: str, text_input: str, workdir: Path) -> None:
         import yaml
 
         port = _free_port()
@@ -219,7 +222,7 @@ class Served:
             "relay": {"url": f"ws://127.0.0.1:{port}/v1/tunnel", "token_env": "BENCH_NODE_TOKEN", "node_name": "bench"},
             "dtype": "bfloat16", "threads": "auto",
             "models": {"bench": {"source": str(folder), "max_new_frames": frames, "max_batch": 4, "max_queue": 8,
-                                 "chunk_frames": list(schedule), "weights": weights}},
+                                 "chunk_frames": list(schedule), "weights": weights, "text_input": text_input}},
         }
         (workdir / "node.yaml").write_text(yaml.safe_dump(config))
         self.logs = [open(workdir / "relay.log", "wb"), open(workdir / "node.log", "wb")]
@@ -359,11 +362,15 @@ def bench_size(size: str, args: argparse.Namespace) -> SizeResult:
     if args.streams:
         from openai import OpenAI
 
-        for weights in ("dtype", "int8") if args.int8 else ("dtype",):
+        nodes = [("dtype", "auto"), ("dtype", "streaming")] + ([("int8", "auto")] if args.int8 else [])
+        for weights, text_input in nodes:
             with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
-                served = Served(folder, args.frames, schedule, weights, Path(workdir))
+                served = Served(folder, args.frames, schedule, weights, text_input, Path(workdir))
                 try:
                     client = OpenAI(base_url=served.url + "/v1", api_key=served.API_KEY, timeout=1800)
+                    if text_input == "streaming":
+                        result.served_streaming_text = best([served.speak(client) for _ in range(args.repeats)])
+                        continue
                     if weights == "dtype":
                         result.served = best([served.speak(client) for _ in range(args.repeats)])
                     node = result.nodes[weights] = {"startup_seconds": served.startup_seconds, "rss_gb": served.rss_gb(), "streams": {}}
@@ -395,7 +402,9 @@ def report(results: list[SizeResult]) -> str:
     for r in results:
         base = r.official.ms_per_frame
         for name, run in (("official qwen-tts", r.official), ("ours, in process", r.ours),
-                          ("ours, served (relay + tunnel)", r.served), ("ours, int8 weights, in process", r.int8)):
+                          ("ours, served (relay + tunnel)", r.served),
+                          ("ours, served, text_input: streaming", r.served_streaming_text),
+                          ("ours, int8 weights, in process", r.int8)):
             if run is None:
                 continue
             decode = f"{1000 * run.decode_seconds / run.frames:.0f}" if run.decode_seconds else "-"

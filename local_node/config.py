@@ -16,6 +16,7 @@ DEFAULT_CONFIG = "config-cpu-local.yaml"
 DTYPES = ("bfloat16", "float32")
 ENGINES = ("qwen", "synthetic")
 WEIGHTS = ("dtype", "int8")  # the node's dtype as loaded, or int8 projections (opt-in)
+TEXT_INPUTS = ("auto", "whole", "streaming")
 
 
 class ConfigError(Exception):
@@ -48,6 +49,7 @@ class ModelConfig:
     # last size repeats.
     chunk_frames: tuple[int, ...] = (1, 4, 8, 16, 32)
     weights: str = "dtype"  # "int8": the decoder layers' projections in int8 (local_node/int8.py)
+    text_input: str = "auto"  # "whole" text in the prompt, or "streaming" (a token per frame); auto: qwen-tts' default
 
 
 @dataclass(frozen=True)
@@ -167,9 +169,12 @@ def _model(name: Any, spec: Any, base_dir: Path) -> ModelConfig:
     weights = section.pop("weights", str, default="dtype")
     if weights not in WEIGHTS:
         raise ConfigError(f"{where}.weights must be one of {', '.join(WEIGHTS)}, not {weights!r}")
+    text_input = section.pop("text_input", str, default="auto")
+    if text_input not in TEXT_INPUTS:
+        raise ConfigError(f"{where}.text_input must be one of {', '.join(TEXT_INPUTS)}, not {text_input!r}")
     section.finish()
     return ModelConfig(name, enabled, source, tuple(aliases), engine, language, voices, max_queue, max_batch,
-                       max_new_frames, tuple(chunk_frames), weights)
+                       max_new_frames, tuple(chunk_frames), weights, text_input)
 
 
 def _voice(name: Any, spec: Any, where: str, base_dir: Path) -> VoiceConfig:

@@ -14,6 +14,9 @@ without Hugging Face's per-step bookkeeping, preallocated KV caches):
                 next talker input = sum of the 16 codebook embeddings + trailing text (or tts_pad)
                 one talker step
 
+``FrameBatch`` runs that loop for several utterances at once, joining and leaving between frames
+(continuous batching); ``generate_frames`` is its batch of one.
+
 Given the same inputs it reproduces ``tts.model.generate`` exactly, which the tests check frame
 for frame: greedily, and also when sampling from the same global torch seed (same logits, same
 processors in the same order, random numbers drawn in the same order). The points where that

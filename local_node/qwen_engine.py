@@ -33,6 +33,10 @@ logging.getLogger("qwen_tts").setLevel(logging.WARNING)
 logging.getLogger("huggingface_hub.utils._http").setLevel(logging.ERROR)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+# text_input -> qwen-tts' non_streaming_mode: "whole" puts all of the text in the prompt, "streaming"
+# feeds it one token per frame after the first (a far shorter prompt to prefill: earlier first
+# audio), "auto" keeps qwen-tts' default for the model type (whole, but streaming for Base).
+_NON_STREAMING_MODE = {"auto": None, "whole": True, "streaming": False}
 # Pieces only bound the prompt; audio streams frame by frame whatever their length.
 MAX_PIECE_CHARS = 300
 
@@ -156,14 +160,13 @@ class QwenEngine:
 
     def _prompt(self, text: str, job: Job) -> Prompt:
         voice = self.voices.get(job.voice)
-        language = voice.language if voice else self.default_language
+        common = dict(kind=self.kind, text=text, language=voice.language if voice else self.default_language,
+                      non_streaming_mode=_NON_STREAMING_MODE[self.config.text_input])
         if self.kind == "custom_voice":
-            return prepare_prompt(self.tts, kind=self.kind, text=text, language=language, speaker=voice.speaker,
-                                  instruct=job.instructions)
+            return prepare_prompt(self.tts, speaker=voice.speaker, instruct=job.instructions, **common)
         if self.kind == "voice_design":
-            return prepare_prompt(self.tts, kind=self.kind, text=text, language=language,
-                                  instruct=job.instructions or voice.description)
-        return prepare_prompt(self.tts, kind=self.kind, text=text, language=language, voice_clone_prompt=voice.clone_prompt)
+            return prepare_prompt(self.tts, instruct=job.instructions or voice.description, **common)
+        return prepare_prompt(self.tts, voice_clone_prompt=voice.clone_prompt, **common)
 
     def _max_frames(self, text: str) -> int:
         return self.config.max_new_frames or _frame_budget(text)

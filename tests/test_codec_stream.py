@@ -137,10 +137,10 @@ def test_chunks_follow_the_schedule(codec):
         if pcm is not None:
             returned_at[i + 1] = len(pcm) // SAMPLES_PER_FRAME
             assert len(pcm) % SAMPLES_PER_FRAME == 0 and pcm.dtype == np.float32
-    # The first chunk comes with exactly the 4th frame; the last size repeats.
-    assert returned_at == {4: 4, 12: 8, 28: 16, 60: 32}
-    assert decoder.pending_frames == 10
-    assert len(decoder.flush()) == 10 * SAMPLES_PER_FRAME
+    # The first chunk comes with the first frame; the last size repeats.
+    assert returned_at == {1: 1, 5: 4, 13: 8, 29: 16, 61: 32}
+    assert decoder.pending_frames == 9
+    assert len(decoder.flush()) == 9 * SAMPLES_PER_FRAME
     assert decoder.pending_frames == 0
 
 
@@ -159,7 +159,7 @@ def test_custom_schedule(codec, schedule):
 def test_short_utterance_comes_out_on_flush(codec, frames, dtype):
     speech_tokenizer = codec(dtype)
     codes = random_codes(frames, seed=3)
-    decoder = StreamingDecoder(speech_tokenizer)
+    decoder = StreamingDecoder(speech_tokenizer, (4,))  # shorter than the first chunk
     assert all(decoder.push(frame) is None for frame in codes)
     pcm = decoder.flush()
     assert pcm.shape == (frames * SAMPLES_PER_FRAME,)

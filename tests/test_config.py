@@ -70,6 +70,7 @@ def test_local_folder_sources_are_relative_to_the_config_file(tmp_path):
         (minimal(models={"a": {"source": "Qwen/x", "chunk_frames": []}}), ENV, "models.a.chunk_frames"),
         (minimal(models={"a": {"source": "Qwen/x", "weights": "int4"}}), ENV, "models.a.weights"),
         (minimal(models={"a": {"source": "Qwen/x", "max_batch": 0}}), ENV, "models.a.max_batch"),
+        (minimal(models={"a": {"source": "Qwen/x", "text_input": "fast"}}), ENV, "models.a.text_input"),
     ],
 )
 def test_bad_config_names_the_key(data, env, named):

@@ -36,7 +36,8 @@ def stack(tmp_path_factory):
     relay = Relay(tmp)
     models = {
         "custom_voice": {"source": str(tmp / "custom_voice"), "aliases": ["tts-1", "gpt-4o-mini-tts"],
-                         "max_new_frames": MAX_FRAMES, "voices": {"alloy": {"speaker": "vivian"}}},
+                         "max_new_frames": MAX_FRAMES, "voices": {"alloy": {"speaker": "vivian"}},
+                         "text_input": "streaming"},
         "base_small": {"source": str(tmp / "base"), "aliases": ["qwen3-tts-clone"], "max_new_frames": MAX_FRAMES,
                        "voices": {"me": {"ref_audio": str(tmp / "ref.wav"), "ref_text": "A short reference clip."},
                                   "timbre": {"ref_audio": str(tmp / "ref.wav")}}},
