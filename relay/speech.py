@@ -54,6 +54,9 @@ async def open_stream(router: Router, config: RelayConfig, speech: SpeechRequest
     Nodes are tried least-busy first; a node that is busy or drops before sending anything is
     skipped, so the client only sees an error when no node could take the work.
     """
+    if router.draining:
+        raise ApiError(503, "This relay is shutting down; retry shortly.", code="relay_draining",
+                       retry_after=config.retry_after_seconds)
     if not router.nodes:
         raise ApiError(503, "No node is connected to this relay right now.", code="no_node_available",
                        retry_after=config.retry_after_seconds)
@@ -135,7 +138,8 @@ class SpeechResponse:
                 return
             await send({"type": "http.response.start", "status": 200, "headers": self._headers()})
             while isinstance(event, Audio):
-                await self._send_body(send, self._audio(event.data))
+                await self._send_body(send, self._audio(event.data))  # waits while the client is slow
+                await stream.consumed(len(event.data))
                 event = await stream.next_event(self.config.stream_idle_timeout)
             if isinstance(event, End):
                 await self._send_body(send, self._done(event), more=False)

@@ -150,7 +150,7 @@ def test_node_reconnects_after_the_relay_restarts(tmp_path):
     try:
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
         relay.kill()
-        node.wait_for_log("reconnecting in", timeout=10)
+        node.wait_for_log("reconnecting to", timeout=10)
         relay = Relay(tmp_path, port=relay.port)
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)  # backoff is capped at 30 s
         assert speak(relay).status_code == 200
