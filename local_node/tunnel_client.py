@@ -36,6 +36,10 @@ from .worker import Busy, ModelWorker
 
 log = logging.getLogger("local_node.tunnel")
 
+# A relay that missed a pong will not answer a close frame either: give up on it soon. A silent
+# relay is thus dropped within ping_interval + ping_timeout + CLOSE_TIMEOUT seconds.
+CLOSE_TIMEOUT = 2.0
+
 
 class Refused(Exception):
     """The relay refused this node for good (wrong token, other protocol version): do not retry."""
@@ -101,10 +105,10 @@ class TunnelClient:
                     additional_headers={"Authorization": f"Bearer {self._token}"},
                     subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
                     max_size=MAX_FRAME_BYTES + 1024,
-                    # A relay that stops answering pings (frozen, or a half-open TCP connection) is
-                    # dropped after at most ping_interval + ping_timeout seconds.
+                    # A relay that stops answering (frozen, or a half-open TCP connection) is dropped.
                     ping_interval=self.ping_interval,
                     ping_timeout=self.ping_timeout,
+                    close_timeout=CLOSE_TIMEOUT,
                     open_timeout=15,
                     user_agent_header="qwen3-tts-node",
                 ) as ws:

@@ -13,10 +13,10 @@ from starlette.types import Receive, Scope, Send
 
 from .config import RelayConfig
 from .errors import ApiError
-from .protocol import Audio, End, Error, Request
+from .protocol import Audio, End, Error, ModelInfo, Request
 from .router import Router
 from .speech_request import CONTENT_TYPES, MAX_BODY_BYTES, SpeechRequest, parse_speech_request
-from .tunnel_server import NodeGone, Stream
+from .tunnel_server import NodeGone, NodeSession, Stream
 
 log = logging.getLogger("relay.speech")
 
@@ -60,17 +60,25 @@ async def open_stream(router: Router, config: RelayConfig, speech: SpeechRequest
     if not router.nodes:
         raise ApiError(503, "No node is connected to this relay right now.", code="no_node_available",
                        retry_after=config.retry_after_seconds)
-    candidates = router.candidates(speech.model)
-    if not candidates:
+    if not router.candidates(speech.model):
         raise ApiError(404, f"The model '{speech.model}' does not exist or no connected node serves it.",
                        param="model", code="model_not_found")
-    candidates = [(node, info) for node, info in candidates if info.any_voice or speech.voice in info.voices]
-    if not candidates:
+
+    def untried() -> list[tuple[NodeSession, ModelInfo]]:
+        """Nodes with the voice not tried yet, least busy first; asked anew after every attempt,
+        since nodes come, go and take work meanwhile."""
+        return [(node, info) for node, info in router.candidates(speech.model)
+                if (info.any_voice or speech.voice in info.voices) and node not in tried]
+
+    tried: set[NodeSession] = set()
+    if not untried():
         raise ApiError(404, f"The voice '{speech.voice}' is not available for model '{speech.model}'.",
                        param="voice", code="voice_not_found")
 
     busy = False
-    for node, info in candidates:
+    while candidates := untried():
+        node, info = candidates[0]
+        tried.add(node)
         message = Request(
             id=node.new_stream_id(), request_id=request_id, model=info.name, voice=speech.voice,
             input=speech.input, instructions=speech.instructions,
