@@ -236,3 +236,32 @@ async def test_a_node_that_drops_before_the_first_byte_is_replaced_by_another(tm
                 assert response.status_code == 200 and len(response.content) == len("Retry me") * 1920 * 2
     finally:
         real.stop()
+
+
+async def test_fifty_concurrent_requests_across_two_nodes_all_complete_with_the_right_audio(tmp_path, relay):
+    """The real openai SDK, 50 requests at once; each response decoded and checked against its own input."""
+    import io
+
+    import openai
+    import soundfile
+
+    nodes = [Node(tmp_path, relay, synthetic_models(max_queue=30), name=name) for name in ("one", "two")]
+    try:
+        for node in nodes:
+            await asyncio.to_thread(node.wait_for_log, "connected to")
+        while httpx.get(f"{relay.url}/ready").json()["nodes"] < 2:
+            await asyncio.sleep(0.05)
+        client = openai.AsyncOpenAI(base_url=f"{relay.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        texts = ["a" * (1 + i % 4) for i in range(50)]  # 1 to 4 frames each
+        responses = await asyncio.gather(*(
+            client.audio.speech.create(model="tts-1", voice="alloy", input=text, response_format="wav") for text in texts
+        ))
+        for text, response in zip(texts, responses):
+            samples, rate = soundfile.read(io.BytesIO(response.content), dtype="int16")
+            assert rate == 24000 and len(samples) == len(text) * 1920
+            assert abs(samples).max() > 0.25 * 32767  # the tone, not silence
+        served = [node.log().count("done,") for node in nodes]
+        assert sum(served) == 50 and min(served) >= 10, served  # both nodes took a share
+    finally:
+        for node in nodes:
+            node.stop()
