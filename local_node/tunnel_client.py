@@ -153,6 +153,8 @@ class TunnelClient:
         conn = Connection("node")
         jobs: dict[int, _Job] = {}
         models = tuple(worker.engine.info for worker in self.workers.values())
+        if self._draining:  # connected just as the node began to drain
+            return
         self._live = (ws, conn, jobs)
         try:
             await ws.send(conn.send(Hello(self.node_name, models)))

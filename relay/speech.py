@@ -112,6 +112,10 @@ async def open_stream(router: Router, config: RelayConfig, speech: SpeechRequest
     raise ApiError(502, "The node serving this model disconnected.", code="node_failed")
 
 
+class ClientStalled(Exception):
+    """The client stopped taking audio."""
+
+
 class SpeechResponse:
     """An ASGI response that opens the node stream itself, so that a client who hangs up at any
     moment (even before the first byte) cancels the node's work."""
@@ -146,7 +150,7 @@ class SpeechResponse:
                 return
             await send({"type": "http.response.start", "status": 200, "headers": self._headers()})
             while isinstance(event, Audio):
-                await self._send_body(send, self._audio(event.data))  # waits while the client is slow
+                await self._send_audio(send, event.data)
                 await stream.consumed(len(event.data))
                 event = await stream.next_event(self.config.stream_idle_timeout)
             if isinstance(event, End):
@@ -157,12 +161,22 @@ class SpeechResponse:
         except NodeGone:
             log.warning("%s: node disconnected mid-stream", self.request_id)
             await self._fail_mid_stream(send, ApiError(502, "The node disconnected mid-stream.", code="node_failed"))
+        except ClientStalled:
+            log.warning("%s: the client took no audio for %.0f s; dropped", self.request_id, self.config.stream_idle_timeout)
         except asyncio.TimeoutError:
             log.warning("%s: node stalled mid-stream", self.request_id)
             await self._fail_mid_stream(send, ApiError(504, "The node stopped sending audio.", code="node_timeout"))
         finally:
             if stream is not None:
                 await stream.close()
+
+    async def _send_audio(self, send: Send, data: bytes) -> None:
+        """Hand audio to the client; this waits while the client reads slowly, but not for ever: a
+        client that takes nothing for the idle timeout would hold its node's slot indefinitely."""
+        try:
+            await asyncio.wait_for(self._send_body(send, self._audio(data)), self.config.stream_idle_timeout)
+        except asyncio.TimeoutError:
+            raise ClientStalled() from None
 
     def _headers(self) -> list[tuple[bytes, bytes]]:
         media_type = "text/event-stream" if self.sse else CONTENT_TYPES[self.speech.response_format]

@@ -13,7 +13,7 @@ import pytest
 import websockets
 
 from harness import API_KEY, Node, Relay, free_port, synthetic_models
-from relay.protocol import DEFAULT_WINDOW, MAX_AUDIO_PAYLOAD, SUBPROTOCOL, Audio, Connection, Credit, End, Request, encode
+from relay.protocol import DEFAULT_WINDOW, MAX_AUDIO_PAYLOAD, SUBPROTOCOL, Audio, Cancel, Connection, Credit, End, Request, encode
 from test_tunnel import AUTH, ScriptedNode, relay  # noqa: F401 (a fixture)
 
 FRAME_BYTES = 1920 * 2  # one synthetic 80 ms frame as 16-bit pcm
@@ -210,4 +210,23 @@ def test_a_slow_reader_holds_back_nobody_else(tmp_path):
         node.wait_for_log(f"done, {slow_frames} frames", timeout=10)
     finally:
         node.stop()
+        relay.stop()
+
+
+async def test_a_client_that_takes_nothing_is_dropped_after_the_idle_timeout(tmp_path):
+    """It would otherwise hold its place on the node for ever; the node is told to stop."""
+    relay = Relay(tmp_path, env={"RELAY_STREAM_IDLE_TIMEOUT": "2"})
+    try:
+        async with ScriptedNode(relay) as node:
+            reader = await asyncio.to_thread(SlowReader, relay, SLOW_PCM)
+            request = await node.next_message()
+            sender = Sender(node, request, AUDIO)
+            await sender.send_within_credit()
+            while not isinstance(message := await node.next_message(), Cancel):
+                assert isinstance(message, Credit)
+                await sender.send_within_credit()
+            assert sender.sent < len(AUDIO) // 2
+            await asyncio.to_thread(relay.wait_for_log, "the client took no audio for 2 s; dropped")
+            reader.sock.close()
+    finally:
         relay.stop()
