@@ -8,10 +8,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from harness import Node, Relay, synthetic_models
-from local_node.config import NodeConfig
+from local_node.config import ConfigError, NodeConfig, parse_config
 from local_node.tunnel_client import CLOSE_TIMEOUT, Backoff
+from relay.config import ConfigError as RelayConfigError
 from relay.config import RelayConfig
 from test_tunnel import AUTH, SPEECH, speak
 
@@ -129,3 +131,39 @@ def test_a_refused_relay_among_several_is_left_alone_and_the_others_served(tmp_p
         node.stop()
         other.stop()
         good.stop()
+
+
+def node_config(**relay):
+    data = {"relay": {"url": "ws://127.0.0.1:9/v1/tunnel", "token": "t", **relay},
+            "models": {"a": {"engine": "synthetic"}}}
+    return parse_config(data, environ={})
+
+
+def test_node_config_lists_relays_and_sets_heartbeats():
+    config = node_config(url=["wss://one.example/v1/tunnel", "wss://two.example/v1/tunnel"], ping_interval=5,
+                         ping_timeout=2.5)
+    assert config.relay_urls == ("wss://one.example/v1/tunnel", "wss://two.example/v1/tunnel")
+    assert (config.ping_interval, config.ping_timeout, config.drain_grace) == (5.0, 2.5, 120.0)
+    assert node_config().relay_urls == ("ws://127.0.0.1:9/v1/tunnel",)
+
+
+@pytest.mark.parametrize("relay, named", [
+    ({"url": []}, "relay.url"),
+    ({"url": ["ws://a/v1/tunnel", "ws://a/v1/tunnel"]}, "relay.url"),
+    ({"url": ["ws://a/v1/tunnel", "http://b"]}, "relay.url"),
+    ({"url": ["ws://a/v1/tunnel", 5]}, "relay.url"),
+    ({"ping_interval": 0}, "relay.ping_interval"),
+    ({"ping_timeout": "soon"}, "relay.ping_timeout"),
+])
+def test_bad_relay_settings_are_named(relay, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        node_config(**relay)
+
+
+def test_relay_reads_heartbeat_and_drain_settings_from_the_environment():
+    env = {"RELAY_API_KEYS": "k" * 16, "RELAY_NODE_TOKENS": "n" * 16, "RELAY_PING_INTERVAL": "3",
+           "RELAY_PING_TIMEOUT": "4", "RELAY_DRAIN_GRACE": "5"}
+    config = RelayConfig.from_env(env)
+    assert (config.ping_interval, config.ping_timeout, config.drain_grace) == (3, 4, 5)
+    with pytest.raises(RelayConfigError, match="RELAY_PING_TIMEOUT"):
+        RelayConfig.from_env({**env, "RELAY_PING_TIMEOUT": "0"})
