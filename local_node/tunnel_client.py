@@ -243,8 +243,11 @@ async def serve_relays(clients: list[TunnelClient], drain_grace: float) -> None:
     runs = [asyncio.create_task(client.run_forever()) for client in clients]
 
     def report(task: asyncio.Task) -> None:
-        if not task.cancelled() and isinstance(task.exception(), Refused):
-            log.error("%s; not retrying it", task.exception())
+        error = None if task.cancelled() else task.exception()
+        if isinstance(error, Refused):
+            log.error("%s; not retrying it", error)
+        elif error is not None:
+            log.error("serving a relay failed", exc_info=error)
 
     for run in runs:
         run.add_done_callback(report)
