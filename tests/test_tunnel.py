@@ -265,3 +265,25 @@ async def test_fifty_concurrent_requests_across_two_nodes_all_complete_with_the_
     finally:
         for node in nodes:
             node.stop()
+
+
+def test_every_node_log_line_about_a_request_carries_the_relays_request_id(tmp_path, relay):
+    node = Node(tmp_path, relay, synthetic_models())
+    try:
+        relay.wait_for_models({"tts-1"}, node=node, timeout=60)
+        served = speak(relay, "Tagged")
+        refused = speak(relay, "Tagged", voice="nobody")
+        with httpx.stream("POST", f"{relay.url}/v1/audio/speech", json={**SPEECH, "input": "x" * 100},
+                          headers=AUTH, timeout=30) as response:
+            cancelled = response.headers["x-request-id"]
+            next(response.iter_bytes())
+        node.wait_for_log(f"{cancelled}: done", timeout=10)
+        assert served.status_code == 200 and refused.status_code == 404
+        ids = {served.headers["x-request-id"], cancelled}
+        lines = [line for line in node.log().splitlines() if "stream " in line or "done," in line
+                 or "cancelled" in line or "answered" in line]
+        assert len(lines) == 5  # start and end of the two streams, and the cancel
+        assert all(line.split(": ")[1].split(":")[0] in ids for line in lines), lines
+        assert all(request_id in relay.log() for request_id in ids)
+    finally:
+        node.stop()
