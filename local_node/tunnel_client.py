@@ -36,9 +36,6 @@ from .worker import Busy, ModelWorker
 
 log = logging.getLogger("local_node.tunnel")
 
-# A relay that missed a pong will not answer a close frame either: give up on it soon. A silent
-# relay is thus dropped within ping_interval + ping_timeout + CLOSE_TIMEOUT seconds.
-CLOSE_TIMEOUT = 2.0
 
 
 class Refused(Exception):
@@ -105,10 +102,7 @@ class TunnelClient:
                     additional_headers={"Authorization": f"Bearer {self._token}"},
                     subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
                     max_size=MAX_FRAME_BYTES + 1024,
-                    # A relay that stops answering (frozen, or a half-open TCP connection) is dropped.
-                    ping_interval=self.ping_interval,
-                    ping_timeout=self.ping_timeout,
-                    close_timeout=CLOSE_TIMEOUT,
+                    ping_interval=None,  # see _keepalive
                     open_timeout=15,
                     user_agent_header="qwen3-tts-node",
                 ) as ws:
@@ -156,6 +150,7 @@ class TunnelClient:
         if self._draining:  # connected just as the node began to drain
             return
         self._live = (ws, conn, jobs)
+        keepalive = asyncio.create_task(self._keepalive(ws))
         try:
             await ws.send(conn.send(Hello(self.node_name, models)))
             async for frame in ws:
@@ -177,11 +172,30 @@ class TunnelClient:
                 elif isinstance(message, Draining):
                     log.info("relay %s is draining: it sends no new requests", self.url)
         finally:
+            keepalive.cancel()
             self._live = None
             # The relay has already failed these streams; stop the work and wait for the threads to notice.
             for job in jobs.values():
                 job.stop()
             await asyncio.gather(*(job.task for job in list(jobs.values()) if job.task), return_exceptions=True)
+
+    async def _keepalive(self, ws: ClientConnection) -> None:
+        """Drop a relay that does not answer a ping within ping_timeout (frozen, or the connection
+        half-open): at most ping_interval + ping_timeout after its last answer.
+
+        The websockets library's own keepalive would not do: it first waits for the send buffer to
+        drain, which never happens when the relay stopped reading while audio was queued for it.
+        """
+        try:
+            while True:
+                await asyncio.sleep(self.ping_interval)
+                async with asyncio.timeout(self.ping_timeout):
+                    await (await ws.ping())
+        except TimeoutError:
+            log.warning("relay %s did not answer a ping within %.0f s; dropping it", self.url, self.ping_timeout)
+            ws.transport.abort()
+        except ConnectionClosed:
+            pass
 
     async def _handle(self, ws: ClientConnection, conn: Connection, job: _Job) -> None:
         request = job.request
