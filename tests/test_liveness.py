@@ -111,6 +111,11 @@ def test_a_node_serves_every_relay_it_lists_and_drops_a_frozen_one(tmp_path):
         node.wait_for_log(f"reconnecting to {first.tunnel_url}")
         first.wait_for_models({"tts-1"}, node=node, timeout=60)
         assert speak(first).status_code == 200
+
+        node.proc.send_signal(signal.SIGTERM)  # a draining node tells every relay
+        first.wait_for_log("is draining: no new work for it")
+        second.wait_for_log("is draining: no new work for it")
+        assert node.proc.wait(timeout=15) == 0
     finally:
         first.proc.send_signal(signal.SIGCONT)
         node.stop()

@@ -57,6 +57,7 @@ async def test_handshake_refusals(relay):
         ({}, [SUBPROTOCOL], 401),
         ({"Authorization": "Bearer wrong-token-wrong-token"}, [SUBPROTOCOL], 401),
         ({"Authorization": f"Bearer {NODE_TOKEN}"}, ["qwen3-tts-tunnel.v99"], 426),
+        ({"Authorization": f"Bearer {NODE_TOKEN}"}, ["qwen3-tts-tunnel.v1"], 426),  # before flow control
         ({"Authorization": f"Bearer {NODE_TOKEN}"}, None, 426),
     ]:
         with pytest.raises(InvalidStatus) as info:
