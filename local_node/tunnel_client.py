@@ -144,11 +144,11 @@ class TunnelClient:
             pass
 
     async def _serve(self, ws: ClientConnection) -> None:
+        if self._draining:  # connected just as the node began to drain
+            return
         conn = Connection("node")
         jobs: dict[int, _Job] = {}
         models = tuple(worker.engine.info for worker in self.workers.values())
-        if self._draining:  # connected just as the node began to drain
-            return
         self._live = (ws, conn, jobs)
         keepalive = asyncio.create_task(self._keepalive(ws))
         try:
