@@ -56,7 +56,7 @@ def build_workers(config: NodeConfig) -> dict[str, ModelWorker]:
 
 def run(config: NodeConfig) -> int:
     from .engine import ModelUnavailable
-    from .tunnel_client import Refused, TunnelClient
+    from .tunnel_client import Refused, TunnelClient, serve_relays
 
     if any(m.engine == "qwen" for m in config.enabled_models):
         import torch
@@ -72,14 +72,14 @@ def run(config: NodeConfig) -> int:
     except ConfigError as exc:
         log.error("config: %s", exc)
         return 2
-    client = TunnelClient(config.relay_url, config.token, config.node_name, workers)
+    clients = [TunnelClient(url, config.token, config.node_name, workers, config.ping_interval, config.ping_timeout)
+               for url in config.relay_urls]
     try:
-        asyncio.run(client.run_forever())
+        asyncio.run(serve_relays(clients, config.drain_grace))
     except Refused as exc:
         log.error("stopping: %s", exc)
         return 2
-    except KeyboardInterrupt:
-        pass
+    log.info("stopped")
     return 0
 
 

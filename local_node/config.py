@@ -54,13 +54,17 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class NodeConfig:
-    relay_url: str
+    relay_urls: tuple[str, ...]  # the node keeps a connection to each
     token: str = field(repr=False)
     node_name: str = "node"
     device: str = "cpu"
     dtype: str = "bfloat16"
     threads: int | None = None  # None: one per physical core
     models: tuple[ModelConfig, ...] = ()
+    # Websocket pings to each relay; one that stays silent is dropped within interval + timeout.
+    ping_interval: float = 10.0
+    ping_timeout: float = 10.0
+    drain_grace: float = 120.0  # seconds open streams may take to finish after SIGTERM
 
     @property
     def enabled_models(self) -> tuple[ModelConfig, ...]:
@@ -87,12 +91,19 @@ def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> NodeConf
 def parse_config(data: Any, base_dir: Path = Path("."), environ: Mapping[str, str] = os.environ) -> NodeConfig:
     top = _Section(data, "config")
     relay = _Section(top.pop("relay", dict), "relay")
-    relay_url = relay.pop("url", str)
-    if not relay_url.startswith(("ws://", "wss://")):
-        raise ConfigError(f"relay.url must start with ws:// or wss://, not {relay_url!r}")
+    relay_urls = relay.pop("url", (str, list))
+    relay_urls = [relay_urls] if isinstance(relay_urls, str) else relay_urls
+    if not relay_urls or len(set(map(str, relay_urls))) != len(relay_urls):
+        raise ConfigError("relay.url must be a URL or a list of different URLs")
+    for url in relay_urls:
+        if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
+            raise ConfigError(f"relay.url must start with ws:// or wss://, not {url!r}")
     token = _token(relay, environ)
     node_name = _name(relay.pop("node_name", str, default="node"), "relay.node_name")
+    ping_interval = _seconds(relay, "ping_interval", NodeConfig.ping_interval)
+    ping_timeout = _seconds(relay, "ping_timeout", NodeConfig.ping_timeout)
     relay.finish()
+    drain_grace = _seconds(top, "drain_grace", NodeConfig.drain_grace)
 
     device = top.pop("device", str, default="cpu")
     if device != "cpu":
@@ -119,7 +130,15 @@ def parse_config(data: Any, base_dir: Path = Path("."), environ: Mapping[str, st
         models = tuple(replace(m, enabled=m.name in wanted) for m in models)
     if not any(m.enabled for m in models):
         raise ConfigError("no model is enabled: set enabled: true on one under models:, or use ENABLED_MODELS")
-    return NodeConfig(relay_url, token, node_name, device, dtype, threads, models)
+    return NodeConfig(tuple(relay_urls), token, node_name, device, dtype, threads, models,
+                      ping_interval=ping_interval, ping_timeout=ping_timeout, drain_grace=drain_grace)
+
+
+def _seconds(section: _Section, key: str, default: float) -> float:
+    value = section.pop(key, (int, float), default=default)
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"{section._name(key)} must be a positive number of seconds")
+    return float(value)
 
 
 def _token(relay: _Section, environ: Mapping[str, str]) -> str:

@@ -1,27 +1,34 @@
-"""The node's end of the tunnel: dial out to the relay, serve its requests, reconnect when it drops."""
+"""The node's end of the tunnel: dial out to each relay, serve its requests, reconnect when it drops,
+and drain on SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
+import signal
 import threading
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from relay.protocol import (
+    MAX_AUDIO_PAYLOAD,
     MAX_FRAME_BYTES,
     SUBPROTOCOL,
+    Audio,
     Cancel,
     Connection,
+    Credit,
+    Draining,
     End,
     Error,
     Hello,
     ProtocolError,
     Request,
-    audio_frames,
 )
 
 from .engine import JobError
@@ -29,109 +36,196 @@ from .worker import Busy, ModelWorker
 
 log = logging.getLogger("local_node.tunnel")
 
-PING_INTERVAL = 20.0
-BACKOFF_BASE = 0.5
-BACKOFF_CAP = 30.0
-STABLE_AFTER = 60.0  # a connection that lived this long resets the backoff
 
 
 class Refused(Exception):
     """The relay refused this node for good (wrong token, other protocol version): do not retry."""
 
 
-def backoff_delay(attempt: int) -> float:
-    """Exponential backoff with full jitter, so many nodes do not reconnect in step."""
-    return random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(attempt, 16)))
+class Backoff:
+    """Delays between reconnection attempts: exponential, capped, with full jitter.
+
+    Full jitter (uniform between 0 and the exponential bound) spreads the nodes that a relay restart
+    dropped all at once, so they do not come back in step. The attempt count resets only after a
+    connection stayed up ``stable_after`` seconds: a relay that accepts and drops at once is not
+    hammered.
+    """
+
+    def __init__(self, base: float = 1.0, cap: float = 30.0, stable_after: float = 60.0,
+                 uniform: Callable[[float, float], float] = random.uniform) -> None:
+        self.base, self.cap, self.stable_after = base, cap, stable_after
+        self.attempt = 0
+        self._uniform = uniform
+
+    def next_delay(self, connected_for: float) -> float:
+        """The wait before the next attempt; ``connected_for`` is how long the last connection lived (0: none)."""
+        self.attempt = 1 if connected_for >= self.stable_after else self.attempt + 1
+        return self._uniform(0, min(self.cap, self.base * 2 ** min(self.attempt - 1, 16)))
+
+
+@dataclass
+class _Job:
+    """A request being served, and what stops or resumes its sending."""
+
+    request: Request
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    credited: asyncio.Event = field(default_factory=asyncio.Event)  # the relay granted credit
+    task: asyncio.Task | None = None
+
+    def stop(self) -> None:
+        self.cancelled.set()
+        self.credited.set()  # wakes a send that waits for credit
 
 
 class TunnelClient:
-    def __init__(self, url: str, token: str, node_name: str, workers: dict[str, ModelWorker]) -> None:
+    """One relay: keep a connection to it and serve the requests it sends."""
+
+    def __init__(self, url: str, token: str, node_name: str, workers: dict[str, ModelWorker],
+                 ping_interval: float = 10.0, ping_timeout: float = 10.0) -> None:
         self.url = url
         self._token = token
         self.node_name = node_name
         self.workers = workers
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self._draining = False
+        self._live: tuple[ClientConnection, Connection, dict[int, _Job]] | None = None
 
     async def run_forever(self) -> None:
-        """Keep a connection to the relay; raises Refused when retrying cannot help."""
-        attempt = 0
-        while True:
-            started = time.monotonic()
+        """Keep a connection to the relay until drained; raises Refused when retrying cannot help."""
+        backoff = Backoff()
+        while not self._draining:
+            connected_at = None
             try:
                 async with connect(
                     self.url,
                     additional_headers={"Authorization": f"Bearer {self._token}"},
                     subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
                     max_size=MAX_FRAME_BYTES + 1024,
-                    ping_interval=PING_INTERVAL,
-                    ping_timeout=PING_INTERVAL,
+                    ping_interval=None,  # see _keepalive
                     open_timeout=15,
                     user_agent_header="qwen3-tts-node",
                 ) as ws:
+                    connected_at = time.monotonic()
                     log.info("connected to %s", self.url)
                     await self._serve(ws)
-                    log.warning("relay closed the tunnel: %s", ws.close_reason or ws.close_code)
+                    if not self._draining:
+                        log.warning("relay %s closed the tunnel: %s", self.url, ws.close_reason or ws.close_code)
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 detail = exc.response.body.decode(errors="replace")[:300] if exc.response.body else ""
                 if status in (401, 403):
-                    raise Refused(f"the relay refused this node's token (HTTP {status}). Check relay.token / "
+                    raise Refused(f"the relay {self.url} refused this node's token (HTTP {status}). Check relay.token / "
                                   "relay.token_env in the node config against RELAY_NODE_TOKENS on the relay.") from None
                 if status == 426:
-                    raise Refused(f"the relay speaks another tunnel protocol version: {detail}. Upgrade the older side.") from None
-                log.warning("relay answered HTTP %s: %s", status, detail)
+                    raise Refused(f"the relay {self.url} speaks another tunnel protocol version: {detail}. "
+                                  "Upgrade the older side.") from None
+                log.warning("relay %s answered HTTP %s: %s", self.url, status, detail)
             except (OSError, asyncio.TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
                 log.warning("relay %s unreachable or dropped: %s", self.url, exc or type(exc).__name__)
-            attempt = 0 if time.monotonic() - started > STABLE_AFTER else attempt + 1
-            delay = backoff_delay(attempt)
-            log.info("reconnecting in %.1f s", delay)
+            if self._draining:
+                return
+            delay = backoff.next_delay(time.monotonic() - connected_at if connected_at else 0.0)
+            log.info("reconnecting to %s in %.1f s", self.url, delay)
             await asyncio.sleep(delay)
 
-    async def _serve(self, ws: ClientConnection) -> None:
-        conn = Connection("node")
-        jobs: dict[int, tuple[asyncio.Task, threading.Event, str]] = {}
-        models = tuple(worker.engine.info for worker in self.workers.values())
-        await ws.send(conn.send(Hello(self.node_name, models)))
+    async def drain(self) -> None:
+        """Tell the relay this node is leaving, let the open streams finish, then close."""
+        self._draining = True
+        if self._live is None:
+            return
+        ws, conn, jobs = self._live
         try:
+            await ws.send(conn.send(Draining()))
+            while jobs:  # requests that crossed the notice on the wire are served too
+                await asyncio.wait([job.task for job in jobs.values() if job.task])
+            await ws.close(1001, "node draining")
+        except ConnectionClosed:
+            pass
+
+    async def _serve(self, ws: ClientConnection) -> None:
+        if self._draining:  # connected just as the node began to drain
+            return
+        conn = Connection("node")
+        jobs: dict[int, _Job] = {}
+        models = tuple(worker.engine.info for worker in self.workers.values())
+        self._live = (ws, conn, jobs)
+        keepalive = asyncio.create_task(self._keepalive(ws))
+        try:
+            await ws.send(conn.send(Hello(self.node_name, models)))
             async for frame in ws:
                 try:
                     message = conn.receive(frame)
                 except ProtocolError as exc:
-                    log.error("relay broke the protocol: %s", exc)
+                    log.error("relay %s broke the protocol: %s", self.url, exc)
                     await ws.close(1002, str(exc).encode()[:120].decode(errors="ignore"))
                     return
                 if isinstance(message, Request):
-                    cancelled = threading.Event()
-                    task = asyncio.create_task(self._handle(ws, conn, message, cancelled))
-                    jobs[message.id] = (task, cancelled, message.request_id)
-                    task.add_done_callback(lambda _, i=message.id: jobs.pop(i, None))
+                    job = jobs[message.id] = _Job(message)
+                    job.task = asyncio.create_task(self._handle(ws, conn, job))
+                    job.task.add_done_callback(lambda _, i=message.id: jobs.pop(i, None))
+                elif isinstance(message, Credit) and message.id in jobs:
+                    jobs[message.id].credited.set()
                 elif isinstance(message, Cancel) and message.id in jobs:
-                    _, cancelled, request_id = jobs[message.id]
-                    log.info("%s: cancelled by the relay", request_id)
-                    cancelled.set()
+                    log.info("%s: cancelled by the relay", jobs[message.id].request.request_id)
+                    jobs[message.id].stop()
+                elif isinstance(message, Draining):
+                    log.info("relay %s is draining: it sends no new requests", self.url)
         finally:
+            keepalive.cancel()
+            self._live = None
             # The relay has already failed these streams; stop the work and wait for the threads to notice.
-            for _, cancelled, _ in jobs.values():
-                cancelled.set()
-            await asyncio.gather(*(task for task, _, _ in list(jobs.values())), return_exceptions=True)
+            for job in jobs.values():
+                job.stop()
+            await asyncio.gather(*(job.task for job in list(jobs.values()) if job.task), return_exceptions=True)
 
-    async def _handle(self, ws: ClientConnection, conn: Connection, request: Request, cancelled: threading.Event) -> None:
+    async def _keepalive(self, ws: ClientConnection) -> None:
+        """Drop a relay that does not answer a ping within ping_timeout (frozen, or the connection
+        half-open): at most ping_interval + ping_timeout after its last answer.
+
+        The websockets library's own keepalive would not do: it first waits for the send buffer to
+        drain, which never happens when the relay stopped reading while audio was queued for it.
+        """
+        try:
+            while True:
+                await asyncio.sleep(self.ping_interval)
+                async with asyncio.timeout(self.ping_timeout):
+                    await (await ws.ping())
+        except TimeoutError:
+            log.warning("relay %s did not answer a ping within %.0f s; dropping it", self.url, self.ping_timeout)
+            ws.transport.abort()
+        except ConnectionClosed:
+            pass
+
+    async def _handle(self, ws: ClientConnection, conn: Connection, job: _Job) -> None:
+        request = job.request
         log.info("%s: stream %d, model %s, voice %s, %d chars, %s",
                  request.request_id, request.id, request.model, request.voice, len(request.input), request.response_format)
         started = time.monotonic()
 
         async def emit(data: bytes) -> None:
-            for frame in audio_frames(request.id, data):
-                await ws.send(frame)
+            """Send as much as the stream's credit allows, then wait for more. Only this stream waits:
+            the model's thread keeps generating into the worker's queue meanwhile."""
+            while data and not job.cancelled.is_set():
+                credit = conn.credit(request.id)
+                if not credit:
+                    job.credited.clear()
+                    await job.credited.wait()
+                    continue
+                size = min(len(data), credit, MAX_AUDIO_PAYLOAD)
+                await ws.send(conn.send(Audio(request.id, data[:size])))
+                data = data[size:]
 
         try:
             worker = self.workers.get(request.model)
             if worker is None:
                 raise JobError("unknown_model", f"This node does not serve model '{request.model}'.")
-            input_tokens, frames = await worker.run(request, cancelled, emit)
+            input_tokens, frames = await worker.run(request, job.cancelled, emit)
             await ws.send(conn.send(End(request.id, input_tokens, frames)))
             log.info("%s: done, %d frames in %.2f s", request.request_id, frames, time.monotonic() - started)
         except ConnectionClosed:
-            cancelled.set()
+            job.stop()
+            log.info("%s: the tunnel closed before the end", request.request_id)
         except JobError as exc:
             await self._send_error(ws, conn, request, exc.code, exc.message)
         except Busy:
@@ -142,7 +236,53 @@ class TunnelClient:
 
     @staticmethod
     async def _send_error(ws: ClientConnection, conn: Connection, request: Request, code: str, message: str) -> None:
+        log.info("%s: answered %s: %s", request.request_id, code, message)
         try:
             await ws.send(conn.send(Error(request.id, code, message[:1000])))
         except ConnectionClosed:
             pass
+
+
+async def serve_relays(clients: list[TunnelClient], drain_grace: float) -> None:
+    """Serve every relay until SIGTERM or SIGINT, then drain: announce it, finish the open streams
+    (at most ``drain_grace`` seconds; a second signal cuts it short) and return.
+
+    Raises Refused when every relay refused this node; one refusal among several is logged and the
+    others are served.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runs = [asyncio.create_task(client.run_forever()) for client in clients]
+
+    def report(task: asyncio.Task) -> None:
+        error = None if task.cancelled() else task.exception()
+        if isinstance(error, Refused):
+            log.error("%s; not retrying it", error)
+        elif error is not None:
+            log.error("serving a relay failed", exc_info=error)
+
+    for run in runs:
+        run.add_done_callback(report)
+    stopping = asyncio.create_task(stop.wait())
+    every_relay_refused = asyncio.gather(*runs, return_exceptions=True)
+    try:
+        await asyncio.wait([stopping, every_relay_refused], return_when=asyncio.FIRST_COMPLETED)
+        if every_relay_refused.done():  # a run ends before a drain only by raising
+            raise next(r for r in every_relay_refused.result() if isinstance(r, Exception))
+        log.info("draining: telling %d relays, finishing open streams (at most %.0f s)", len(clients), drain_grace)
+        stop.clear()
+        stopping = asyncio.create_task(stop.wait())  # a second signal: leave now
+        drained = asyncio.gather(*(client.drain() for client in clients))
+        await asyncio.wait([drained, stopping], timeout=drain_grace, return_when=asyncio.FIRST_COMPLETED)
+        if not drained.done():
+            log.warning("leaving with streams still open")
+            drained.cancel()
+    finally:
+        stopping.cancel()
+        for run in runs:
+            run.cancel()
+        await asyncio.gather(*runs, return_exceptions=True)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

@@ -11,6 +11,7 @@ import uvicorn
 from .app import create_app
 from .auth import RedactCredentials
 from .config import ConfigError, RelayConfig
+from .drain import DrainingServer
 from .protocol import MAX_FRAME_BYTES
 
 
@@ -27,19 +28,22 @@ def main(argv: list[str] | None = None) -> None:
         config = RelayConfig.from_env()
     except ConfigError as exc:
         sys.exit(f"relay: {exc}")
-    uvicorn.run(
-        create_app(config),
+    app = create_app(config)
+    server_config = uvicorn.Config(
+        app,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
         ws="websockets-sansio",
         ws_max_size=MAX_FRAME_BYTES + 1024,  # a tunnel frame is at most 64 KiB
-        ws_ping_interval=20.0,
-        ws_ping_timeout=20.0,
+        ws_ping_interval=config.ping_interval,
+        ws_ping_timeout=config.ping_timeout,
         proxy_headers=True,
         # The access log is off: it adds nothing the relay's own log lines lack.
         access_log=False,
+        timeout_graceful_shutdown=5,  # after the drain: slow clients do not hold the exit
     )
+    DrainingServer(server_config, app.state.router, config.drain_grace).run()
 
 
 if __name__ == "__main__":

@@ -60,6 +60,8 @@ async def health(request: Request) -> JSONResponse:
 async def ready(request: Request) -> JSONResponse:
     """Ready when at least one node has announced a model; load balancers may poll this.
     Says how many nodes are connected and nothing about them."""
+    if request.app.state.router.draining:
+        return JSONResponse({"status": "draining", "nodes": 0}, status_code=503)
     nodes = [node for node in request.app.state.router.nodes if node.models]
     if nodes:
         return JSONResponse({"status": "ready", "nodes": len(nodes)})

@@ -24,6 +24,11 @@ class RelayConfig:
     first_audio_timeout: float = 300.0
     stream_idle_timeout: float = 120.0
     retry_after_seconds: int = 2
+    # Websocket pings to each node: one that stays silent (frozen, half-open TCP) is dropped within
+    # ping_interval + ping_timeout seconds, and its streams fail over or end.
+    ping_interval: float = 10.0
+    ping_timeout: float = 10.0
+    drain_grace: float = 60.0  # seconds open streams may take to finish after SIGTERM
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> RelayConfig:
@@ -45,6 +50,9 @@ class RelayConfig:
             first_audio_timeout=_number(environ, "RELAY_FIRST_AUDIO_TIMEOUT", cls.first_audio_timeout),
             stream_idle_timeout=_number(environ, "RELAY_STREAM_IDLE_TIMEOUT", cls.stream_idle_timeout),
             retry_after_seconds=max(1, round(_number(environ, "RELAY_RETRY_AFTER", cls.retry_after_seconds))),
+            ping_interval=_number(environ, "RELAY_PING_INTERVAL", cls.ping_interval),
+            ping_timeout=_number(environ, "RELAY_PING_TIMEOUT", cls.ping_timeout),
+            drain_grace=_number(environ, "RELAY_DRAIN_GRACE", cls.drain_grace),
         )
 
 

@@ -7,6 +7,7 @@ Handshake (plain HTTP upgrade, checked before the websocket is accepted):
   * ``Authorization: Bearer <node token>``; a wrong or missing token is refused with HTTP 401.
   * ``Sec-WebSocket-Protocol: qwen3-tts-tunnel.v<N>``; a relay that does not speak version N
     refuses with HTTP 426 and says which version it speaks.
+  * A relay that is shutting down refuses with HTTP 503; the node tries again later.
 
 Frames after the handshake:
   * text frames: one JSON object each, ``{"type": ..., ...}``, at most ``MAX_FRAME_BYTES``;
@@ -14,13 +15,25 @@ Frames after the handshake:
     1 to ``MAX_AUDIO_PAYLOAD`` bytes, so a frame never exceeds 64 KiB.
 
 Conversation:
-  node  -> relay  hello   {node, models: [{name, aliases, voices, any_voice}]}   first, and again
-                                                                                  whenever it changes
-  relay -> node   request {id, request_id, model, voice, input, instructions, response_format, speed}
-  node  -> relay  audio   (binary) ... then exactly one of
-  node  -> relay  end     {id, input_tokens, output_tokens}
-  node  -> relay  error   {id, code, message}
-  relay -> node   cancel  {id}      the client went away; the node stops generating
+  node  -> relay  hello    {node, models: [{name, aliases, voices, any_voice}]}   first, and again
+                                                                                   whenever it changes
+  relay -> node   request  {id, request_id, model, voice, input, instructions, response_format, speed,
+                            window}
+  node  -> relay  audio    (binary) ... then exactly one of
+  node  -> relay  end      {id, input_tokens, output_tokens}
+  node  -> relay  error    {id, code, message}
+  relay -> node   credit   {id, size}   the client took ``size`` more bytes of this stream
+  relay -> node   cancel   {id}         the client went away; the node stops generating
+  either way      draining {}           the sender is shutting down: the relay sends no new
+                                        requests; open streams run to their end
+
+Flow control (version 2): each stream has its own byte credit. It starts at the request's
+``window``; every ``credit`` adds to it and every audio byte the node sends takes from it, so the
+relay never holds more than ``window`` unforwarded bytes of a stream, and a client that reads
+slowly holds back its own stream only. The relay grants credit as it hands audio to the client.
+Audio beyond the credit is a protocol error.
+
+Liveness is the websocket's own ping/pong, on both ends (see the README for the intervals).
 
 A ``Connection`` holds one side's view of the streams so that out-of-order or malformed input is
 caught here, in one place, and the asyncio code around it stays thin.
@@ -33,12 +46,16 @@ import struct
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: per-stream credit, draining
 SUBPROTOCOL = f"qwen3-tts-tunnel.v{PROTOCOL_VERSION}"
 MAX_FRAME_BYTES = 64 * 1024
 _AUDIO_HEADER = struct.Struct(">I")
 MAX_AUDIO_PAYLOAD = MAX_FRAME_BYTES - _AUDIO_HEADER.size
 MAX_STREAM_ID = 2**32 - 1
+MAX_CREDIT = 2**31  # bytes, for one window or grant
+# A stream's window: what the relay holds at most for one slow client. It is many seconds of even
+# raw PCM, so a client that keeps up never makes the node wait.
+DEFAULT_WINDOW = 128 * 1024
 
 RESPONSE_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
 MAX_INPUT_CHARS = 4096
@@ -84,11 +101,23 @@ class Request:
     instructions: str | None = None
     response_format: str = "mp3"
     speed: float = 1.0
+    window: int = DEFAULT_WINDOW  # the stream's first credit, in bytes
 
 
 @dataclass(frozen=True)
 class Cancel:
     id: int
+
+
+@dataclass(frozen=True)
+class Credit:
+    id: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Draining:
+    pass
 
 
 @dataclass(frozen=True)
@@ -111,12 +140,13 @@ class Error:
     message: str
 
 
-Message = Union[Hello, Request, Cancel, Audio, End, Error]
+Message = Union[Hello, Request, Credit, Cancel, Draining, Audio, End, Error]
 Frame = Union[str, bytes]
 
-_FROM_NODE = (Hello, Audio, End, Error)
-_FROM_RELAY = (Request, Cancel)
-_TYPE_NAMES = {Hello: "hello", Request: "request", Cancel: "cancel", End: "end", Error: "error"}
+_FROM_NODE = (Hello, Audio, End, Error, Draining)
+_FROM_RELAY = (Request, Credit, Cancel, Draining)
+_TYPE_NAMES = {Hello: "hello", Request: "request", Credit: "credit", Cancel: "cancel", Draining: "draining",
+               End: "end", Error: "error"}
 _TYPES_BY_NAME = {name: cls for cls, name in _TYPE_NAMES.items()}
 
 
@@ -133,14 +163,6 @@ def encode(message: Message) -> Frame:
             value = [v.__dict__ if isinstance(v, ModelInfo) else v for v in value]
         body[name] = value
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
-
-
-def audio_frames(stream_id: int, data: bytes) -> list[bytes]:
-    """Split encoded audio into binary frames of at most MAX_FRAME_BYTES."""
-    return [
-        encode(Audio(stream_id, data[i : i + MAX_AUDIO_PAYLOAD]))  # type: ignore[misc]
-        for i in range(0, len(data), MAX_AUDIO_PAYLOAD)
-    ]
 
 
 # --- decoding and validation ------------------------------------------------------------------
@@ -269,6 +291,7 @@ def _decode_request(f: _Fields) -> Request:
         instructions=f.pop_str("instructions", MAX_INSTRUCTIONS_CHARS, optional=True, empty=True),
         response_format=response_format,  # type: ignore[arg-type]
         speed=f.pop_float("speed", MIN_SPEED, MAX_SPEED),
+        window=f.pop_int("window", 1, MAX_CREDIT),
     )
 
 
@@ -286,7 +309,9 @@ def _decode_error(f: _Fields) -> Error:
 _DECODERS = {
     Hello: _decode_hello,
     Request: _decode_request,
+    Credit: lambda f: Credit(id=f.pop_int("id", 0, MAX_STREAM_ID), size=f.pop_int("size", 1, MAX_CREDIT)),
     Cancel: lambda f: Cancel(id=f.pop_int("id", 0, MAX_STREAM_ID)),
+    Draining: lambda f: Draining(),
     End: lambda f: End(
         id=f.pop_int("id", 0, MAX_STREAM_ID),
         input_tokens=f.pop_int("input_tokens", 0, 2**31),
@@ -301,16 +326,22 @@ _DECODERS = {
 
 @dataclass
 class Connection:
-    """One side's view of a tunnel: which messages may come next, which streams are open.
+    """One side's view of a tunnel: which messages may come next, which streams are open, and how
+    many audio bytes each stream may still carry.
 
-    ``send`` encodes what this side says; ``receive`` decodes what the peer said and returns it,
-    or None for a frame that arrived after this side cancelled its stream (an expected race).
+    ``send`` encodes what this side says (a ValueError for what this side must not say: a bug in
+    the caller); ``receive`` decodes what the peer said and returns it, or None for a frame that
+    needs no action: one that arrived after this side cancelled its stream, or a cancel or credit
+    that crossed the stream's end on the wire (expected races).
     """
 
     role: Literal["relay", "node"]
     hello_done: bool = False
-    open_streams: set[int] = field(default_factory=set)  # requests not yet ended or failed
+    # stream id -> credit: audio bytes the node may still send on it, for streams not yet ended
+    open_streams: dict[int, int] = field(default_factory=dict)
     cancelled: set[int] = field(default_factory=set)  # relay: cancelled, node may still be talking
+    draining_sent: bool = False
+    peer_draining: bool = False
     next_id: int = 1
 
     def new_stream_id(self) -> int:
@@ -318,20 +349,38 @@ class Connection:
         self.next_id = 1 if stream_id >= MAX_STREAM_ID else stream_id + 1
         return stream_id
 
+    def credit(self, stream_id: int) -> int:
+        """Audio bytes the node may still send on ``stream_id`` (0 once it has ended)."""
+        return self.open_streams.get(stream_id, 0)
+
     def send(self, message: Message) -> Frame:
         allowed = _FROM_RELAY if self.role == "relay" else _FROM_NODE
         if not isinstance(message, allowed):
             raise ValueError(f"a {self.role} does not send {type(message).__name__}")
-        if isinstance(message, Hello):
+        if isinstance(message, Draining):
+            self.draining_sent = True
+        elif isinstance(message, Hello):
             self.hello_done = True
         elif isinstance(message, Request):
-            self.open_streams.add(message.id)
+            if self.draining_sent or self.peer_draining:
+                raise ValueError("no new requests once either side is draining")
+            self.open_streams[message.id] = message.window
+        elif isinstance(message, Credit):
+            if message.id not in self.open_streams:
+                raise ValueError(f"stream {message.id} is not open")
+            self.open_streams[message.id] += message.size
         elif isinstance(message, Cancel):
             if message.id in self.open_streams:
-                self.open_streams.discard(message.id)
+                del self.open_streams[message.id]
                 self.cancelled.add(message.id)
+        elif isinstance(message, Audio):
+            if not 0 < len(message.data) <= MAX_AUDIO_PAYLOAD:
+                raise ValueError(f"an audio frame carries 1 to {MAX_AUDIO_PAYLOAD} bytes, not {len(message.data)}")
+            if len(message.data) > self.credit(message.id):
+                raise ValueError(f"stream {message.id} has {self.credit(message.id)} bytes of credit, not {len(message.data)}")
+            self.open_streams[message.id] -= len(message.data)
         elif isinstance(message, (End, Error)):
-            self.open_streams.discard(message.id)
+            self.open_streams.pop(message.id, None)
         return encode(message)
 
     def receive(self, frame: Frame) -> Message | None:
@@ -339,6 +388,9 @@ class Connection:
         expected = _FROM_NODE if self.role == "relay" else _FROM_RELAY
         if not isinstance(message, expected):
             raise ProtocolError(f"{type(message).__name__} is not sent to a {self.role}")
+        if isinstance(message, Draining):
+            self.peer_draining = True
+            return message
         return self._receive_at_relay(message) if self.role == "relay" else self._receive_at_node(message)
 
     def _receive_at_relay(self, message: Message) -> Message | None:
@@ -354,15 +406,25 @@ class Connection:
             return None
         if stream_id not in self.open_streams:
             raise ProtocolError(f"stream {stream_id} is not open")
-        if isinstance(message, (End, Error)):
-            self.open_streams.discard(stream_id)
+        if isinstance(message, Audio):
+            if len(message.data) > self.open_streams[stream_id]:
+                raise ProtocolError(f"stream {stream_id} sent more audio than its credit")
+            self.open_streams[stream_id] -= len(message.data)
+        else:
+            del self.open_streams[stream_id]
         return message
 
     def _receive_at_node(self, message: Message) -> Message | None:
         if isinstance(message, Request):
+            if self.peer_draining:
+                raise ProtocolError("a request after the relay said it is draining")
             if message.id in self.open_streams:
                 raise ProtocolError(f"stream {message.id} is already open")
-            self.open_streams.add(message.id)
+            self.open_streams[message.id] = message.window
             return message
-        # A cancel may cross the node's own end or error on the wire: nothing left to stop.
-        return message if message.id in self.open_streams else None  # type: ignore[union-attr]
+        # A cancel or credit may cross the node's own end or error on the wire: nothing to do.
+        if message.id not in self.open_streams:  # type: ignore[union-attr]
+            return None
+        if isinstance(message, Credit):
+            self.open_streams[message.id] += message.size
+        return message

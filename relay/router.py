@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 from .protocol import ModelInfo
 from .tunnel_server import NodeSession
+
+log = logging.getLogger("relay.router")
 
 
 class Router:
     def __init__(self) -> None:
         self._nodes: list[NodeSession] = []
+        self.draining = False  # this relay is shutting down: it takes no new work
 
     def add(self, node: NodeSession) -> None:
         if node not in self._nodes:
@@ -20,7 +26,23 @@ class Router:
 
     @property
     def nodes(self) -> list[NodeSession]:
-        return [node for node in self._nodes if not node.closed]
+        """Nodes that take new work: connected and not draining."""
+        return [node for node in self._nodes if not node.closed and not node.draining]
+
+    @property
+    def open_streams(self) -> int:
+        return sum(node.outstanding for node in self._nodes)
+
+    async def drain(self, grace: float) -> None:
+        """Take no new work, tell every node, and wait up to ``grace`` seconds for open streams to end."""
+        self.draining = True
+        log.info("draining: no new requests; waiting up to %.0f s for %d open streams", grace, self.open_streams)
+        await asyncio.gather(*(node.announce_draining() for node in self._nodes))
+        deadline = asyncio.get_running_loop().time() + grace
+        while self.open_streams and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        if self.open_streams:
+            log.warning("drain grace over: cutting %d open streams", self.open_streams)
 
     def candidates(self, model: str) -> list[tuple[NodeSession, ModelInfo]]:
         """Nodes that answer to ``model`` (a name or alias), least outstanding work first."""

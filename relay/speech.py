@@ -13,10 +13,10 @@ from starlette.types import Receive, Scope, Send
 
 from .config import RelayConfig
 from .errors import ApiError
-from .protocol import Audio, End, Error, Request
+from .protocol import Audio, End, Error, ModelInfo, Request
 from .router import Router
 from .speech_request import CONTENT_TYPES, MAX_BODY_BYTES, SpeechRequest, parse_speech_request
-from .tunnel_server import NodeGone, Stream
+from .tunnel_server import NodeGone, NodeSession, Stream
 
 log = logging.getLogger("relay.speech")
 
@@ -54,20 +54,31 @@ async def open_stream(router: Router, config: RelayConfig, speech: SpeechRequest
     Nodes are tried least-busy first; a node that is busy or drops before sending anything is
     skipped, so the client only sees an error when no node could take the work.
     """
+    if router.draining:
+        raise ApiError(503, "This relay is shutting down; retry shortly.", code="relay_draining",
+                       retry_after=config.retry_after_seconds)
     if not router.nodes:
         raise ApiError(503, "No node is connected to this relay right now.", code="no_node_available",
                        retry_after=config.retry_after_seconds)
-    candidates = router.candidates(speech.model)
-    if not candidates:
+    if not router.candidates(speech.model):
         raise ApiError(404, f"The model '{speech.model}' does not exist or no connected node serves it.",
                        param="model", code="model_not_found")
-    candidates = [(node, info) for node, info in candidates if info.any_voice or speech.voice in info.voices]
-    if not candidates:
+
+    def untried() -> list[tuple[NodeSession, ModelInfo]]:
+        """Nodes with the voice not tried yet, least busy first; asked anew after every attempt,
+        since nodes come, go and take work meanwhile."""
+        return [(node, info) for node, info in router.candidates(speech.model)
+                if (info.any_voice or speech.voice in info.voices) and node not in tried]
+
+    tried: set[NodeSession] = set()
+    if not untried():
         raise ApiError(404, f"The voice '{speech.voice}' is not available for model '{speech.model}'.",
                        param="voice", code="voice_not_found")
 
     busy = False
-    for node, info in candidates:
+    while candidates := untried():
+        node, info = candidates[0]
+        tried.add(node)
         message = Request(
             id=node.new_stream_id(), request_id=request_id, model=info.name, voice=speech.voice,
             input=speech.input, instructions=speech.instructions,
@@ -99,6 +110,10 @@ async def open_stream(router: Router, config: RelayConfig, speech: SpeechRequest
         raise ApiError(429, "Every node serving this model is at capacity; retry shortly.", code="node_busy",
                        retry_after=config.retry_after_seconds)
     raise ApiError(502, "The node serving this model disconnected.", code="node_failed")
+
+
+class ClientStalled(Exception):
+    """The client stopped taking audio."""
 
 
 class SpeechResponse:
@@ -135,7 +150,8 @@ class SpeechResponse:
                 return
             await send({"type": "http.response.start", "status": 200, "headers": self._headers()})
             while isinstance(event, Audio):
-                await self._send_body(send, self._audio(event.data))
+                await self._send_audio(send, event.data)
+                await stream.consumed(len(event.data))
                 event = await stream.next_event(self.config.stream_idle_timeout)
             if isinstance(event, End):
                 await self._send_body(send, self._done(event), more=False)
@@ -145,12 +161,22 @@ class SpeechResponse:
         except NodeGone:
             log.warning("%s: node disconnected mid-stream", self.request_id)
             await self._fail_mid_stream(send, ApiError(502, "The node disconnected mid-stream.", code="node_failed"))
+        except ClientStalled:
+            log.warning("%s: the client took no audio for %.0f s; dropped", self.request_id, self.config.stream_idle_timeout)
         except asyncio.TimeoutError:
             log.warning("%s: node stalled mid-stream", self.request_id)
             await self._fail_mid_stream(send, ApiError(504, "The node stopped sending audio.", code="node_timeout"))
         finally:
             if stream is not None:
                 await stream.close()
+
+    async def _send_audio(self, send: Send, data: bytes) -> None:
+        """Hand audio to the client; this waits while the client reads slowly, but not for ever: a
+        client that takes nothing for the idle timeout would hold its node's slot indefinitely."""
+        try:
+            await asyncio.wait_for(self._send_body(send, self._audio(data)), self.config.stream_idle_timeout)
+        except asyncio.TimeoutError:
+            raise ClientStalled() from None
 
     def _headers(self) -> list[tuple[bytes, bytes]]:
         media_type = "text/event-stream" if self.sse else CONTENT_TYPES[self.speech.response_format]

@@ -11,7 +11,7 @@ from starlette.websockets import WebSocket
 
 from . import protocol
 from .auth import bearer_token
-from .protocol import Audio, Cancel, Connection, End, Error, Hello, ModelInfo, ProtocolError, Request
+from .protocol import Audio, Cancel, Connection, Credit, Draining, End, Error, Hello, ModelInfo, ProtocolError, Request
 
 if TYPE_CHECKING:
     from .router import Router
@@ -27,7 +27,11 @@ class NodeGone(Exception):
 
 
 class Stream:
-    """One request as the relay sees it: the events its node sends, in order."""
+    """One request as the relay sees it: the events its node sends, in order.
+
+    The queue needs no bound of its own: the protocol lets the node send no more audio than the
+    credit this stream was granted, and credit comes back only as the client takes the audio.
+    """
 
     def __init__(self, session: NodeSession, stream_id: int) -> None:
         self.session = session
@@ -47,6 +51,10 @@ class Stream:
         if isinstance(event, (End, Error)):
             self.finished = True
         return event
+
+    async def consumed(self, size: int) -> None:
+        """The client took ``size`` bytes of audio: the node may send that much more."""
+        await self.session.grant(self.id, size)
 
     async def close(self) -> None:
         """Release the stream; tell the node to stop if it is still producing."""
@@ -71,8 +79,13 @@ class NodeSession:
     def outstanding(self) -> int:
         return len(self.streams)
 
+    @property
+    def draining(self) -> bool:
+        """The node said it is leaving: it finishes its streams and takes no new ones."""
+        return self.conn.peer_draining
+
     async def open_stream(self, request: Request) -> Stream:
-        if self.closed:
+        if self.closed or self.draining or self.conn.draining_sent:
             raise NodeGone()
         stream = Stream(self, request.id)
         self.streams[request.id] = stream
@@ -91,7 +104,16 @@ class NodeSession:
         if not self.closed:
             await self._send(Cancel(stream.id))
 
-    async def _send(self, message: Request | Cancel) -> None:
+    async def grant(self, stream_id: int, size: int) -> None:
+        if not self.closed and stream_id in self.conn.open_streams:  # else it ended while we forwarded
+            await self._send(Credit(stream_id, size))
+
+    async def announce_draining(self) -> None:
+        """This relay is shutting down: no new requests will come; open streams carry on."""
+        if not self.closed and not self.conn.draining_sent:
+            await self._send(Draining())
+
+    async def _send(self, message: Request | Credit | Cancel | Draining) -> None:
         frame = self.conn.send(message)
         try:
             async with self._send_lock:
@@ -108,6 +130,10 @@ class NodeSession:
                 self.models = {model.name: model for model in message.models}
                 log.info("node %s (%s) serves %s", self.name, message.node, ", ".join(self.models) or "nothing yet")
                 router.add(self)
+                if router.draining:  # it connected just before the relay began to drain
+                    await self.announce_draining()
+            elif isinstance(message, Draining):
+                log.info("node %s is draining: no new work for it; %d streams finish", self.name, self.outstanding)
             elif message is not None:
                 stream = self.streams.get(message.id)  # type: ignore[union-attr]
                 if isinstance(message, (End, Error)):
@@ -142,6 +168,10 @@ async def tunnel_endpoint(websocket: WebSocket) -> None:
     if protocol.SUBPROTOCOL not in offered:
         log.warning("refused node %s: it speaks %s, this relay %s", node_name, offered, protocol.SUBPROTOCOL)
         await _deny(websocket, 426, f"unsupported tunnel protocol {offered}; this relay speaks {protocol.SUBPROTOCOL}")
+        return
+
+    if router.draining:
+        await _deny(websocket, 503, "this relay is shutting down; try again later")
         return
 
     await websocket.accept(subprotocol=protocol.SUBPROTOCOL)

@@ -93,9 +93,10 @@ class Relay(Process):
 
 
 class Node(Process):
-    def __init__(self, tmp: Path, relay: Relay, models: dict, name: str = "node", token: str = NODE_TOKEN,
-                 env: dict[str, str] | None = None, **extra) -> None:
-        config = {"relay": {"url": relay.tunnel_url, "token_env": "TEST_NODE_TOKEN", "node_name": name},
+    def __init__(self, tmp: Path, relay: Relay | list[Relay], models: dict, name: str = "node", token: str = NODE_TOKEN,
+                 env: dict[str, str] | None = None, relay_options: dict | None = None, **extra) -> None:
+        url = [r.tunnel_url for r in relay] if isinstance(relay, list) else relay.tunnel_url  # several relays
+        config = {"relay": {"url": url, "token_env": "TEST_NODE_TOKEN", "node_name": name, **(relay_options or {})},
                   "dtype": "bfloat16", "threads": 2, "models": models, **extra}
         config_path = tmp / f"node-{name}-{free_port()}.yaml"
         config_path.write_text(yaml.safe_dump(config))

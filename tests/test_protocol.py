@@ -10,37 +10,39 @@ from relay.protocol import (
     Audio,
     Cancel,
     Connection,
+    Credit,
+    Draining,
     End,
     Error,
     Hello,
     ModelInfo,
     ProtocolError,
     Request,
-    audio_frames,
     decode,
     encode,
 )
 
 HELLO = Hello("home", (ModelInfo("custom_voice", ("tts-1",), ("vivian", "alloy")),))
-REQUEST = Request(7, "req_1", "custom_voice", "alloy", "Hello there.", None, "wav", 1.5)
+REQUEST = Request(7, "req_1", "custom_voice", "alloy", "Hello there.", None, "wav", 1.5, window=100)
 
 
 @pytest.mark.parametrize(
     "message",
     [HELLO, REQUEST, Request(1, "r", "m", "v", "x", "be calm", "pcm", 0.25), Cancel(3), End(3, 4, 25), Error(3, "busy", "full"),
-     Audio(9, b"\x00\x01" * 10)],
+     Audio(9, b"\x00\x01" * 10), Credit(3, 65536), Draining()],
 )
 def test_round_trip(message):
     assert decode(encode(message)) == message
 
 
-def test_audio_frames_stay_under_64_kib_and_reassemble():
-    data = bytes(range(256)) * 700  # 179200 bytes
-    frames = audio_frames(5, data)
-    assert all(len(f) <= MAX_FRAME_BYTES for f in frames)
-    assert len(frames) == -(-len(data) // MAX_AUDIO_PAYLOAD)
-    assert b"".join(decode(f).data for f in frames) == data
-    assert {decode(f).id for f in frames} == {5}
+def test_audio_frames_stay_under_64_kib():
+    node = Connection("node")
+    node.receive(encode(Request(1, "r", "m", "v", "x", window=10 * MAX_FRAME_BYTES)))
+    assert len(node.send(Audio(1, b"x" * MAX_AUDIO_PAYLOAD))) == MAX_FRAME_BYTES
+    with pytest.raises(ValueError):
+        node.send(Audio(1, b"x" * (MAX_AUDIO_PAYLOAD + 1)))
+    with pytest.raises(ValueError):
+        node.send(Audio(1, b""))
 
 
 def _text(**body):
@@ -67,7 +69,16 @@ def _text(**body):
         _text(type="hello", node="n", models=[{"name": "m", "aliases": [], "voices": [], "any_voice": 0}]),
         _text(type="hello", node="", models=[]),
         _text(type="request", id=1, request_id="r", model="m", voice="v", input="", instructions=None,
-              response_format="wav", speed=1.0),
+              response_format="wav", speed=1.0, window=1),
+        _text(type="request", id=1, request_id="r", model="m", voice="v", input="hi", instructions=None,
+              response_format="wav", speed=1.0),  # no window: a version 1 relay
+        _text(type="request", id=1, request_id="r", model="m", voice="v", input="hi", instructions=None,
+              response_format="wav", speed=1.0, window=0),
+        _text(type="credit", id=1),
+        _text(type="credit", id=1, size=0),
+        _text(type="credit", id=1, size=2**31 + 1),
+        _text(type="credit", id=1, size=1.5),
+        _text(type="draining", now=True),
         _text(type="request", id=1, request_id="r", model="m", voice="v", input="hi", instructions=None,
               response_format="ogg", speed=1.0),
         _text(type="request", id=1, request_id="r", model="m", voice="v", input="hi", instructions=None,
@@ -145,3 +156,104 @@ def test_stream_ids_wrap_around():
     relay = Connection("relay", next_id=2**32 - 1)
     assert relay.new_stream_id() == 2**32 - 1
     assert relay.new_stream_id() == 1
+
+
+def _open_relay_stream(window: int) -> Connection:
+    relay = Connection("relay")
+    relay.receive(encode(HELLO))
+    relay.send(Request(1, "r", "custom_voice", "alloy", "hi", window=window))
+    return relay
+
+
+def test_relay_accepts_audio_up_to_the_credit_and_no_further():
+    relay = _open_relay_stream(window=10)
+    assert relay.receive(encode(Audio(1, b"x" * 6))) == Audio(1, b"x" * 6)
+    assert relay.receive(encode(Audio(1, b"x" * 4))) == Audio(1, b"x" * 4)
+    assert relay.credit(1) == 0
+    with pytest.raises(ProtocolError):
+        relay.receive(encode(Audio(1, b"x")))
+
+
+def test_credit_granted_by_the_relay_lets_the_node_send_that_much_more():
+    relay = _open_relay_stream(window=4)
+    relay.receive(encode(Audio(1, b"abcd")))
+    relay.send(Credit(1, 3))
+    assert relay.credit(1) == 3
+    relay.receive(encode(Audio(1, b"efg")))
+    with pytest.raises(ProtocolError):
+        relay.receive(encode(Audio(1, b"h")))
+
+
+def test_credit_is_per_stream():
+    relay = _open_relay_stream(window=4)
+    relay.send(Request(2, "r2", "custom_voice", "alloy", "hi", window=4))
+    relay.receive(encode(Audio(1, b"abcd")))  # stream 1 is out of credit...
+    assert relay.receive(encode(Audio(2, b"abcd"))) == Audio(2, b"abcd")  # ...stream 2 is not
+    relay.send(Credit(2, 1))
+    with pytest.raises(ProtocolError):
+        relay.receive(encode(Audio(1, b"e")))
+
+
+def test_relay_grants_credit_only_to_open_streams():
+    relay = _open_relay_stream(window=4)
+    relay.receive(encode(End(1, 0, 0)))
+    with pytest.raises(ValueError):
+        relay.send(Credit(1, 4))
+
+
+def test_cancelled_streams_are_not_held_to_their_credit():
+    relay = _open_relay_stream(window=1)
+    relay.send(Cancel(1))
+    assert relay.receive(encode(Audio(1, b"already on the wire"))) is None
+
+
+def test_node_sends_no_more_than_its_credit_and_gains_what_the_relay_grants():
+    node = Connection("node")
+    node.receive(encode(REQUEST))  # window 100
+    assert node.credit(REQUEST.id) == 100
+    node.send(Audio(REQUEST.id, b"x" * 100))
+    with pytest.raises(ValueError):
+        node.send(Audio(REQUEST.id, b"x"))
+    assert node.receive(encode(Credit(REQUEST.id, 50))) == Credit(REQUEST.id, 50)
+    assert node.credit(REQUEST.id) == 50
+    with pytest.raises(ValueError):
+        node.send(Audio(REQUEST.id, b"x" * 51))
+    node.send(End(REQUEST.id, 1, 1))
+    assert node.receive(encode(Credit(REQUEST.id, 50))) is None  # crossed the end on the wire
+    assert node.credit(REQUEST.id) == 0
+    with pytest.raises(ValueError):
+        node.send(Audio(999, b"x"))  # no such stream
+
+
+def test_a_draining_node_gets_no_new_requests_but_its_streams_finish():
+    relay = _open_relay_stream(window=10)
+    assert relay.receive(encode(Draining())) == Draining()
+    assert relay.peer_draining
+    with pytest.raises(ValueError):
+        relay.send(Request(2, "r2", "custom_voice", "alloy", "hi"))
+    assert relay.receive(encode(Audio(1, b"abc"))) == Audio(1, b"abc")
+    assert relay.receive(encode(End(1, 1, 1))) == End(1, 1, 1)
+
+
+def test_a_draining_relay_sends_no_new_requests():
+    relay = _open_relay_stream(window=10)
+    relay.send(Draining())
+    with pytest.raises(ValueError):
+        relay.send(Request(2, "r2", "custom_voice", "alloy", "hi"))
+    relay.send(Credit(1, 5))  # open streams carry on
+
+
+def test_node_refuses_requests_after_the_relay_said_it_is_draining():
+    node = Connection("node")
+    node.receive(encode(REQUEST))
+    assert node.receive(encode(Draining())) == Draining()
+    node.send(Audio(REQUEST.id, b"still fine"))
+    with pytest.raises(ProtocolError):
+        node.receive(encode(Request(8, "r", "m", "v", "x")))
+
+
+def test_node_takes_requests_that_crossed_its_own_draining_notice():
+    node = Connection("node")
+    node.send(HELLO)
+    node.send(Draining())
+    assert node.receive(encode(REQUEST)) == REQUEST

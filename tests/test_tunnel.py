@@ -57,6 +57,7 @@ async def test_handshake_refusals(relay):
         ({}, [SUBPROTOCOL], 401),
         ({"Authorization": "Bearer wrong-token-wrong-token"}, [SUBPROTOCOL], 401),
         ({"Authorization": f"Bearer {NODE_TOKEN}"}, ["qwen3-tts-tunnel.v99"], 426),
+        ({"Authorization": f"Bearer {NODE_TOKEN}"}, ["qwen3-tts-tunnel.v1"], 426),  # before flow control
         ({"Authorization": f"Bearer {NODE_TOKEN}"}, None, 426),
     ]:
         with pytest.raises(InvalidStatus) as info:
@@ -150,7 +151,7 @@ def test_node_reconnects_after_the_relay_restarts(tmp_path):
     try:
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
         relay.kill()
-        node.wait_for_log("reconnecting in", timeout=10)
+        node.wait_for_log("reconnecting to", timeout=10)
         relay = Relay(tmp_path, port=relay.port)
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)  # backoff is capped at 30 s
         assert speak(relay).status_code == 200
@@ -236,3 +237,54 @@ async def test_a_node_that_drops_before_the_first_byte_is_replaced_by_another(tm
                 assert response.status_code == 200 and len(response.content) == len("Retry me") * 1920 * 2
     finally:
         real.stop()
+
+
+async def test_fifty_concurrent_requests_across_two_nodes_all_complete_with_the_right_audio(tmp_path, relay):
+    """The real openai SDK, 50 requests at once; each response decoded and checked against its own input."""
+    import io
+
+    import openai
+    import soundfile
+
+    nodes = [Node(tmp_path, relay, synthetic_models(max_queue=30), name=name) for name in ("one", "two")]
+    try:
+        for node in nodes:
+            await asyncio.to_thread(node.wait_for_log, "connected to")
+        while httpx.get(f"{relay.url}/ready").json()["nodes"] < 2:
+            await asyncio.sleep(0.05)
+        client = openai.AsyncOpenAI(base_url=f"{relay.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        texts = ["a" * (1 + i % 4) for i in range(50)]  # 1 to 4 frames each
+        responses = await asyncio.gather(*(
+            client.audio.speech.create(model="tts-1", voice="alloy", input=text, response_format="wav") for text in texts
+        ))
+        for text, response in zip(texts, responses):
+            samples, rate = soundfile.read(io.BytesIO(response.content), dtype="int16")
+            assert rate == 24000 and len(samples) == len(text) * 1920
+            assert abs(samples).max() > 0.25 * 32767  # the tone, not silence
+        served = [node.log().count("done,") for node in nodes]
+        assert sum(served) == 50 and min(served) >= 10, served  # both nodes took a share
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def test_every_node_log_line_about_a_request_carries_the_relays_request_id(tmp_path, relay):
+    node = Node(tmp_path, relay, synthetic_models())
+    try:
+        relay.wait_for_models({"tts-1"}, node=node, timeout=60)
+        served = speak(relay, "Tagged")
+        refused = speak(relay, "Tagged", voice="nobody")
+        with httpx.stream("POST", f"{relay.url}/v1/audio/speech", json={**SPEECH, "input": "x" * 100},
+                          headers=AUTH, timeout=30) as response:
+            cancelled = response.headers["x-request-id"]
+            next(response.iter_bytes())
+        node.wait_for_log(f"{cancelled}: done", timeout=10)
+        assert served.status_code == 200 and refused.status_code == 404
+        ids = {served.headers["x-request-id"], cancelled}
+        lines = [line for line in node.log().splitlines() if "stream " in line or "done," in line
+                 or "cancelled" in line or "answered" in line]
+        assert len(lines) == 5  # start and end of the two streams, and the cancel
+        assert all(line.split(": ")[1].split(":")[0] in ids for line in lines), lines
+        assert all(request_id in relay.log() for request_id in ids)
+    finally:
+        node.stop()

@@ -1,0 +1,26 @@
+"""Which node gets a request: the ready one with the least outstanding work."""
+
+from relay.protocol import ModelInfo
+from relay.router import Router
+from relay.tunnel_server import NodeSession
+
+TONE = ModelInfo("tone", ("tts-1",), ("alloy",))
+
+
+def session(name: str, outstanding: int, draining: bool = False, closed: bool = False) -> NodeSession:
+    node = NodeSession(websocket=None, name=name)  # type: ignore[arg-type]  # routing reads no socket
+    node.models = {TONE.name: TONE}
+    node.streams = {i: None for i in range(outstanding)}  # type: ignore[misc]
+    node.conn.peer_draining = draining
+    node.closed = closed
+    return node
+
+
+def test_the_least_busy_ready_node_comes_first():
+    router = Router()
+    busy, idle, draining, gone = session("busy", 3), session("idle", 1), session("draining", 0, draining=True), session("gone", 0, closed=True)
+    for node in (busy, draining, idle, gone):
+        router.add(node)
+    assert [node.name for node, _ in router.candidates("tts-1")] == ["idle", "busy"]
+    assert router.nodes == [busy, idle]
+    assert router.candidates("other") == []
