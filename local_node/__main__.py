@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -13,6 +14,7 @@ from relay.auth import RedactCredentials
 
 try:
     from .config import ConfigError, NodeConfig, config_path, load_config
+    from .metrics import MetricsListener, NodeMetrics
     from .worker import ModelWorker
 except ImportError as missing:  # a relay-only install (`pip install .`) has no node dependencies
     sys.exit(f"local_node: {missing.name} is not installed; the node needs its extra: pip install 'qwen3-tts-relay[node]'")
@@ -37,7 +39,7 @@ def physical_cores() -> int:
     return max(1, min(usable, len(cores) or usable))
 
 
-def build_workers(config: NodeConfig) -> dict[str, ModelWorker]:
+def build_workers(config: NodeConfig, metrics: NodeMetrics | None = None) -> dict[str, ModelWorker]:
     """Load, warm up and wrap every enabled model. Announced to the relay only after this."""
     from .engine import SyntheticEngine
 
@@ -50,7 +52,7 @@ def build_workers(config: NodeConfig) -> dict[str, ModelWorker]:
 
             engine = QwenEngine(model, config.dtype)
             engine.warm_up()
-        workers[model.name] = ModelWorker(engine, model.max_queue)
+        workers[model.name] = ModelWorker(engine, model.max_queue, metrics)
     return workers
 
 
@@ -64,18 +66,32 @@ def run(config: NodeConfig) -> int:
         threads = config.threads or physical_cores()
         torch.set_num_threads(threads)
         log.info("torch %s on %s, %d threads, %s", torch.__version__, config.device, threads, config.dtype)
+    metrics, listener = NodeMetrics(), None
+    if config.metrics:  # bound before the models load: a taken port stops the node at once
+        try:
+            listener = MetricsListener(metrics, config.metrics)
+        except OSError as exc:
+            log.error("config: metrics.listen: cannot listen on %s:%d: %s", config.metrics.host, config.metrics.port,
+                      exc.strerror or exc)
+            return 2
     try:
-        workers = build_workers(config)
+        workers = build_workers(config, metrics)
     except ModelUnavailable as exc:
         log.error("%s", exc)
         return 1
     except ConfigError as exc:
         log.error("config: %s", exc)
         return 2
-    clients = [TunnelClient(url, config.token, config.node_name, workers, config.ping_interval, config.ping_timeout)
-               for url in config.relay_urls]
+    clients = [TunnelClient(url, config.token, config.node_name, workers, config.ping_interval, config.ping_timeout,
+                            metrics=metrics) for url in config.relay_urls]
+
+    async def serve() -> None:
+        # The metrics listener lives as long as the node serves, its drain included.
+        async with listener or contextlib.nullcontext():
+            await serve_relays(clients, config.drain_grace)
+
     try:
-        asyncio.run(serve_relays(clients, config.drain_grace))
+        asyncio.run(serve())
     except Refused as exc:
         log.error("stopping: %s", exc)
         return 2

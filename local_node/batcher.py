@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -46,6 +47,8 @@ class Batcher:
         self._joining: list[_Request] = []
         self._live: dict[Utterance, _Request] = {}
         self._wake = threading.Condition()
+        # Told the frames and seconds of each step (codec work included), on this thread: metrics.
+        self.on_step: Callable[[int, float], None] = lambda frames, seconds: None
         threading.Thread(target=self._run, name=f"generate-{name}", daemon=True).start()
 
     def run(self, prompt: Prompt, sampling: SamplingConfig, cancelled: threading.Event,
@@ -69,6 +72,7 @@ class Batcher:
                 while not (self._joining or self._live):
                     self._wake.wait()
                 self._admit()
+            started = time.monotonic()
             try:
                 with torch.inference_mode():
                     produced = self._batch.step()
@@ -83,6 +87,7 @@ class Batcher:
                 self._deliver(utterance, self._live[utterance].on_end)
                 if utterance in self._live:
                     self._leave(utterance)
+            self.on_step(len(produced), time.monotonic() - started)
 
     def _deliver(self, utterance: Utterance, callback: Callable, *args: Any) -> None:
         """Run one utterance's callback; its failure ends that utterance only."""

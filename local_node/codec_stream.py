@@ -16,8 +16,8 @@ context. Each chunk runs only its new frames through the decoder's own modules:
   and last convolutions) keeps its last ``R`` input samples, ``R`` being its causal look-back
   (sum of its convolutions' left padding); it is called unmodified on ``history + new`` and the
   first ``R`` outputs, which saw its zero padding, are dropped;
-* each causal transposed convolution keeps the input samples whose kernels overlap the new
-  outputs, and its outputs for those old samples are dropped;
+* each causal transposed convolution runs as one matrix product and an overlap-add, carrying
+  the partial sums of the outputs that the next samples still add to;
 * the point-wise SnakeBeta activations need nothing.
 
 That is the whole-utterance computation, reordered: the same samples come out, up to
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import collections
 import inspect
-import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -152,12 +151,13 @@ class _Plan:
                 conv.padding != (0,)
                 or conv.output_padding != (0,)
                 or conv.dilation != (1,)
+                or conv.groups != 1
+                or k % s
                 or module.left_pad != 0
                 or module.right_pad != k - s
             ):
                 raise NotImplementedError(f"cannot stream this transposed conv: {module}")
-            # Input samples before the first new one whose kernels reach the new outputs.
-            self.backend.append(("transconv", module, math.ceil(k / s) - 1))
+            self.backend.append(("transconv", module, 0))
         else:
             raise NotImplementedError(f"no streaming rule for {type(module).__name__}")
 
@@ -335,27 +335,22 @@ class StreamingDecoder:
         for i, (kind, module, keep) in enumerate(self._plan.backend):
             if kind == "pointwise":
                 hidden = module(hidden)
+            elif kind == "transconv":
+                hidden, state.backend[i] = _transposed_call(module.conv, hidden, state.backend[i])
             else:
-                upsample = module.conv.stride[0] if kind == "transconv" else 1
-                hidden, state.backend[i] = _causal_call(
-                    module, hidden, state.backend[i], keep, upsample
-                )
+                hidden, state.backend[i] = _causal_call(module, hidden, state.backend[i], keep)
         return hidden
 
 
 def _causal_call(
-    module: nn.Module,
-    x: torch.Tensor,
-    history: torch.Tensor | None,
-    keep: int,
-    upsample: int = 1,
+    module: nn.Module, x: torch.Tensor, history: torch.Tensor | None, keep: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run a causal ``module`` on new input samples ``x`` that follow ``history``.
+    """Run a causal stride-1 ``module`` on new input samples ``x`` that follow ``history``.
 
-    The module is called unmodified on ``history + x``; the outputs of the history samples
-    (``upsample`` per input sample), which also saw the module's own zero padding, are dropped.
-    Returns the outputs for ``x`` and the last ``keep`` input samples, the next call's history.
-    A history shorter than ``keep`` only happens at the start, where the zero padding is right.
+    The module is called unmodified on ``history + x``; the outputs of the history samples,
+    which also saw the module's own zero padding, are dropped. Returns the outputs for ``x`` and
+    the last ``keep`` input samples, the next call's history. A history shorter than ``keep``
+    only happens at the start, where the zero padding is right.
     """
     old = 0
     if history is not None:
@@ -363,4 +358,34 @@ def _causal_call(
         x = torch.cat([history, x], dim=-1)
     # clone: do not keep the whole chunk alive through a view
     new_history = x[..., -keep:].clone() if keep else None
-    return module(x)[..., old * upsample :], new_history
+    return module(x)[..., old:], new_history
+
+
+def _transposed_call(
+    conv: nn.ConvTranspose1d, x: torch.Tensor, carry: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal transposed convolution (kernel ``m * s``, stride ``s``, the last ``k - s``
+    outputs trimmed) on new input samples ``x`` [1, C_in, T], by overlap-add.
+
+    Each input sample adds ``W^T x_t`` to ``k`` outputs starting at ``t * s``: one matrix product
+    for the chunk, then ``m`` shifted adds. The first ``T * s`` outputs are final; the ``k - s``
+    after them still await the next samples' contributions and are carried. Not calling the
+    module matters: PyTorch's CPU transposed convolution repacks its weights on every call,
+    which for the 1536-channel upsampler costs tens of milliseconds even for one frame.
+    Sums are kept in at least float32, like the convolution's own accumulator.
+    """
+    c_in, c_out, k = conv.weight.shape
+    s = conv.stride[0]
+    m, t = k // s, x.shape[-1]
+    taps = torch.mm(x[0].T, conv.weight.reshape(c_in, c_out * k))  # [T, C_out * k]
+    taps = taps.view(t, c_out, m, s).to(torch.promote_types(x.dtype, torch.float32))
+    out = taps.new_zeros(c_out, t + m - 1, s)
+    for r in range(m):
+        out[:, r : r + t] += taps[:, :, r].transpose(0, 1)
+    out = out.view(c_out, -1)
+    if carry is not None:
+        out[:, : carry.shape[-1]] += carry
+    final = out[:, : t * s]
+    if conv.bias is not None:
+        final = final + conv.bias[:, None]
+    return final.to(x.dtype)[None], out[:, t * s :].clone()

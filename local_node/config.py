@@ -53,6 +53,15 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """``metrics:``: serve Prometheus' ``/metrics`` on ``host:port``, behind a bearer token."""
+
+    host: str
+    port: int
+    token: str = field(repr=False)
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     relay_urls: tuple[str, ...]  # the node keeps a connection to each
     token: str = field(repr=False)
@@ -65,6 +74,7 @@ class NodeConfig:
     ping_interval: float = 10.0
     ping_timeout: float = 10.0
     drain_grace: float = 120.0  # seconds open streams may take to finish after SIGTERM
+    metrics: MetricsConfig | None = None  # None: no metrics listener
 
     @property
     def enabled_models(self) -> tuple[ModelConfig, ...]:
@@ -104,6 +114,7 @@ def parse_config(data: Any, base_dir: Path = Path("."), environ: Mapping[str, st
     ping_timeout = _seconds(relay, "ping_timeout", NodeConfig.ping_timeout)
     relay.finish()
     drain_grace = _seconds(top, "drain_grace", NodeConfig.drain_grace)
+    metrics = _metrics(top.pop("metrics", dict, default=None), environ)
 
     device = top.pop("device", str, default="cpu")
     if device != "cpu":
@@ -131,7 +142,7 @@ def parse_config(data: Any, base_dir: Path = Path("."), environ: Mapping[str, st
     if not any(m.enabled for m in models):
         raise ConfigError("no model is enabled: set enabled: true on one under models:, or use ENABLED_MODELS")
     return NodeConfig(tuple(relay_urls), token, node_name, device, dtype, threads, models,
-                      ping_interval=ping_interval, ping_timeout=ping_timeout, drain_grace=drain_grace)
+                      ping_interval=ping_interval, ping_timeout=ping_timeout, drain_grace=drain_grace, metrics=metrics)
 
 
 def _seconds(section: _Section, key: str, default: float) -> float:
@@ -153,6 +164,32 @@ def _token(relay: _Section, environ: Mapping[str, str]) -> str:
     if not token:
         raise ConfigError("relay.token (or relay.token_env, the name of a variable holding it) is required")
     return token
+
+
+def _metrics(data: dict | None, environ: Mapping[str, str]) -> MetricsConfig | None:
+    if data is None:
+        return None
+    section = _Section(data, "metrics")
+    listen = section.pop("listen", str)
+    host, _, port = listen.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:9464
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"metrics.listen must be host:port, e.g. 127.0.0.1:9464, not {listen!r}")
+    token = section.pop("token", str, default=None)
+    token_env = section.pop("token_env", str, default=None)
+    section.finish()
+    if token and token_env:
+        raise ConfigError("metrics: give either token or token_env, not both")
+    if token_env:
+        token = environ.get(token_env)
+        if not token:
+            raise ConfigError(f"metrics.token_env: the environment variable {token_env} is not set")
+    # Required: what a node's metrics reveal (its models, its load, its relays) is not for anyone.
+    if not token:
+        raise ConfigError("metrics.token (or metrics.token_env, the name of a variable holding it) is required with metrics.listen")
+    if len(token) < 16:
+        raise ConfigError("metrics.token is shorter than 16 characters; use a long random value")
+    return MetricsConfig(host, int(port), token)
 
 
 def _model(name: Any, spec: Any, base_dir: Path) -> ModelConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -44,6 +44,8 @@ class Job:
 class Engine(Protocol):
     info: ModelInfo
     concurrency: int  # syntheses it can have in progress at once
+    # Called with the frames and seconds of each generation step; set by the worker (metrics).
+    on_step: Callable[[int, float], None]
 
     def check(self, job: Job) -> None:
         """Raise JobError if ``job`` cannot be served (unknown voice, missing description...)."""
@@ -64,11 +66,14 @@ class SyntheticEngine:
     """
 
     frame_seconds = SAMPLES_PER_FRAME / SAMPLE_RATE
-    concurrency = 1
 
     def __init__(self, config: ModelConfig) -> None:
         voices = tuple(v.name for v in config.voices) or ("tone",)
         self.info = ModelInfo(config.name, config.aliases, voices, any_voice=False)
+        # No shared weights, so every synthesis can have a thread of its own: max_batch streams at
+        # once, as many as a load test needs from one node.
+        self.concurrency = config.max_batch
+        self.on_step: Callable[[int, float], None] = lambda frames, seconds: None
 
     def check(self, job: Job) -> None:
         if job.voice not in self.info.voices:
@@ -79,10 +84,12 @@ class SyntheticEngine:
 
     def synthesize(self, job: Job, cancelled: threading.Event) -> Iterator[np.ndarray]:
         t = np.arange(SAMPLES_PER_FRAME) / SAMPLE_RATE
-        start = time.monotonic()
+        start = last = time.monotonic()
         for i in range(len(job.text)):
             if cancelled.is_set():
                 raise Cancelled()
+            self.on_step(1, time.monotonic() - last)  # one frame, paced like a real-time model
+            last = time.monotonic()
             phase = 2 * np.pi * 220 * (t + i * self.frame_seconds)
             yield (0.3 * np.sin(phase)).astype(np.float32)
             time.sleep(max(0.0, start + (i + 1) * self.frame_seconds - time.monotonic()))

@@ -66,6 +66,8 @@ class QwenEngine:
         self.chunk_schedule = config.chunk_frames
         self.concurrency = config.max_batch
         self.batcher = Batcher(self.tts.model, rows=config.max_batch, name=config.name)
+        self.on_step = lambda frames, seconds: None  # the worker sets it, after the warm-up
+        self.batcher.on_step = lambda frames, seconds: self.on_step(frames, seconds)
         self._tokenizer = threading.Lock()  # HF's fast tokenizers fail when two threads use one
         log.info("%s: loaded %s model from %s in %.1f s", config.name, self.kind, config.source, time.monotonic() - started)
 

@@ -4,17 +4,22 @@ and drain on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import signal
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
+from urllib.parse import urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from relay.auth import tunnel_authorization, valid_challenge
 from relay.protocol import (
     MAX_AUDIO_PAYLOAD,
     MAX_FRAME_BYTES,
@@ -32,6 +37,7 @@ from relay.protocol import (
 )
 
 from .engine import JobError
+from .metrics import NodeMetrics
 from .worker import Busy, ModelWorker
 
 log = logging.getLogger("local_node.tunnel")
@@ -40,6 +46,66 @@ log = logging.getLogger("local_node.tunnel")
 
 class Refused(Exception):
     """The relay refused this node for good (wrong token, other protocol version): do not retry."""
+
+
+class NoChallenge(Exception):
+    """The relay handed out no challenge (unreachable, or an odd answer): try again later."""
+
+
+CHALLENGE_TIMEOUT = 15.0  # seconds, like the websocket's own opening handshake
+
+
+def challenge_url(tunnel_url: str) -> str:
+    """Where the relay of ``tunnel_url`` hands out challenges: next to the tunnel, over HTTP(S)
+    (``wss://host/v1/tunnel`` -> ``https://host/v1/tunnel/challenge``)."""
+    parts = urlsplit(tunnel_url)
+    scheme = {"ws": "http", "wss": "https"}[parts.scheme]
+    return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/challenge", parts.query, ""))
+
+
+def fetch_challenge(url: str, timeout: float = CHALLENGE_TIMEOUT) -> str:
+    """GET a challenge (blocking). Raises NoChallenge."""
+    request = urllib.request.Request(url, headers={"User-Agent": "qwen3-tts-node", "Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            challenge = json.loads(response.read(4096))["challenge"]
+    except urllib.error.HTTPError as exc:
+        hint = " (a relay older than this node has no challenge: upgrade it)" if exc.code == 404 else ""
+        raise NoChallenge(f"no challenge from {url}: HTTP {exc.code}{hint}") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # URLError and timeouts are OSErrors
+        raise NoChallenge(f"no challenge from {url}: {exc}") from None
+    if not valid_challenge(challenge):
+        raise NoChallenge(f"no challenge from {url}: the answer holds none")
+    return challenge
+
+
+async def in_daemon_thread(function: Callable[..., Any], *args: Any) -> Any:
+    """``asyncio.to_thread``, but on a daemon thread: the default executor's threads are joined when
+    ``asyncio.run`` ends, so a request hanging on a frozen relay would hold the node's exit (even
+    after a second signal) for its whole timeout."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():  # cancelled meanwhile
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = function(*args), None
+        except BaseException as exc:
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    threading.Thread(target=run, daemon=True).start()
+    return await future
 
 
 class Backoff:
@@ -81,8 +147,9 @@ class TunnelClient:
     """One relay: keep a connection to it and serve the requests it sends."""
 
     def __init__(self, url: str, token: str, node_name: str, workers: dict[str, ModelWorker],
-                 ping_interval: float = 10.0, ping_timeout: float = 10.0) -> None:
+                 ping_interval: float = 10.0, ping_timeout: float = 10.0, metrics: NodeMetrics | None = None) -> None:
         self.url = url
+        self._link = (metrics or NodeMetrics()).link(url)
         self._token = token
         self.node_name = node_name
         self.workers = workers
@@ -97,9 +164,11 @@ class TunnelClient:
         while not self._draining:
             connected_at = None
             try:
+                # A fresh challenge for each attempt: the relay takes each once (protocol.py).
+                challenge = await in_daemon_thread(fetch_challenge, challenge_url(self.url))
                 async with connect(
                     self.url,
-                    additional_headers={"Authorization": f"Bearer {self._token}"},
+                    additional_headers={"Authorization": tunnel_authorization(self._token, challenge)},
                     subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
                     max_size=MAX_FRAME_BYTES + 1024,
                     ping_interval=None,  # see _keepalive
@@ -114,13 +183,21 @@ class TunnelClient:
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 detail = exc.response.body.decode(errors="replace")[:300] if exc.response.body else ""
-                if status in (401, 403):
+                if status == 401 and _denial_code(exc.response.body) == "invalid_challenge":
+                    # Not the token: this relay did not issue the challenge (it restarted between the
+                    # two requests, or something in front spreads them over several relays).
+                    log.warning("relay %s did not know the challenge it handed out; if this repeats, make sure "
+                                "this URL reaches one relay process", self.url)
+                elif status in (401, 403):
                     raise Refused(f"the relay {self.url} refused this node's token (HTTP {status}). Check relay.token / "
                                   "relay.token_env in the node config against RELAY_NODE_TOKENS on the relay.") from None
-                if status == 426:
+                elif status == 426:
                     raise Refused(f"the relay {self.url} speaks another tunnel protocol version: {detail}. "
                                   "Upgrade the older side.") from None
-                log.warning("relay %s answered HTTP %s: %s", self.url, status, detail)
+                else:
+                    log.warning("relay %s answered HTTP %s: %s", self.url, status, detail)
+            except NoChallenge as exc:
+                log.warning("relay %s unreachable: %s", self.url, exc)
             except (OSError, asyncio.TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
                 log.warning("relay %s unreachable or dropped: %s", self.url, exc or type(exc).__name__)
             if self._draining:
@@ -150,6 +227,7 @@ class TunnelClient:
         jobs: dict[int, _Job] = {}
         models = tuple(worker.engine.info for worker in self.workers.values())
         self._live = (ws, conn, jobs)
+        self._link.up()
         keepalive = asyncio.create_task(self._keepalive(ws))
         try:
             await ws.send(conn.send(Hello(self.node_name, models)))
@@ -174,6 +252,7 @@ class TunnelClient:
         finally:
             keepalive.cancel()
             self._live = None
+            self._link.down()
             # The relay has already failed these streams; stop the work and wait for the threads to notice.
             for job in jobs.values():
                 job.stop()
@@ -241,6 +320,14 @@ class TunnelClient:
             await ws.send(conn.send(Error(request.id, code, message[:1000])))
         except ConnectionClosed:
             pass
+
+
+def _denial_code(body: bytes | None) -> str | None:
+    """The ``error.code`` of a relay's JSON refusal, if there is one."""
+    try:
+        return json.loads(body or b"")["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 async def serve_relays(clients: list[TunnelClient], drain_grace: float) -> None:

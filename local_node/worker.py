@@ -12,7 +12,8 @@ from typing import Awaitable, Callable
 from relay.protocol import Request
 
 from .audio import StreamEncoder
-from .engine import SAMPLES_PER_FRAME, Cancelled, Engine, Job
+from .engine import SAMPLES_PER_FRAME, Cancelled, Engine, Job, JobError
+from .metrics import NodeMetrics
 
 _DONE = object()
 
@@ -22,10 +23,12 @@ class Busy(Exception):
 
 
 class ModelWorker:
-    def __init__(self, engine: Engine, max_queue: int) -> None:
+    def __init__(self, engine: Engine, max_queue: int, metrics: NodeMetrics | None = None) -> None:
         self.engine = engine
         self.capacity = engine.concurrency + max_queue
         self.admitted = 0
+        self.metrics = (metrics or NodeMetrics()).model(engine.info.name, lambda: self.admitted, self.capacity)
+        engine.on_step = self.metrics.step  # set after warm-up: only served frames count
         # A thread per synthesis in progress; beyond that they wait here, in arrival order.
         self._thread = ThreadPoolExecutor(max_workers=engine.concurrency, thread_name_prefix=f"synth-{engine.info.name}")
 
@@ -36,24 +39,36 @@ class ModelWorker:
         engine raised. Setting ``cancelled`` ends it early, without error.
         """
         job = Job(request.input, request.voice, request.instructions)
-        self.engine.check(job)
+        try:
+            self.engine.check(job)
+        except JobError:
+            self.metrics.finished("invalid")
+            raise
         if self.admitted >= self.capacity:
+            self.metrics.finished("busy")
             raise Busy()
         self.admitted += 1
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue = asyncio.Queue()
         put = lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item)  # noqa: E731
         produced = loop.run_in_executor(self._thread, self._produce, job, request, cancelled, put)
+        outcome = "cancelled"  # unless it reaches its end, or the engine fails
         try:
             while (chunk := await chunks.get()) is not _DONE:
                 if not cancelled.is_set():
                     await emit(chunk)
+            if not cancelled.is_set():
+                outcome = "done"
         finally:
             cancelled.set()  # if we leave early (the tunnel broke), the thread stops too
             try:
                 input_tokens, samples = await produced
+            except Exception:
+                outcome = "error"
+                raise
             finally:
                 self.admitted -= 1
+                self.metrics.finished(outcome)
         return input_tokens, math.ceil(samples / SAMPLES_PER_FRAME)
 
     def _produce(self, job: Job, request: Request, cancelled: threading.Event, put: Callable) -> tuple[int, int]:

@@ -7,6 +7,7 @@ import logging
 import sys
 
 import uvicorn
+from starlette.applications import Starlette
 
 from .app import create_app
 from .auth import RedactCredentials
@@ -29,11 +30,16 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         sys.exit(f"relay: {exc}")
     app = create_app(config)
-    server_config = uvicorn.Config(
+    DrainingServer(server_config(app, config, args.host, args.port, args.log_level), app.state.router, config.drain_grace).run()
+
+
+def server_config(app: Starlette, config: RelayConfig, host: str, port: int, log_level: str) -> uvicorn.Config:
+    """How uvicorn serves the relay; in-process tests serve it the same way."""
+    return uvicorn.Config(
         app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
+        host=host,
+        port=port,
+        log_level=log_level,
         ws="websockets-sansio",
         ws_max_size=MAX_FRAME_BYTES + 1024,  # a tunnel frame is at most 64 KiB
         ws_ping_interval=config.ping_interval,
@@ -43,7 +49,6 @@ def main(argv: list[str] | None = None) -> None:
         access_log=False,
         timeout_graceful_shutdown=5,  # after the drain: slow clients do not hold the exit
     )
-    DrainingServer(server_config, app.state.router, config.drain_grace).run()
 
 
 if __name__ == "__main__":

@@ -7,16 +7,19 @@ from typing import Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from .auth import bearer_token
+from .auth import ChallengeStore, bearer_token
 from .config import RelayConfig
 from .errors import ApiError
+from .limits import ConcurrencyLimiter, RateLimiter
+from .metrics import ObserveRequests, RelayMetrics, metrics_endpoint
 from .router import Router
 from .speech import create_speech
-from .tunnel_server import tunnel_endpoint
+from .tunnel_server import tunnel_challenge, tunnel_endpoint
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -28,8 +31,12 @@ def api_key_required(endpoint: Endpoint) -> Endpoint:
             token = bearer_token(request.headers.get("authorization"))
             if token is None:
                 raise ApiError(401, "Missing API key: send it as 'Authorization: Bearer <key>'.", code="missing_api_key")
-            if config.api_keys.match(token) is None:
+            name = config.api_keys.match(token)
+            if name is None:
                 raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+            request.state.client = f"key:{name}"  # whom the per-key limits count
+        else:
+            request.state.client = f"addr:{request.client.host if request.client else 'unknown'}"
         return await endpoint(request)
 
     return guarded
@@ -89,11 +96,17 @@ def create_app(config: RelayConfig) -> Starlette:
         Route("/v1/audio/voices", api_key_required(list_voices), methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),  # 404 unless RELAY_METRICS_TOKEN is set
+        Route("/v1/tunnel/challenge", tunnel_challenge, methods=["GET"]),
         WebSocketRoute("/v1/tunnel", tunnel_endpoint),
     ]
     handlers = {ApiError: _api_error, HTTPException: _http_error, Exception: _unexpected_error}
-    app = Starlette(routes=routes, exception_handlers=handlers)
+    app = Starlette(routes=routes, exception_handlers=handlers, middleware=[Middleware(ObserveRequests)])
     app.state.config = config
-    app.state.router = Router()
+    app.state.router = Router(config.max_streams_per_node)
+    app.state.challenges = ChallengeStore()  # for nodes' handshakes
+    app.state.rate_limiter = RateLimiter(config.rate_limit)
+    app.state.open_requests = ConcurrencyLimiter(config.max_streams_per_key)
     app.state.started = int(time.time())
+    app.state.metrics = RelayMetrics()
     return app

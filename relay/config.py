@@ -29,6 +29,12 @@ class RelayConfig:
     ping_interval: float = 10.0
     ping_timeout: float = 10.0
     drain_grace: float = 60.0  # seconds open streams may take to finish after SIGTERM
+    # Per client (API key, or address without keys) and per node; 0 turns a limit off.
+    rate_limit: int = 60  # speech requests a minute, with a burst of as many
+    max_streams_per_key: int = 8  # speech requests open at once
+    max_streams_per_node: int = 64  # streams this relay keeps open on one node
+    # Bearer token for GET /metrics; empty (unset): /metrics answers 404, nothing is exposed.
+    metrics_token: Credentials = field(default_factory=lambda: Credentials({}))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> RelayConfig:
@@ -53,6 +59,10 @@ class RelayConfig:
             ping_interval=_number(environ, "RELAY_PING_INTERVAL", cls.ping_interval),
             ping_timeout=_number(environ, "RELAY_PING_TIMEOUT", cls.ping_timeout),
             drain_grace=_number(environ, "RELAY_DRAIN_GRACE", cls.drain_grace),
+            rate_limit=_count(environ, "RELAY_RATE_LIMIT", cls.rate_limit),
+            max_streams_per_key=_count(environ, "RELAY_MAX_STREAMS_PER_KEY", cls.max_streams_per_key),
+            max_streams_per_node=_count(environ, "RELAY_MAX_STREAMS_PER_NODE", cls.max_streams_per_node),
+            metrics_token=_metrics_token(environ),
         )
 
 
@@ -93,3 +103,25 @@ def _number(environ: Mapping[str, str], key: str, default: float) -> float:
     if not 0 < number < float("inf"):
         raise ConfigError(f"{key} must be a positive number")
     return number
+
+
+def _count(environ: Mapping[str, str], key: str, default: int) -> int:
+    """A whole number, 0 or more (0: the limit is off)."""
+    value = environ.get(key)
+    if value is None or not value.strip():
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{key} must be a whole number, not {value!r}") from None
+    if number < 0:
+        raise ConfigError(f"{key} must be 0 (no limit) or more")
+    return number
+
+
+def _metrics_token(environ: Mapping[str, str]) -> Credentials:
+    """``RELAY_METRICS_TOKEN``: one secret, the whole value (no ``name:`` form)."""
+    token = environ.get("RELAY_METRICS_TOKEN", "").strip()
+    if token and len(token) < 16:
+        raise ConfigError("RELAY_METRICS_TOKEN is shorter than 16 characters; use a long random value")
+    return Credentials({"metrics": token} if token else {})

@@ -3,11 +3,24 @@
 A node dials out to the relay over one websocket and keeps it open; every request the relay
 forwards travels over it, many at a time, each on its own stream id.
 
-Handshake (plain HTTP upgrade, checked before the websocket is accepted):
-  * ``Authorization: Bearer <node token>``; a wrong or missing token is refused with HTTP 401.
-  * ``Sec-WebSocket-Protocol: qwen3-tts-tunnel.v<N>``; a relay that does not speak version N
-    refuses with HTTP 426 and says which version it speaks.
+Handshake: the node proves it holds a node token without sending it, and no proof works twice.
+  1. ``GET /v1/tunnel/challenge`` (plain HTTP, no credential) answers
+     ``{"challenge": "<32 random bytes, base64url>", "expires_in": 30}``. The relay keeps the
+     challenges it issued, each for 30 s and for one use, at most 4096 (the oldest are dropped).
+  2. The websocket upgrade (``/v1/tunnel``, checked before the websocket is accepted) carries
+       ``Sec-WebSocket-Protocol: qwen3-tts-tunnel.v<N>``: a relay that does not speak version N
+         refuses with HTTP 426 and says which version it speaks (checked first, so an old node
+         learns it must upgrade rather than that its token is wrong);
+       ``Authorization: Tunnel-HMAC <challenge>:<proof>``, where proof is the lowercase hex
+         HMAC-SHA256, keyed with the node token (UTF-8), of the subprotocol name, a line
+         feed and the challenge (``relay.auth.tunnel_proof``).
+     The relay uses the challenge up on its first presentation, right or wrong. It refuses with
+     HTTP 401 and an error ``code``: ``missing_node_credential`` (no or malformed header),
+     ``invalid_challenge`` (never issued here, expired, or already used: fetch a new one and try
+     again), ``invalid_node_token`` (the proof matches no configured token: do not retry).
   * A relay that is shutting down refuses with HTTP 503; the node tries again later.
+  The challenge and the websocket must reach the same relay process (a node names each relay by
+  its own address).
 
 Frames after the handshake:
   * text frames: one JSON object each, ``{"type": ..., ...}``, at most ``MAX_FRAME_BYTES``;
@@ -27,7 +40,7 @@ Conversation:
   either way      draining {}           the sender is shutting down: the relay sends no new
                                         requests; open streams run to their end
 
-Flow control (version 2): each stream has its own byte credit. It starts at the request's
+Flow control (since version 2): each stream has its own byte credit. It starts at the request's
 ``window``; every ``credit`` adds to it and every audio byte the node sends takes from it, so the
 relay never holds more than ``window`` unforwarded bytes of a stream, and a client that reads
 slowly holds back its own stream only. The relay grants credit as it hands audio to the client.
@@ -46,7 +59,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
-PROTOCOL_VERSION = 2  # 2: per-stream credit, draining
+PROTOCOL_VERSION = 3  # 2: per-stream credit, draining; 3: challenge-response handshake
 SUBPROTOCOL = f"qwen3-tts-tunnel.v{PROTOCOL_VERSION}"
 MAX_FRAME_BYTES = 64 * 1024
 _AUDIO_HEADER = struct.Struct(">I")
@@ -174,7 +187,11 @@ def decode(frame: Frame) -> Message:
         return _decode_audio(bytes(frame))
     if not isinstance(frame, str):
         raise ProtocolError("frame is neither text nor binary")
-    if len(frame.encode()) > MAX_FRAME_BYTES:
+    try:
+        size = len(frame.encode())
+    except UnicodeEncodeError:  # lone surrogates: a str, but not text any wire could carry
+        raise ProtocolError("text frame is not valid UTF-8") from None
+    if size > MAX_FRAME_BYTES:
         raise ProtocolError(f"text frame larger than {MAX_FRAME_BYTES} bytes")
     try:
         body = json.loads(frame)

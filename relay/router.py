@@ -12,9 +12,10 @@ log = logging.getLogger("relay.router")
 
 
 class Router:
-    def __init__(self) -> None:
+    def __init__(self, max_streams_per_node: int = 0) -> None:
         self._nodes: list[NodeSession] = []
         self.draining = False  # this relay is shutting down: it takes no new work
+        self.max_streams_per_node = max_streams_per_node  # 0: no cap
 
     def add(self, node: NodeSession) -> None:
         if node not in self._nodes:
@@ -44,7 +45,7 @@ class Router:
         if self.open_streams:
             log.warning("drain grace over: cutting %d open streams", self.open_streams)
 
-    def candidates(self, model: str) -> list[tuple[NodeSession, ModelInfo]]:
+    def serving(self, model: str) -> list[tuple[NodeSession, ModelInfo]]:
         """Nodes that answer to ``model`` (a name or alias), least outstanding work first."""
         found = [
             (node, info)
@@ -53,6 +54,14 @@ class Router:
             if model == info.name or model in info.aliases
         ]
         return sorted(found, key=lambda pair: pair[0].outstanding)
+
+    def candidates(self, model: str) -> list[tuple[NodeSession, ModelInfo]]:
+        """Nodes that serve ``model`` and may take another stream, least outstanding work first."""
+        return [(node, info) for node, info in self.serving(model) if self.has_room(node)]
+
+    def has_room(self, node: NodeSession) -> bool:
+        """Whether ``node`` may take another stream from this relay (RELAY_MAX_STREAMS_PER_NODE)."""
+        return not self.max_streams_per_node or node.outstanding < self.max_streams_per_node
 
     def catalogue(self) -> dict[str, ModelInfo]:
         """Every model served by some node, merged across nodes, by name."""

@@ -8,11 +8,14 @@ import json
 import logging
 import secrets
 
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.types import Receive, Scope, Send
 
 from .config import RelayConfig
 from .errors import ApiError
+from .limits import ConcurrencyLimiter, retry_after
+from .metrics import observation
 from .protocol import Audio, End, Error, ModelInfo, Request
 from .router import Router
 from .speech_request import CONTENT_TYPES, MAX_BODY_BYTES, SpeechRequest, parse_speech_request
@@ -30,9 +33,22 @@ _NODE_ERRORS = {  # node error code -> (HTTP status, OpenAI error code)
 
 
 async def create_speech(request: HttpRequest) -> SpeechResponse:
+    client: str = request.state.client  # set by the API key check
+    rate = request.app.state.rate_limiter
+    wait = rate.take(client)
+    if wait:
+        raise ApiError(429, f"Rate limit reached: {rate.per_minute} speech requests a minute for this "
+                       f"{_who(client)}; retry in {retry_after(wait)} s.", code="rate_limit_exceeded",
+                       retry_after=retry_after(wait))
     body = await read_body(request, MAX_BODY_BYTES)
     speech = parse_speech_request(body)
-    return SpeechResponse(request.app.state.router, request.app.state.config, speech)
+    observation(request.scope).note_model(speech.model)
+    return SpeechResponse(request.app.state.router, request.app.state.config, speech,
+                          client, request.app.state.open_requests)
+
+
+def _who(client: str) -> str:
+    return "API key" if client.startswith("key:") else "address"
 
 
 async def read_body(request: HttpRequest, limit: int) -> bytes:
@@ -41,10 +57,15 @@ async def read_body(request: HttpRequest, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
+    except ClientDisconnect:
+        # The client hung up mid-body (found by fuzzing: it used to end as an unhandled exception,
+        # a 500 and a traceback per hang-up). The answer reaches nobody; it only ends the request.
+        raise ApiError(400, "The request body ended before its declared length.", code="incomplete_body") from None
     return bytes(body)
 
 
@@ -60,23 +81,23 @@ async def open_stream(router: Router, config: RelayConfig, speech: SpeechRequest
     if not router.nodes:
         raise ApiError(503, "No node is connected to this relay right now.", code="no_node_available",
                        retry_after=config.retry_after_seconds)
-    if not router.candidates(speech.model):
+    if not router.serving(speech.model):
         raise ApiError(404, f"The model '{speech.model}' does not exist or no connected node serves it.",
                        param="model", code="model_not_found")
 
-    def untried() -> list[tuple[NodeSession, ModelInfo]]:
-        """Nodes with the voice not tried yet, least busy first; asked anew after every attempt,
-        since nodes come, go and take work meanwhile."""
-        return [(node, info) for node, info in router.candidates(speech.model)
-                if (info.any_voice or speech.voice in info.voices) and node not in tried]
+    def untried(nodes: list[tuple[NodeSession, ModelInfo]]) -> list[tuple[NodeSession, ModelInfo]]:
+        """Those of ``nodes`` with the voice not tried yet."""
+        return [(node, info) for node, info in nodes if (info.any_voice or speech.voice in info.voices) and node not in tried]
 
     tried: set[NodeSession] = set()
-    if not untried():
+    if not untried(router.serving(speech.model)):
         raise ApiError(404, f"The voice '{speech.voice}' is not available for model '{speech.model}'.",
                        param="voice", code="voice_not_found")
 
     busy = False
-    while candidates := untried():
+    # Asked anew after every attempt, since nodes come, go and take work meanwhile; least busy
+    # first, and none at RELAY_MAX_STREAMS_PER_NODE.
+    while candidates := untried(router.candidates(speech.model)):
         node, info = candidates[0]
         tried.add(node)
         message = Request(
@@ -106,7 +127,7 @@ async def open_stream(router: Router, config: RelayConfig, speech: SpeechRequest
             raise ApiError(status, first.message or "The node could not serve this request.", code=code, param=param)
         log.info("%s: streaming from node %s (%s)", request_id, node.name, info.name)
         return stream, first
-    if busy:
+    if busy or untried(router.serving(speech.model)):  # the nodes left are at their stream cap
         raise ApiError(429, "Every node serving this model is at capacity; retry shortly.", code="node_busy",
                        retry_after=config.retry_after_seconds)
     raise ApiError(502, "The node serving this model disconnected.", code="node_failed")
@@ -120,14 +141,32 @@ class SpeechResponse:
     """An ASGI response that opens the node stream itself, so that a client who hangs up at any
     moment (even before the first byte) cancels the node's work."""
 
-    def __init__(self, router: Router, config: RelayConfig, speech: SpeechRequest) -> None:
+    def __init__(self, router: Router, config: RelayConfig, speech: SpeechRequest, client: str = "",
+                 open_requests: ConcurrencyLimiter | None = None) -> None:
         self.router = router
         self.config = config
         self.speech = speech
+        self.client = client  # "key:<name>" or "addr:<host>", for the per-key limits
+        self.open_requests = open_requests if open_requests is not None else ConcurrencyLimiter(0)
         self.request_id = "req_" + secrets.token_hex(12)
         self.sse = speech.stream_format == "sse"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Counted here, where the request's whole life runs, so that every way out releases it.
+        if not self.open_requests.acquire(self.client):
+            limit = self.open_requests.limit
+            error = ApiError(429, f"Too many requests open at once for this {_who(self.client)}: at most {limit}; "
+                             "retry when one ends.", code="too_many_concurrent_requests",
+                             retry_after=self.config.retry_after_seconds)
+            log.info("%s: %d %s", self.request_id, error.status, error.code)
+            await error.response()(scope, receive, send)
+            return
+        try:
+            await self._serve(scope, receive, send)
+        finally:
+            self.open_requests.release(self.client)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         work = asyncio.ensure_future(self._respond(scope, send))
         gone = asyncio.ensure_future(_disconnected(receive))
         await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
@@ -140,6 +179,7 @@ class SpeechResponse:
             raise work.exception()  # type: ignore[misc]
 
     async def _respond(self, scope: Scope, send: Send) -> None:
+        self.observed = observation(scope)
         stream = None
         try:
             try:
@@ -177,6 +217,7 @@ class SpeechResponse:
             await asyncio.wait_for(self._send_body(send, self._audio(data)), self.config.stream_idle_timeout)
         except asyncio.TimeoutError:
             raise ClientStalled() from None
+        self.observed.audio_sent(len(data))
 
     def _headers(self) -> list[tuple[bytes, bytes]]:
         media_type = "text/event-stream" if self.sse else CONTENT_TYPES[self.speech.response_format]
@@ -201,6 +242,7 @@ class SpeechResponse:
     async def _fail_mid_stream(self, send: Send, error: ApiError) -> None:
         """Headers are gone, so the status can no longer change. SSE gets an error event; raw
         audio is cut off without the closing chunk, which HTTP clients report as a failed read."""
+        self.observed.stream_failed(error.code)
         if self.sse:
             await self._send_body(send, _sse_event({"type": "error", **error.body()}), more=False)
 

@@ -6,11 +6,12 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket
 
 from . import protocol
-from .auth import bearer_token
+from .auth import parse_tunnel_authorization
 from .protocol import Audio, Cancel, Connection, Credit, Draining, End, Error, Hello, ModelInfo, ProtocolError, Request
 
 if TYPE_CHECKING:
@@ -155,27 +156,48 @@ class NodeSession:
         self.streams.clear()
 
 
+async def tunnel_challenge(request: HttpRequest) -> JSONResponse:
+    """``GET /v1/tunnel/challenge``: a fresh challenge for a node's next handshake (see protocol.py)."""
+    challenges = request.app.state.challenges
+    return JSONResponse({"challenge": challenges.issue(), "expires_in": round(challenges.ttl)},
+                        headers={"Cache-Control": "no-store"})
+
+
 async def tunnel_endpoint(websocket: WebSocket) -> None:
     """``/v1/tunnel``: authenticate at the handshake, then serve the node until it leaves."""
     config = websocket.app.state.config
     router = websocket.app.state.router
     offered = websocket.scope.get("subprotocols", [])
-    node_name = config.node_tokens.match(bearer_token(websocket.headers.get("authorization")))
-    if node_name is None:
-        log.warning("refused a node from %s: missing or wrong token", _peer(websocket))
-        await _deny(websocket, 401, "node token missing or not accepted by this relay")
-        return
+    # The version first: an old node is told to upgrade, not that its token is wrong.
     if protocol.SUBPROTOCOL not in offered:
-        log.warning("refused node %s: it speaks %s, this relay %s", node_name, offered, protocol.SUBPROTOCOL)
-        await _deny(websocket, 426, f"unsupported tunnel protocol {offered}; this relay speaks {protocol.SUBPROTOCOL}")
+        log.warning("refused a node from %s: it speaks %s, this relay %s", _peer(websocket), offered, protocol.SUBPROTOCOL)
+        await _deny(websocket, 426, f"unsupported tunnel protocol {offered}; this relay speaks {protocol.SUBPROTOCOL}",
+                    "unsupported_protocol")
+        return
+    credential = parse_tunnel_authorization(websocket.headers.get("authorization"))
+    if credential is None:
+        log.warning("refused a node from %s: no credential", _peer(websocket))
+        await _deny(websocket, 401, "send Authorization: Tunnel-HMAC <challenge>:<proof>", "missing_node_credential")
+        return
+    challenge, proof = credential
+    # Used up now, right or wrong: a handshake seen once (even a failed one) never works again.
+    if not websocket.app.state.challenges.consume(challenge):
+        log.warning("refused a node from %s: unknown, expired or already used challenge", _peer(websocket))
+        await _deny(websocket, 401, "challenge unknown, expired or already used; fetch a new one", "invalid_challenge")
+        return
+    node_name = config.node_tokens.match_proof(challenge, proof)
+    if node_name is None:
+        log.warning("refused a node from %s: wrong token", _peer(websocket))
+        await _deny(websocket, 401, "node token not accepted by this relay", "invalid_node_token")
         return
 
     if router.draining:
-        await _deny(websocket, 503, "this relay is shutting down; try again later")
+        await _deny(websocket, 503, "this relay is shutting down; try again later", "relay_draining")
         return
 
     await websocket.accept(subprotocol=protocol.SUBPROTOCOL)
     session = NodeSession(websocket, node_name)
+    websocket.app.state.metrics.node_connected(session)
     log.info("node %s connected from %s", node_name, _peer(websocket))
     try:
         await session.run(router)
@@ -187,11 +209,14 @@ async def tunnel_endpoint(websocket: WebSocket) -> None:
     finally:
         router.remove(session)
         session.fail_all()
+        websocket.app.state.metrics.node_left(session)
         log.info("node %s disconnected", node_name)
 
 
-async def _deny(websocket: WebSocket, status: int, message: str) -> None:
-    response = JSONResponse({"error": {"message": message, "type": "tunnel_error", "param": None, "code": status}}, status)
+async def _deny(websocket: WebSocket, status: int, message: str, code: str) -> None:
+    if status == 401:  # every credential refusal comes through here
+        websocket.app.state.metrics.auth_failure("tunnel")
+    response = JSONResponse({"error": {"message": message, "type": "tunnel_error", "param": None, "code": code}}, status)
     try:
         await websocket.send_denial_response(response)
     except RuntimeError:  # the server lacks the denial extension: a bare refusal still refuses

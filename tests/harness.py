@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from relay.auth import tunnel_authorization
+
 API_KEY = "sk-test-0123456789abcdef"
 NODE_TOKEN = "node-token-0123456789abcdef"
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,14 +59,19 @@ class Process:
         self._log.close()
 
 
+# The environment every test relay starts with (tests/test_fuzz_http.py serves one in process).
+RELAY_ENV = {"RELAY_API_KEYS": f"test:{API_KEY}", "RELAY_NODE_TOKENS": f"home:{NODE_TOKEN}",
+             "RELAY_FIRST_AUDIO_TIMEOUT": "60", "RELAY_STREAM_IDLE_TIMEOUT": "20", "RELAY_RETRY_AFTER": "1",
+             # Off: most tests send many requests at once with one key. tests/test_limits.py sets them.
+             "RELAY_RATE_LIMIT": "0", "RELAY_MAX_STREAMS_PER_KEY": "0"}
+
+
 class Relay(Process):
     def __init__(self, tmp: Path, env: dict[str, str] | None = None, port: int | None = None, args: tuple = ()) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.tunnel_url = f"ws://127.0.0.1:{self.port}/v1/tunnel"
-        base_env = {"RELAY_API_KEYS": f"test:{API_KEY}", "RELAY_NODE_TOKENS": f"home:{NODE_TOKEN}",
-                    "RELAY_FIRST_AUDIO_TIMEOUT": "60", "RELAY_STREAM_IDLE_TIMEOUT": "20", "RELAY_RETRY_AFTER": "1"}
-        super().__init__([sys.executable, "-m", "relay", "--port", str(self.port), *args], {**base_env, **(env or {})},
+        super().__init__([sys.executable, "-m", "relay", "--port", str(self.port), *args], {**RELAY_ENV, **(env or {})},
                          tmp / f"relay-{self.port}.log")
         deadline = time.monotonic() + 30
         while True:
@@ -77,6 +84,11 @@ class Relay(Process):
                 self.stop()
                 raise AssertionError(f"relay did not start:\n{self.log()}")
             time.sleep(0.05)
+
+    def tunnel_headers(self, token: str = NODE_TOKEN) -> dict[str, str]:
+        """The handshake headers of a node holding ``token``, with a fresh challenge from this relay."""
+        challenge = httpx.get(f"{self.url}/v1/tunnel/challenge", timeout=5).json()["challenge"]
+        return {"Authorization": tunnel_authorization(token, challenge)}
 
     def models(self) -> set[str]:
         response = httpx.get(f"{self.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=5)
@@ -104,6 +116,8 @@ class Node(Process):
                          {"TEST_NODE_TOKEN": token, **(env or {})}, tmp / f"{config_path.stem}.log")
 
 
-def synthetic_models(name: str = "tone", aliases: tuple[str, ...] = ("tts-1",), max_queue: int = 4) -> dict:
-    return {name: {"engine": "synthetic", "aliases": list(aliases), "max_queue": max_queue,
+def synthetic_models(name: str = "tone", aliases: tuple[str, ...] = ("tts-1",), max_queue: int = 4,
+                     max_batch: int = 1) -> dict:
+    """max_batch 1 by default: one synthesis at a time, so tests can tell running from queued."""
+    return {name: {"engine": "synthetic", "aliases": list(aliases), "max_queue": max_queue, "max_batch": max_batch,
                    "voices": {"alloy": {"speaker": "tone"}, "tone": {"speaker": "tone"}}}}

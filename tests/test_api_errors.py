@@ -85,6 +85,25 @@ def test_missing_or_wrong_api_key(relay, key, code):
         assert_openai_error(response, 401, code)
 
 
+def test_a_revoked_api_key_is_refused_once_the_relay_restarts(tmp_path):
+    """Keys are read at start: one taken out of RELAY_API_KEYS stops working at the restart.
+    (Being bearer secrets, as OpenAI designed them, keys are sent as they are every time: replaying
+    one is simply using it. What protects them is TLS, and revoking one that leaked.)"""
+    old_key = "sk-old-0123456789abcdef"
+    relay = Relay(tmp_path, env={"RELAY_API_KEYS": f"test:{API_KEY},old:{old_key}"})
+    try:
+        assert httpx.get(f"{relay.url}/v1/models", headers={"Authorization": f"Bearer {old_key}"}).status_code == 200
+        relay.stop()
+        relay = Relay(tmp_path, port=relay.port)  # RELAY_API_KEYS=test:<API_KEY> only
+        assert_openai_error(post(relay, GOOD, key=old_key), 401, "invalid_api_key")
+        assert_openai_error(httpx.get(f"{relay.url}/v1/models", headers={"Authorization": f"Bearer {old_key}"}), 401,
+                            "invalid_api_key")
+        assert httpx.get(f"{relay.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+        assert old_key not in relay.log()
+    finally:
+        relay.stop()
+
+
 def test_sdk_raises_typed_errors(relay):
     client = openai.OpenAI(base_url=f"{relay.url}/v1", api_key=API_KEY, max_retries=0)
     with pytest.raises(openai.NotFoundError) as info:

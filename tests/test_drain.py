@@ -9,7 +9,7 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from harness import NODE_TOKEN, Node, Relay, synthetic_models
+from harness import Node, Relay, synthetic_models
 from relay.protocol import SUBPROTOCOL
 from test_tunnel import AUTH, SPEECH, speak
 
@@ -49,8 +49,7 @@ def test_a_draining_relay_finishes_open_streams_refuses_new_work_then_exits(tmp_
 
 
 async def connect_node(relay: Relay) -> None:
-    async with websockets.connect(relay.tunnel_url, subprotocols=[SUBPROTOCOL],
-                                  additional_headers={"Authorization": f"Bearer {NODE_TOKEN}"}):
+    async with websockets.connect(relay.tunnel_url, subprotocols=[SUBPROTOCOL], additional_headers=relay.tunnel_headers()):
         pass
 
 

@@ -142,7 +142,13 @@ class ScriptedRelay:
             await self.connected.put(ws)
             await ws.wait_closed()
 
-        self.server = await websockets.serve(handler, "127.0.0.1", self.port, subprotocols=[SUBPROTOCOL])
+        def challenge(connection, request):  # any challenge will do: this relay checks no credential
+            if request.path == "/v1/tunnel/challenge":
+                return connection.respond(200, json.dumps({"challenge": "c" * 43, "expires_in": 30}))
+            return None
+
+        self.server = await websockets.serve(handler, "127.0.0.1", self.port, subprotocols=[SUBPROTOCOL],
+                                             process_request=challenge)
         return self
 
     async def __aexit__(self, *exc):
@@ -156,7 +162,7 @@ async def test_the_node_sends_no_more_than_its_credit_and_a_stalled_stream_holds
     window (its generator did not wait for the client, so the thread was free); then the first
     completes."""
     async with ScriptedRelay() as scripted:
-        models = {"a": {"engine": "synthetic", "voices": {"tone": {"speaker": "tone"}}}}
+        models = {"a": {"engine": "synthetic", "max_batch": 1, "voices": {"tone": {"speaker": "tone"}}}}
         node = Node(tmp_path, scripted, models)
         try:
             ws = await asyncio.wait_for(scripted.connected.get(), 60)

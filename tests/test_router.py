@@ -24,3 +24,17 @@ def test_the_least_busy_ready_node_comes_first():
     assert [node.name for node, _ in router.candidates("tts-1")] == ["idle", "busy"]
     assert router.nodes == [busy, idle]
     assert router.candidates("other") == []
+
+
+def test_a_node_at_the_stream_cap_is_no_candidate_but_still_serves_the_model():
+    router = Router(max_streams_per_node=2)
+    full, room = session("full", 2), session("room", 1)
+    for node in (full, room):
+        router.add(node)
+    assert [node.name for node, _ in router.candidates("tts-1")] == ["room"]
+    assert [node.name for node, _ in router.serving("tts-1")] == ["room", "full"]  # the model exists: 429, not 404
+    room.streams[1] = None  # type: ignore[assignment]
+    assert router.candidates("tts-1") == []
+    uncapped = Router(max_streams_per_node=0)
+    uncapped.add(full)
+    assert [node.name for node, _ in uncapped.candidates("tts-1")] == ["full"]

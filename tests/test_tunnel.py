@@ -3,13 +3,16 @@
 import asyncio
 import json
 import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from harness import API_KEY, NODE_TOKEN, Node, Relay, synthetic_models
+from harness import API_KEY, NODE_TOKEN, Node, Relay, free_port, synthetic_models
+from local_node.tunnel_client import challenge_url
+from relay.auth import tunnel_authorization, tunnel_proof
 from relay.protocol import SUBPROTOCOL
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -44,28 +47,150 @@ def test_secrets_stay_out_of_debug_logs(tmp_path):
     try:
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
         assert speak(relay).status_code == 200
-        assert "Authorization" in relay.log() + node.log()  # the headers are logged, their values not
+        logs = relay.log() + node.log()
+        assert "Authorization" in logs  # the headers are logged, their values not
+        assert "Tunnel-HMAC" not in logs  # the node's proof neither, though it reveals no token
         for secret in (NODE_TOKEN, API_KEY):
-            assert secret not in relay.log() + node.log()
+            assert secret not in logs
     finally:
         node.stop()
         relay.stop()
 
 
+def test_the_node_token_never_travels(relay):
+    """The handshake carries a proof bound to one challenge and this protocol version, not the token."""
+    challenge = httpx.get(f"{relay.url}/v1/tunnel/challenge", timeout=5).json()["challenge"]
+    header = tunnel_authorization(NODE_TOKEN, challenge)
+    assert NODE_TOKEN not in header and header.startswith("Tunnel-HMAC ")
+    assert tunnel_proof(NODE_TOKEN, challenge) != tunnel_proof(NODE_TOKEN, challenge + "x")
+
+
+async def refusal(relay, headers, subprotocols=(SUBPROTOCOL,)):
+    """The refused handshake's (status, error code)."""
+    with pytest.raises(InvalidStatus) as info:
+        async with websockets.connect(relay.tunnel_url, additional_headers=headers,
+                                      subprotocols=list(subprotocols) if subprotocols is not None else None):
+            pass
+    response = info.value.response
+    return response.status_code, json.loads(response.body)["error"]["code"]
+
+
 async def test_handshake_refusals(relay):
-    for headers, subprotocols, status in [
-        ({}, [SUBPROTOCOL], 401),
-        ({"Authorization": "Bearer wrong-token-wrong-token"}, [SUBPROTOCOL], 401),
-        ({"Authorization": f"Bearer {NODE_TOKEN}"}, ["qwen3-tts-tunnel.v99"], 426),
-        ({"Authorization": f"Bearer {NODE_TOKEN}"}, ["qwen3-tts-tunnel.v1"], 426),  # before flow control
-        ({"Authorization": f"Bearer {NODE_TOKEN}"}, None, 426),
+    def challenge():
+        return httpx.get(f"{relay.url}/v1/tunnel/challenge", timeout=5).json()["challenge"]
+
+    good = relay.tunnel_headers
+    for headers, subprotocols, expected in [
+        ({}, [SUBPROTOCOL], (401, "missing_node_credential")),
+        ({"Authorization": f"Bearer {NODE_TOKEN}"}, [SUBPROTOCOL], (401, "missing_node_credential")),  # v2's way
+        ({"Authorization": "Tunnel-HMAC nonsense"}, [SUBPROTOCOL], (401, "missing_node_credential")),
+        ({"Authorization": tunnel_authorization("wrong-token-wrong-token", challenge())}, [SUBPROTOCOL],
+         (401, "invalid_node_token")),
+        ({"Authorization": tunnel_authorization(NODE_TOKEN, "never-issued-by-this-relay")}, [SUBPROTOCOL],
+         (401, "invalid_challenge")),
+        # The version is checked before the credential: an old node learns it must upgrade.
+        ({}, ["qwen3-tts-tunnel.v2"], (426, "unsupported_protocol")),
+        ({"Authorization": f"Bearer {NODE_TOKEN}"}, ["qwen3-tts-tunnel.v2"], (426, "unsupported_protocol")),
+        (good(), ["qwen3-tts-tunnel.v99"], (426, "unsupported_protocol")),
+        (good(), ["qwen3-tts-tunnel.v1"], (426, "unsupported_protocol")),
+        (good(), None, (426, "unsupported_protocol")),
     ]:
-        with pytest.raises(InvalidStatus) as info:
-            async with websockets.connect(relay.tunnel_url, additional_headers=headers, subprotocols=subprotocols):
-                pass
-        assert info.value.response.status_code == status
-        if status == 426:
-            assert SUBPROTOCOL in info.value.response.body.decode()
+        assert await refusal(relay, headers, subprotocols) == expected, headers
+    with pytest.raises(InvalidStatus) as info:
+        async with websockets.connect(relay.tunnel_url, subprotocols=["qwen3-tts-tunnel.v2"]):
+            pass
+    assert SUBPROTOCOL in info.value.response.body.decode()
+    assert "wrong token" in relay.log()
+
+
+async def test_a_replayed_handshake_is_refused(relay):
+    """A header that let a node in once (or failed once) is worth nothing the second time."""
+    headers = relay.tunnel_headers()
+    async with websockets.connect(relay.tunnel_url, additional_headers=headers, subprotocols=[SUBPROTOCOL]):
+        pass  # accepted
+    assert await refusal(relay, headers) == (401, "invalid_challenge")
+    # A challenge presented with a wrong proof is used up too: the right proof cannot follow.
+    challenge = httpx.get(f"{relay.url}/v1/tunnel/challenge", timeout=5).json()["challenge"]
+    assert await refusal(relay, {"Authorization": tunnel_authorization("not-the-token-at-all", challenge)}) == \
+        (401, "invalid_node_token")
+    assert await refusal(relay, {"Authorization": tunnel_authorization(NODE_TOKEN, challenge)}) == (401, "invalid_challenge")
+
+
+def test_challenges_are_fresh_and_uncached(relay):
+    answers = [httpx.get(f"{relay.url}/v1/tunnel/challenge", timeout=5) for _ in range(3)]
+    assert all(a.status_code == 200 and a.headers["cache-control"] == "no-store" for a in answers)
+    assert all(a.json()["expires_in"] == 30 for a in answers)
+    assert len({a.json()["challenge"] for a in answers}) == 3
+
+
+async def test_a_node_whose_challenge_the_relay_forgot_fetches_another_and_tries_again(tmp_path):
+    """E.g. the relay restarted between the node's two requests: not the token's fault, so the node
+    does not stop. A hand-made relay refuses the first handshake that way, then lets the node in."""
+    handshakes, connected = [], asyncio.Event()
+
+    def door(connection, request):
+        if request.path == "/v1/tunnel/challenge":
+            return connection.respond(200, json.dumps({"challenge": f"challenge-{len(handshakes)}", "expires_in": 30}))
+        handshakes.append(request.headers["Authorization"])
+        if len(handshakes) == 1:
+            body = {"error": {"message": "forgotten", "type": "tunnel_error", "param": None, "code": "invalid_challenge"}}
+            return connection.respond(401, json.dumps(body))
+        return None
+
+    async def handler(ws):
+        connected.set()
+        await ws.wait_closed()
+
+    port = free_port()
+    async with websockets.serve(handler, "127.0.0.1", port, subprotocols=[SUBPROTOCOL], process_request=door):
+        node = Node(tmp_path, SimpleNamespace(tunnel_url=f"ws://127.0.0.1:{port}/v1/tunnel"), synthetic_models())
+        try:
+            await asyncio.wait_for(connected.wait(), 60)
+            assert handshakes == [tunnel_authorization(NODE_TOKEN, "challenge-0"), tunnel_authorization(NODE_TOKEN, "challenge-1")]
+            assert "did not know the challenge it handed out" in node.log()
+            assert node.proc.poll() is None
+        finally:
+            node.stop()
+
+
+def test_a_node_retries_while_it_gets_no_challenge(tmp_path):
+    """Nothing listening: like any failed connection, the node backs off and tries again."""
+    port = free_port()
+    node = Node(tmp_path, SimpleNamespace(tunnel_url=f"ws://127.0.0.1:{port}/v1/tunnel"), synthetic_models())
+    try:
+        node.wait_for_log(f"relay ws://127.0.0.1:{port}/v1/tunnel unreachable: no challenge from "
+                          f"http://127.0.0.1:{port}/v1/tunnel/challenge", timeout=60)
+        node.wait_for_log("reconnecting to", timeout=10)
+        relay = Relay(tmp_path, port=port)
+        try:
+            relay.wait_for_models({"tts-1"}, node=node, timeout=60)
+        finally:
+            relay.stop()
+    finally:
+        node.stop()
+
+
+def test_challenge_url_sits_next_to_the_tunnel():
+    assert challenge_url("wss://tts.example.com/v1/tunnel") == "https://tts.example.com/v1/tunnel/challenge"
+    assert challenge_url("ws://127.0.0.1:8000/v1/tunnel/") == "http://127.0.0.1:8000/v1/tunnel/challenge"
+    assert challenge_url("wss://example.com:8443/tts/v1/tunnel") == "https://example.com:8443/tts/v1/tunnel/challenge"
+
+
+def test_a_revoked_node_token_is_refused_after_the_relay_restarts(tmp_path):
+    """A token taken out of RELAY_NODE_TOKENS stops working when the relay restarts: the node,
+    connected until then, is refused and stops with the same clear message as for a wrong token."""
+    relay = Relay(tmp_path, env={"RELAY_NODE_TOKENS": f"home:{NODE_TOKEN},spare:another-node-token-0123456789"})
+    node = Node(tmp_path, relay, synthetic_models())
+    try:
+        relay.wait_for_models({"tts-1"}, node=node, timeout=60)
+        relay.kill()
+        relay = Relay(tmp_path, port=relay.port, env={"RELAY_NODE_TOKENS": "spare:another-node-token-0123456789"})
+        assert node.proc.wait(timeout=60) == 2  # backoff is capped at 30 s
+        assert "refused this node's token (HTTP 401)" in node.log()
+        assert "wrong token" in relay.log()
+    finally:
+        node.stop()
+        relay.stop()
 
 
 @pytest.mark.parametrize(
@@ -83,7 +208,7 @@ async def test_malformed_tunnel_frames_close_that_tunnel_only(tmp_path, relay, f
     node = Node(tmp_path, relay, synthetic_models())
     try:
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
-        async with websockets.connect(relay.tunnel_url, additional_headers={"Authorization": f"Bearer {NODE_TOKEN}"},
+        async with websockets.connect(relay.tunnel_url, additional_headers=relay.tunnel_headers(),
                                       subprotocols=[SUBPROTOCOL]) as ws:
             for frame in frames:
                 await ws.send(frame)
@@ -171,7 +296,7 @@ class ScriptedNode:
 
         self.conn = Connection("node")
         self.ws = await websockets.connect(self.relay.tunnel_url, subprotocols=[SUBPROTOCOL],
-                                           additional_headers={"Authorization": f"Bearer {NODE_TOKEN}"})
+                                           additional_headers=self.relay.tunnel_headers())
         # The marker model shows in /v1/models once the relay has taken this node's hello.
         models = (ModelInfo(self.model, self.aliases, ("alloy",)), ModelInfo("scripted-marker"))
         await self.ws.send(self.conn.send(Hello("scripted", models)))
