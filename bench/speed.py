@@ -43,12 +43,16 @@ from pathlib import Path
 
 import torch
 
+from local_node.qwen_engine import resolve_codec_dtype
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "bench"
 RESULTS = ROOT / "bench" / "results"
 TEXT = "The quick brown fox jumps over the lazy dog, then naps in the warm afternoon sun."
 SPEAKER = "ryan"
 FRAME_SECONDS = 0.08
+# Both paths decode with the codec in the dtype the node picks for this CPU (codec_dtype: auto).
+CODEC_DTYPE = resolve_codec_dtype("auto")
 
 
 @dataclass
@@ -332,7 +336,7 @@ def bench_size(size: str, args: argparse.Namespace) -> SizeResult:
 
     started = time.perf_counter()
     tts = import_qwen_tts().Qwen3TTSModel.from_pretrained(str(folder), dtype=torch.bfloat16)
-    tts.model.speech_tokenizer.model.float()
+    tts.model.speech_tokenizer.model.to(CODEC_DTYPE)
     load_seconds = time.perf_counter() - started
 
     warm = min(args.frames, 4)
@@ -350,7 +354,7 @@ def bench_size(size: str, args: argparse.Namespace) -> SizeResult:
         from local_node.int8 import quantize_int8
 
         quantized = import_qwen_tts().Qwen3TTSModel.from_pretrained(str(folder), dtype=torch.bfloat16)
-        quantized.model.speech_tokenizer.model.float()
+        quantized.model.speech_tokenizer.model.to(CODEC_DTYPE)
         quantize_int8(quantized.model)
         our_run(quantized, warm, schedule)
         result.int8 = best([our_run(quantized, args.frames, schedule) for _ in range(args.repeats)])

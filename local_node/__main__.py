@@ -50,7 +50,7 @@ def build_workers(config: NodeConfig, metrics: NodeMetrics | None = None) -> dic
         else:
             from .qwen_engine import QwenEngine
 
-            engine = QwenEngine(model, config.dtype)
+            engine = QwenEngine(model, config.dtype, config.codec_dtype)
             engine.warm_up()
         workers[model.name] = ModelWorker(engine, model.max_queue, metrics)
     return workers

@@ -14,6 +14,7 @@ from relay.protocol import MAX_NAME_CHARS
 
 DEFAULT_CONFIG = "config-cpu-local.yaml"
 DTYPES = ("bfloat16", "float32")
+CODEC_DTYPES = ("auto", *DTYPES)
 ENGINES = ("qwen", "synthetic")
 WEIGHTS = ("dtype", "int8")  # the node's dtype as loaded, or int8 projections (opt-in)
 TEXT_INPUTS = ("auto", "whole", "streaming")
@@ -68,6 +69,9 @@ class NodeConfig:
     node_name: str = "node"
     device: str = "cpu"
     dtype: str = "bfloat16"
+    # The speech codec's dtype. auto: bfloat16 where the CPU computes it natively (AVX-512 BF16,
+    # AMX), float32 elsewhere, where bfloat16 convolutions are emulated and many times slower.
+    codec_dtype: str = "auto"
     threads: int | None = None  # None: one per physical core
     models: tuple[ModelConfig, ...] = ()
     # Websocket pings to each relay; one that stays silent is dropped within interval + timeout.
@@ -122,6 +126,9 @@ def parse_config(data: Any, base_dir: Path = Path("."), environ: Mapping[str, st
     dtype = top.pop("dtype", str, default="bfloat16")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    codec_dtype = top.pop("codec_dtype", str, default="auto")
+    if codec_dtype not in CODEC_DTYPES:
+        raise ConfigError(f"codec_dtype must be one of {', '.join(CODEC_DTYPES)}, not {codec_dtype!r}")
     threads = top.pop("threads", (int, str), default="auto")
     if threads == "auto":
         threads = None
@@ -141,7 +148,7 @@ def parse_config(data: Any, base_dir: Path = Path("."), environ: Mapping[str, st
         models = tuple(replace(m, enabled=m.name in wanted) for m in models)
     if not any(m.enabled for m in models):
         raise ConfigError("no model is enabled: set enabled: true on one under models:, or use ENABLED_MODELS")
-    return NodeConfig(tuple(relay_urls), token, node_name, device, dtype, threads, models,
+    return NodeConfig(tuple(relay_urls), token, node_name, device, dtype, codec_dtype, threads, models,
                       ping_interval=ping_interval, ping_timeout=ping_timeout, drain_grace=drain_grace, metrics=metrics)
 
 

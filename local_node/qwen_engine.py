@@ -17,6 +17,7 @@ from relay.protocol import ModelInfo
 from .config import ConfigError, ModelConfig
 from .codec_stream import StreamingDecoder
 from .int8 import quantize_int8
+from .packing import pack_linears
 from .engine import Cancelled, Job, JobError, ModelUnavailable
 from .batcher import Batcher
 from .generation import Prompt, SamplingConfig, prepare_prompt
@@ -50,16 +51,15 @@ class _Voice:
 
 
 class QwenEngine:
-    def __init__(self, config: ModelConfig, dtype: str = "bfloat16") -> None:
+    def __init__(self, config: ModelConfig, dtype: str = "bfloat16", codec_dtype: str = "auto") -> None:
         self.config = config
         started = time.monotonic()
         self.tts = _load(config, _DTYPES[dtype])
-        # The codec runs in float32 whatever the model's dtype: it is small, and its convolutions
-        # are many times slower in bfloat16 on CPUs without native bf16 (AVX2-only machines).
-        self.tts.model.speech_tokenizer.model.float()
+        self.tts.model.speech_tokenizer.model.to(resolve_codec_dtype(codec_dtype))
         if config.weights == "int8":
             count = quantize_int8(self.tts.model)
             log.info("%s: %d decoder projections in int8 (weights: int8; codes differ from the %s model's)", config.name, count, dtype)
+        pack_linears(self.tts.model.talker)  # bfloat16 projections: packed once, not on every call
         self.kind: str = self.tts.model.tts_model_type  # "base", "custom_voice" or "voice_design"
         self.voices = self._build_voices()
         self.info = ModelInfo(config.name, config.aliases, tuple(self.voices), any_voice=self.kind == "voice_design")
@@ -172,6 +172,17 @@ class QwenEngine:
 
     def _max_frames(self, text: str) -> int:
         return self.config.max_new_frames or _frame_budget(text)
+
+
+def resolve_codec_dtype(codec_dtype: str) -> torch.dtype:
+    """``codec_dtype`` from the config; "auto" is bfloat16 only where the CPU has bfloat16
+    arithmetic (AVX-512 BF16 or AMX): there the codec's convolutions run about 3x faster than in
+    float32, elsewhere they are emulated and many times slower. qwen-tts itself runs the codec in
+    the model's dtype."""
+    if codec_dtype != "auto":
+        return _DTYPES[codec_dtype]
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if native else torch.float32
 
 
 def _frame_budget(text: str) -> int:

@@ -21,6 +21,7 @@ import torch
 
 from local_node import generation, tiny_model
 from local_node.generation import Prompt, SamplingConfig, generate_frames, prepare_prompt
+from local_node.packing import PackedLinear, pack_linears
 from local_node.qwen_import import import_qwen_tts
 from local_node.tiny_model import write_random_checkpoint, write_tiny_checkpoint
 
@@ -47,7 +48,8 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def load(tmp_path_factory):
-    """(checkpoint, dtype) -> a loaded Qwen3TTSModel. Checkpoints: the three tiny kinds, and
+    """(checkpoint, dtype, packed) -> a loaded Qwen3TTSModel, its bfloat16 projections packed as
+    the node packs them if ``packed``. Checkpoints: the three tiny kinds, and
     custom_voice_1b7, a CustomVoice model of the 1.7B layout (the 0.6B one ignores instruct)."""
 
     @functools.cache
@@ -57,8 +59,11 @@ def load(tmp_path_factory):
         return write_tiny_checkpoint(tmp_path_factory.mktemp(name), name)
 
     @functools.cache
-    def load(name: str, dtype: torch.dtype = torch.float32):
-        return qwen_tts.Qwen3TTSModel.from_pretrained(str(folder(name)), dtype=dtype, device_map="cpu")
+    def load(name: str, dtype: torch.dtype = torch.float32, packed: bool = False):
+        tts = qwen_tts.Qwen3TTSModel.from_pretrained(str(folder(name)), dtype=dtype, device_map="cpu")
+        if packed:  # as the node runs it; qwen-tts' reference runs on a separate, unpacked load
+            pack_linears(tts.model.talker)
+        return tts
 
     return load
 
@@ -149,7 +154,9 @@ def test_greedy_codes_equal_qwen_tts(load, clone_prompts, case, dtype):
     checkpoint, kind, voice = case_inputs(case, dtype, clone_prompts)
     tts = load(checkpoint, dtype)
     ref = reference_codes(tts, kind, **voice, max_new_tokens=14, **GREEDY)
-    ours = our_codes(tts, kind, voice, max_new_tokens=14, **GREEDY)
+    packed = load(checkpoint, dtype, packed=True)
+    assert any(isinstance(m, PackedLinear) for m in packed.model.talker.modules()) == (dtype == torch.bfloat16)
+    ours = our_codes(packed, kind, voice, max_new_tokens=14, **GREEDY)
     assert ref.shape == (13, 16)  # random weights: no EOS, so max_new_tokens - 1 frames
     assert torch.equal(ours, ref)
 
@@ -172,7 +179,7 @@ def test_sampled_codes_equal_qwen_tts_from_the_same_global_seed(load, clone_prom
     torch.manual_seed(1234)
     ref = reference_codes(tts, kind, **voice, max_new_tokens=12, **sampling)
     torch.manual_seed(1234)
-    ours = our_codes(tts, kind, voice, max_new_tokens=12, **sampling)
+    ours = our_codes(load(checkpoint, dtype, packed=True), kind, voice, max_new_tokens=12, **sampling)
     assert torch.equal(ours, ref)
 
 
@@ -400,6 +407,7 @@ def test_real_shape_0_6b_greedy_equal_and_timing(load):
     started = time.perf_counter()
     ref = reference_codes(tts, "base", **voice, max_new_tokens=frames + 1, **GREEDY)
     ref_time = time.perf_counter() - started
+    assert pack_linears(model.talker) > 0  # as the node runs it
     started = time.perf_counter()
     ours = our_codes(tts, "base", voice, max_new_tokens=frames + 1, **GREEDY)
     our_time = time.perf_counter() - started
