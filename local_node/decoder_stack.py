@@ -17,10 +17,14 @@ grouped-query heads, as transformers calls it (causal over a fresh prompt, plain
 position). The talker's multimodal rope gives text positions the same angle in all three
 sections, so it is the ordinary rope here.
 
-Tried and left out: fusing q/k/v and gate/up into single products (no measurable gain at batch 1
-here, and the copies of memory-mapped weights doubled their resident memory); a hand-written
-attention for one query (cheaper than SDPA's set-up, but it cannot round like SDPA's kernel, which
-uses an approximate exp, so codes drift from qwen-tts' in bf16).
+The layers come prepared (``packing.prepare_for_generation``): q/k/v and gate/up fused into one
+product each, bfloat16 weights packed for oneDNN. q and k heads are normalised and rotated in one
+go (one weight row per head), which is the same arithmetic element by element.
+
+Tried and left out: a hand-written attention for one query (cheaper than SDPA's set-up, but it
+cannot round like SDPA's kernel, which uses an approximate exp, so codes drift from qwen-tts' in
+bf16). SDPA's bfloat16 CPU kernel is slow for one query (about 0.17 us per head and cached
+position, 10x its float32 kernel), which long utterances feel.
 """
 
 from __future__ import annotations
@@ -33,14 +37,14 @@ import torch.nn.functional as F
 
 class DecoderStack:
     """The decoder layers and final norm of ``model`` (``talker.model`` or
-    ``talker.code_predictor.model``) with a KV cache of ``batch`` rows, one sequence per row."""
+    ``talker.code_predictor.model``, prepared by ``packing.prepare_for_generation``) with a KV
+    cache of ``batch`` rows, one sequence per row."""
 
     def __init__(self, model: Any, capacity: int, batch: int = 1) -> None:
         cfg = model.config
-        self.layers = list(model.layers[: cfg.num_hidden_layers])
+        self.layers = [_Layer(layer, cfg) for layer in model.layers[: cfg.num_hidden_layers]]
         self.norm = model.norm
-        attention = self.layers[0].self_attn
-        self.head_dim, self.scaling = attention.head_dim, attention.scaling
+        self.head_dim = self.layers[0].head_dim
         self.n_heads, self.n_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.inv_freq = model.rotary_emb.inv_freq.float()
         self.rope_scaling = model.rotary_emb.attention_scaling
@@ -64,21 +68,24 @@ class DecoderStack:
             self._grow(max(starts) + steps)
         cos, sin = self._rope(starts, steps)
         for i, layer in enumerate(self.layers):
-            x = x + self._attend(layer.self_attn, layer.input_layernorm(x), i, rows, starts, cos, sin)
-            mlp, h = layer.mlp, layer.post_attention_layernorm(x)
-            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+            x = x + self._attend(layer, _rms_norm(x, *layer.input_norm), i, rows, starts, cos, sin)
+            gate, up = layer.gate_up(_rms_norm(x, *layer.post_attention_norm)).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
         for r in rows:
             self.lengths[r] += steps
         return self.norm(x)
 
-    def _attend(self, attn: Any, h: torch.Tensor, i: int, rows: list[int], starts: list[int], cos: torch.Tensor,
+    def _attend(self, layer: _Layer, h: torch.Tensor, i: int, rows: list[int], starts: list[int], cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
         n, steps, _ = h.shape
-        q = attn.q_norm(attn.q_proj(h).view(n, steps, self.n_heads, self.head_dim)).transpose(1, 2)
-        k = attn.k_norm(attn.k_proj(h).view(n, steps, self.n_kv_heads, self.head_dim)).transpose(1, 2)
-        v = attn.v_proj(h).view(n, steps, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        k = k * cos + _rotate_half(k) * sin
-        q = q * cos + _rotate_half(q) * sin
+        heads, kv_heads, dim = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = layer.qkv(h).unflatten(-1, (heads + 2 * kv_heads, dim))
+        # q and k heads side by side, each with its own norm weight: one norm and one rotation
+        # for both, the same arithmetic element by element.
+        qk = _rms_norm(qkv[:, :, : heads + kv_heads], *layer.qk_norm).transpose(1, 2)
+        qk = qk * cos + _rotate_half(qk) * sin
+        q, k = qk[:, :heads], qk[:, heads:]
+        v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
         # SDPA as transformers calls it: its CPU kernel's rounding (an approximate exp, bf16
         # probabilities) is part of what the equivalence with qwen-tts rests on.
         if rows == list(range(rows[0], rows[0] + n)) and len(set(starts)) == 1:  # one block: one call
@@ -87,7 +94,7 @@ class DecoderStack:
             self.values[i, first : first + n, :, start:end] = v
             out = F.scaled_dot_product_attention(
                 q, self.keys[i, first : first + n, :, :end], self.values[i, first : first + n, :, :end],
-                is_causal=steps > 1, scale=self.scaling, enable_gqa=True,
+                is_causal=steps > 1, scale=layer.scaling, enable_gqa=True,
             )
         else:  # sequences of different lengths: attention row by row
             outs = []
@@ -97,10 +104,10 @@ class DecoderStack:
                 self.values[i, row, :, start:end] = v[j]
                 outs.append(F.scaled_dot_product_attention(
                     q[j : j + 1], self.keys[i, row : row + 1, :, :end], self.values[i, row : row + 1, :, :end],
-                    is_causal=steps > 1, scale=self.scaling, enable_gqa=True,
+                    is_causal=steps > 1, scale=layer.scaling, enable_gqa=True,
                 ))
             out = torch.cat(outs)
-        return attn.o_proj(out.transpose(1, 2).reshape(n, steps, -1))
+        return layer.o(out.transpose(1, 2).reshape(n, steps, -1))
 
     def _rope(self, starts: list[int], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [n, 1, T, head_dim] for each row's next T positions. As transformers
@@ -117,6 +124,36 @@ class DecoderStack:
             new = old.new_zeros(*old.shape[:3], capacity, old.shape[4])
             new[:, :, :, : old.shape[3]] = old
             setattr(self, name, new)
+
+
+class _Layer:
+    """What a step needs of one Hugging Face decoder layer, looked up once."""
+
+    def __init__(self, layer: Any, cfg: Any) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        if not hasattr(attn, "qkv_proj"):
+            raise ValueError("the model's decoder layers are not prepared: call packing.prepare_for_generation first")
+        self.head_dim, self.scaling = attn.head_dim, attn.scaling
+        self.qkv, self.o, self.gate_up, self.down = attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
+        self.input_norm = _norm_args(layer.input_layernorm)
+        self.post_attention_norm = _norm_args(layer.post_attention_layernorm)
+        heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        q_norm, k_norm = attn.q_norm, attn.k_norm
+        if q_norm.variance_epsilon != k_norm.variance_epsilon:
+            raise NotImplementedError("q_norm and k_norm with different epsilons")
+        weight = torch.cat([q_norm.weight.expand(heads, -1), k_norm.weight.expand(kv_heads, -1)])  # [heads, dim]
+        self.qk_norm = (weight, q_norm.variance_epsilon)
+
+
+def _norm_args(norm: Any) -> tuple[torch.Tensor, float]:
+    return norm.weight, norm.variance_epsilon
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3TTSRMSNorm's forward, op for op (so the same rounding), without the module call."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

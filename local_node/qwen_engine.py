@@ -16,8 +16,7 @@ from relay.protocol import ModelInfo
 
 from .config import ConfigError, ModelConfig
 from .codec_stream import StreamingDecoder
-from .int8 import quantize_int8
-from .packing import pack_linears
+from .packing import prepare_for_generation
 from .engine import Cancelled, Job, JobError, ModelUnavailable
 from .batcher import Batcher
 from .generation import Prompt, SamplingConfig, prepare_prompt
@@ -56,10 +55,10 @@ class QwenEngine:
         started = time.monotonic()
         self.tts = _load(config, _DTYPES[dtype])
         self.tts.model.speech_tokenizer.model.to(resolve_codec_dtype(codec_dtype))
+        # Fused, packed projections (bit-identical results); int8 ones when the config asks.
+        prepare_for_generation(self.tts.model, int8=config.weights == "int8")
         if config.weights == "int8":
-            count = quantize_int8(self.tts.model)
-            log.info("%s: %d decoder projections in int8 (weights: int8; codes differ from the %s model's)", config.name, count, dtype)
-        pack_linears(self.tts.model.talker)  # bfloat16 projections: packed once, not on every call
+            log.info("%s: decoder projections in int8 (weights: int8; codes differ from the %s model's)", config.name, dtype)
         self.kind: str = self.tts.model.tts_model_type  # "base", "custom_voice" or "voice_design"
         self.voices = self._build_voices()
         self.info = ModelInfo(config.name, config.aliases, tuple(self.voices), any_voice=self.kind == "voice_design")

@@ -21,7 +21,7 @@ import torch
 
 from local_node import generation, tiny_model
 from local_node.generation import Prompt, SamplingConfig, generate_frames, prepare_prompt
-from local_node.packing import PackedLinear, pack_linears
+from local_node.packing import PackedLinear, prepare_for_generation
 from local_node.qwen_import import import_qwen_tts
 from local_node.tiny_model import write_random_checkpoint, write_tiny_checkpoint
 
@@ -48,8 +48,8 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def load(tmp_path_factory):
-    """(checkpoint, dtype, packed) -> a loaded Qwen3TTSModel, its bfloat16 projections packed as
-    the node packs them if ``packed``. Checkpoints: the three tiny kinds, and
+    """(checkpoint, dtype, prepared) -> a loaded Qwen3TTSModel; ``prepared``: its projections fused
+    and packed as the node prepares them, for our loop. Checkpoints: the three tiny kinds, and
     custom_voice_1b7, a CustomVoice model of the 1.7B layout (the 0.6B one ignores instruct)."""
 
     @functools.cache
@@ -59,10 +59,10 @@ def load(tmp_path_factory):
         return write_tiny_checkpoint(tmp_path_factory.mktemp(name), name)
 
     @functools.cache
-    def load(name: str, dtype: torch.dtype = torch.float32, packed: bool = False):
+    def load(name: str, dtype: torch.dtype = torch.float32, prepared: bool = False):
         tts = qwen_tts.Qwen3TTSModel.from_pretrained(str(folder(name)), dtype=dtype, device_map="cpu")
-        if packed:  # as the node runs it; qwen-tts' reference runs on a separate, unpacked load
-            pack_linears(tts.model.talker)
+        if prepared:  # as the node runs it; qwen-tts' reference runs on a separate, untouched load
+            prepare_for_generation(tts.model)
         return tts
 
     return load
@@ -154,9 +154,9 @@ def test_greedy_codes_equal_qwen_tts(load, clone_prompts, case, dtype):
     checkpoint, kind, voice = case_inputs(case, dtype, clone_prompts)
     tts = load(checkpoint, dtype)
     ref = reference_codes(tts, kind, **voice, max_new_tokens=14, **GREEDY)
-    packed = load(checkpoint, dtype, packed=True)
-    assert any(isinstance(m, PackedLinear) for m in packed.model.talker.modules()) == (dtype == torch.bfloat16)
-    ours = our_codes(packed, kind, voice, max_new_tokens=14, **GREEDY)
+    prepared = load(checkpoint, dtype, prepared=True)
+    assert any(isinstance(m, PackedLinear) for m in prepared.model.talker.modules()) == (dtype == torch.bfloat16)
+    ours = our_codes(prepared, kind, voice, max_new_tokens=14, **GREEDY)
     assert ref.shape == (13, 16)  # random weights: no EOS, so max_new_tokens - 1 frames
     assert torch.equal(ours, ref)
 
@@ -179,16 +179,16 @@ def test_sampled_codes_equal_qwen_tts_from_the_same_global_seed(load, clone_prom
     torch.manual_seed(1234)
     ref = reference_codes(tts, kind, **voice, max_new_tokens=12, **sampling)
     torch.manual_seed(1234)
-    ours = our_codes(load(checkpoint, dtype, packed=True), kind, voice, max_new_tokens=12, **sampling)
+    ours = our_codes(load(checkpoint, dtype, prepared=True), kind, voice, max_new_tokens=12, **sampling)
     assert torch.equal(ours, ref)
 
 
 def test_repetition_penalty_counts_only_generated_codebook_0(load, clone_prompts):
     # A strong penalty changes greedy codes; ours changes them exactly as qwen-tts does.
     checkpoint, kind, voice = case_inputs("custom_voice", torch.float32, clone_prompts)
-    tts = load(checkpoint)
-    penalised = our_codes(tts, kind, voice, max_new_tokens=30, repetition_penalty=3.0, **GREEDY)
-    assert not torch.equal(penalised, our_codes(tts, kind, voice, max_new_tokens=30, repetition_penalty=1.0, **GREEDY))
+    tts, prepared = load(checkpoint), load(checkpoint, prepared=True)
+    penalised = our_codes(prepared, kind, voice, max_new_tokens=30, repetition_penalty=3.0, **GREEDY)
+    assert not torch.equal(penalised, our_codes(prepared, kind, voice, max_new_tokens=30, repetition_penalty=1.0, **GREEDY))
     assert torch.equal(penalised, reference_codes(tts, kind, **voice, max_new_tokens=30, repetition_penalty=3.0, **GREEDY))
 
 
@@ -197,7 +197,7 @@ def test_frame_count_is_max_new_tokens_minus_one(load, clone_prompts, max_new_to
     checkpoint, kind, voice = case_inputs("voice_design", torch.float32, clone_prompts)
     tts = load(checkpoint)
     ref = reference_codes(tts, kind, **voice, max_new_tokens=max_new_tokens, **GREEDY)
-    ours = our_codes(tts, kind, voice, max_new_tokens=max_new_tokens, **GREEDY)
+    ours = our_codes(load(checkpoint, prepared=True), kind, voice, max_new_tokens=max_new_tokens, **GREEDY)
     assert len(ours) == max_new_tokens - 1
     assert torch.equal(ours, ref)
 
@@ -205,7 +205,7 @@ def test_frame_count_is_max_new_tokens_minus_one(load, clone_prompts, max_new_to
 def test_one_new_token_is_no_frame(load, clone_prompts):
     # qwen-tts fails here (torch.stack of no frames); we yield nothing.
     checkpoint, kind, voice = case_inputs("voice_design", torch.float32, clone_prompts)
-    assert len(our_codes(load(checkpoint), kind, voice, max_new_tokens=1)) == 0
+    assert len(our_codes(load(checkpoint, prepared=True), kind, voice, max_new_tokens=1)) == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -215,14 +215,15 @@ def test_eos_stops_like_qwen_tts(load, clone_prompts, monkeypatch, dtype, eos_at
     codebook-0 code of frame ``eos_at``. At 5 generation stops there (that frame is not
     emitted); at 0 and 1 min_new_tokens=2 bars it and the utterance runs on differently."""
     checkpoint, kind, voice = case_inputs("custom_voice", dtype, clone_prompts)
-    tts = load(checkpoint, dtype)
-    free_run = our_codes(tts, kind, voice, max_new_tokens=20, **GREEDY)
+    tts, prepared = load(checkpoint, dtype), load(checkpoint, dtype, prepared=True)
+    free_run = our_codes(prepared, kind, voice, max_new_tokens=20, **GREEDY)
     eos = int(free_run[eos_at, 0])
     assert eos not in free_run[:eos_at, 0].tolist()
-    monkeypatch.setattr(tts.model.config.talker_config, "codec_eos_token_id", eos)
+    for model in (tts, prepared):
+        monkeypatch.setattr(model.model.config.talker_config, "codec_eos_token_id", eos)
 
     ref = reference_codes(tts, kind, **voice, max_new_tokens=20, **GREEDY)
-    ours = our_codes(tts, kind, voice, max_new_tokens=20, **GREEDY)
+    ours = our_codes(prepared, kind, voice, max_new_tokens=20, **GREEDY)
     assert torch.equal(ours, ref)
     assert len(ours) >= 2 and eos not in ours[:, 0].tolist()
     if eos_at >= 2:
@@ -303,7 +304,7 @@ def test_sampling_defaults_come_from_generation_config(load):
 
 
 def _voice_design_prompt(load):
-    tts = load("voice_design")
+    tts = load("voice_design", prepared=True)
     return tts, prepare_prompt(tts, kind="voice_design", text=TEXT, instruct="A calm, low voice.")
 
 
@@ -354,7 +355,7 @@ def test_batched_utterances_match_each_alone(load):
     """Utterances joining and leaving a FrameBatch between steps, at different positions and with
     different prompt lengths (fp32, greedy: batched products round differently from single ones
     only far below what moves an argmax) get exactly the codes they get alone."""
-    tts = load("custom_voice")
+    tts = load("custom_voice", prepared=True)
     texts = ["Hello.", "A somewhat longer sentence, with a pause.", "Third.", "And a fourth one, late."]
     prompts = [prepare_prompt(tts, kind="custom_voice", text=t, language="English", speaker="ryan") for t in texts]
     budgets = [6, 9, 4, 7]  # max_new_tokens: they end at different steps
@@ -407,7 +408,7 @@ def test_real_shape_0_6b_greedy_equal_and_timing(load):
     started = time.perf_counter()
     ref = reference_codes(tts, "base", **voice, max_new_tokens=frames + 1, **GREEDY)
     ref_time = time.perf_counter() - started
-    assert pack_linears(model.talker) > 0  # as the node runs it
+    prepare_for_generation(model)  # as the node runs it
     started = time.perf_counter()
     ours = our_codes(tts, "base", voice, max_new_tokens=frames + 1, **GREEDY)
     our_time = time.perf_counter() - started

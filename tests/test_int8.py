@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from local_node.generation import SamplingConfig, generate_frames, prepare_prompt
-from local_node.int8 import Int8Linear, quantize_int8
+from local_node.decoder_stack import DecoderStack
+from local_node.int8 import Int8Linear
+from local_node.packing import prepare_for_generation
 from local_node.qwen_import import import_qwen_tts
 from local_node.tiny_model import write_tiny_checkpoint
 
@@ -35,15 +37,17 @@ def test_int8_linear_is_close_to_the_bf16_one():
 def test_quantized_model_generates_near_the_bf16_logits(folder):
     tts = qwen_tts.Qwen3TTSModel.from_pretrained(folder, dtype=torch.bfloat16)
     quantized = qwen_tts.Qwen3TTSModel.from_pretrained(folder, dtype=torch.bfloat16)
-    talker = tts.model.talker
+    prepare_for_generation(tts.model)
+    prepare_for_generation(quantized.model, int8=True)
+    talker = quantized.model.talker
     layers = len(talker.model.layers) + len(talker.code_predictor.model.layers)
-    assert quantize_int8(quantized.model) == 7 * layers  # q, k, v, o, gate, up, down
+    assert sum(isinstance(m, Int8Linear) for m in talker.modules()) == 4 * layers  # qkv, o, gate_up, down
 
     prompt = prepare_prompt(tts, kind="custom_voice", text="Hello there.", language="English", speaker="ryan")
     # Same prompt through both talkers: their first codebook-0 distributions barely differ.
     logits = []
     for model in (tts.model, quantized.model):
-        hidden = model.talker.model(inputs_embeds=prompt.inputs_embeds).last_hidden_state[:, -1]
+        hidden = DecoderStack(model.talker.model, capacity=64).forward(prompt.inputs_embeds)[:, -1]
         logits.append(model.talker.codec_head(hidden).float().log_softmax(-1))
     kl = torch.sum(logits[0].exp() * (logits[0] - logits[1])).item()
     assert 0 < kl < 0.05  # moved, a little
