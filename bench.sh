@@ -6,4 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/setup.sh
 .venv/bin/python -c "import matplotlib" 2>/dev/null || .venv/bin/pip install --quiet -e ".[bench]"
+# `./bench.sh tunnel ...`: the relay and tunnel benchmark (bench/tunnel.py) instead.
+if [ "${1:-}" = "tunnel" ]; then
+    shift
+    exec .venv/bin/python -m bench.tunnel "$@"
+fi
 exec .venv/bin/python -m bench.speed "$@"

@@ -102,6 +102,9 @@ def create_app(config: RelayConfig) -> Starlette:
     ]
     handlers = {ApiError: _api_error, HTTPException: _http_error, Exception: _unexpected_error}
     app = Starlette(routes=routes, exception_handlers=handlers, middleware=[Middleware(ObserveRequests)])
+    # A trailing slash gets an OpenAI-shaped 404, not Starlette's bodiless 307 to a URL built from
+    # the request's Host header (found by fuzzing).
+    app.router.redirect_slashes = False
     app.state.config = config
     app.state.router = Router(config.max_streams_per_node)
     app.state.challenges = ChallengeStore()  # for nodes' handshakes

@@ -30,8 +30,8 @@ from relay.protocol import (
     encode,
 )
 
-# Derandomized: CI runs the same examples every time, and a failure reproduces as is. No example
-# database either, so nothing is written next to the tests.
+# Derandomized: CI runs the same examples every time, and a failure reproduces as is, without an
+# example database (Hypothesis keeps only its caches in .hypothesis/, which ignores itself in git).
 FUZZ = settings(max_examples=300, derandomize=True, database=None, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 TYPE_NAMES = ("hello", "request", "credit", "cancel", "draining", "end", "error", "audio")

@@ -433,15 +433,17 @@ def test_node_metrics_with_a_tiny_qwen_model(tmp_path):
                     f"{relay.url}/v1/audio/speech", headers=AUTH,
                     json={**SPEECH, "input": text, "stream_format": "sse"}) for text in ("Hello there.", "Good morning.")))
 
-        frames = 0
+        per_request = []
         for response in asyncio.run(speak_twice()):
             done = [line for line in response.text.splitlines() if "speech.audio.done" in line]
-            frames += int(done[0].split('"output_tokens":')[1].split(",")[0])
-        assert frames == 2 * 6  # random weights never say EOS: each piece runs to max_new_frames
+            per_request.append(int(done[0].split('"output_tokens":')[1].split(",")[0]))
+        # Random weights rarely sample EOS, but may (after the 2 frames it is barred from).
+        assert all(2 <= n <= 6 for n in per_request), per_request
+        frames = sum(per_request)
         samples = scrape(url, NODE_METRICS_TOKEN)
         assert value(samples, "node_frames_generated_total", model="custom_voice") == frames
         steps = value(samples, "node_frame_seconds_count", model="custom_voice")
-        assert 6 <= steps <= frames, steps  # fewer when the two requests shared steps
+        assert max(per_request) <= steps <= frames, steps  # fewer when the two requests shared steps
         assert value(samples, "node_frame_seconds_sum", model="custom_voice") > 0
         assert value(samples, "node_requests_total", model="custom_voice", outcome="done") == 2
         assert value(samples, "node_queue_capacity", model="custom_voice") == 2 + 4
