@@ -1,29 +1,33 @@
 """Model speed on this machine: the official qwen-tts call against our streaming path, in one run.
 
     ./bench.sh                       # both sizes
-    ./bench.sh --models 0.6B         # options: --frames N, --text "...", --streams 1 2 4
+    ./bench.sh --models 0.6B         # options: --frames N, --repeats N, --streams 1 2 4, --no-int8
 
 Random weights of the real 0.6B and 1.7B CustomVoice shapes (built from the released configs kept
 in ``local_node/qwen_files``, cached in ``.cache/bench``), bfloat16, all cores. Per size:
 
-  official  ``Qwen3TTSModel.generate_custom_voice``: HF generate for the talker and, inside every
-            talker step, for the code predictor; the codec decodes the whole utterance at the end.
-  ours      ``generate_frames`` + ``StreamingDecoder`` in this process, as the node runs them.
+  official  ``Qwen3TTSModel.generate_custom_voice`` on the model as qwen-tts loads it: HF generate
+            for the talker and, inside every talker step, for the code predictor; the codec
+            decodes the whole utterance at the end.
+  ours      ``generate_frames`` + ``StreamingDecoder`` in this process, on a second copy of the
+            model prepared as the node prepares it (``packing.prepare_for_generation``).
+  batched   the same through a ``FrameBatch`` of 1, 2 and 4 utterances (continuous batching),
+            ms per step: a frame for every row, each row's codec decoding included.
   int8      ours with ``weights: int8`` (local_node/int8.py), and how far its logits move from
             bf16: KL divergence per frame, teacher-forced on the bf16 model's codes.
   served    a real relay and node (subprocesses on loopback) and the openai SDK streaming
             ``response_format="pcm"``: what a client sees, tunnel included; then 1, 2 and 4
-            streams at once (continuous batching, ``max_batch`` 4) for aggregate throughput,
-            with bf16 weights and with int8 weights. Node start-up and resident memory for each.
-            Once more with ``text_input: streaming`` (the text fed a token per frame: a short
-            prompt to prefill), for time to first audio.
+            streams at once (``max_batch`` 4) for aggregate throughput, with bf16 weights and with
+            int8 weights. Node start-up and resident memory for each. Once more with
+            ``text_input: streaming`` (the text fed a token per frame: a short prompt to
+            prefill), for time to first audio.
 
 Both in-process paths sample with the checkpoint's defaults for the same number of frames (random
 weights almost never say EOS; a run that does is timed per frame all the same) and decode with
-the codec in float32, as the node does: in bfloat16 its convolutions are many times slower on CPUs
-without native bf16, which would flatter the ratio. Each in-process figure is the best of
-``--repeats`` runs, so a busy machine shows less. Prints a table, writes
-``bench/results/speed.json`` and ``bench/results/speed.png`` (ms per frame per configuration).
+the codec in the same dtype, the one the node picks for this CPU (``codec_dtype: auto``). Each
+in-process figure is the best of ``--repeats`` runs, interleaved, so a busy spell of the machine
+hits both. Prints a table, writes ``bench/results/speed.json`` and ``bench/results/speed.png``
+(ms per frame per configuration).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from local_node.__main__ import physical_cores
 from local_node.qwen_engine import resolve_codec_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +58,9 @@ SPEAKER = "ryan"
 FRAME_SECONDS = 0.08
 # Both paths decode with the codec in the dtype the node picks for this CPU (codec_dtype: auto).
 CODEC_DTYPE = resolve_codec_dtype("auto")
+# Torch threads for each of our model's two threads, as the node picks them (threads: auto). The
+# official call runs on the main thread with torch's default, one per core.
+NODE_THREADS = max(1, physical_cores() // 2)
 
 
 @dataclass
@@ -82,7 +90,7 @@ class SizeResult:
     ours: Run
     int8: Run | None = None
     int8_drift: dict = field(default_factory=dict)
-    batch_scaling: dict = field(default_factory=dict)  # weights -> rows -> ms per FrameBatch step
+    batch_scaling: dict = field(default_factory=dict)  # weights -> utterances at once -> frames/s
     served: Run | None = None  # bf16 weights, one stream
     served_streaming_text: Run | None = None  # the same with text_input: streaming
     nodes: dict[str, dict] = field(default_factory=dict)  # weights -> start-up, RSS, streams (n -> aggregate figures)
@@ -114,26 +122,55 @@ def official_run(tts, frames: int) -> Run:
     return Run(n, seconds, seconds, spent[0])
 
 
-def our_run(tts, frames: int, schedule: tuple[int, ...]) -> Run:
-    from local_node.codec_stream import StreamingDecoder
-    from local_node.generation import SamplingConfig, generate_frames, prepare_prompt
+class Ours:
+    """Our path as the node runs it, minus the tunnel: the model's Batcher (a generation thread
+    and a decoding thread, ``threads`` torch threads each) and a StreamingDecoder per utterance."""
 
-    started = time.perf_counter()
-    prompt = prepare_prompt(tts, kind="custom_voice", text=TEXT, language="English", speaker=SPEAKER)
-    decoder = StreamingDecoder(tts.model.speech_tokenizer, schedule)
-    first, decoding, n = None, 0.0, 0
-    for codes in generate_frames(tts.model, prompt, SamplingConfig.from_tts(tts, max_new_tokens=frames + 1)):
-        n += 1
-        t = time.perf_counter()
-        pcm = decoder.push(codes)
-        decoding += time.perf_counter() - t
-        if pcm is not None and first is None:
-            first = time.perf_counter() - started
-    t = time.perf_counter()
-    decoder.flush()
-    decoding += time.perf_counter() - t
-    seconds = time.perf_counter() - started
-    return Run(n, seconds, first if first is not None else seconds, decoding)
+    def __init__(self, tts, schedule: tuple[int, ...], rows: int = 4) -> None:
+        from local_node.batcher import Batcher
+
+        self.tts, self.schedule = tts, schedule
+        self.batcher = Batcher(tts.model, rows=rows, name="bench", threads=NODE_THREADS)
+
+    def run(self, frames: int) -> Run:
+        from local_node.codec_stream import StreamingDecoder
+        from local_node.generation import SamplingConfig, prepare_prompt
+
+        started = time.perf_counter()
+        prompt = prepare_prompt(self.tts, kind="custom_voice", text=TEXT, language="English", speaker=SPEAKER)
+        decoder = StreamingDecoder(self.tts.model.speech_tokenizer, self.schedule)
+        decoding, count = [0.0], [0]
+
+        def timed(call):
+            def run(*args):
+                t = time.perf_counter()
+                try:
+                    return call(*args)
+                finally:
+                    decoding[0] += time.perf_counter() - t
+            return run
+
+        def push(codes):
+            count[0] += 1
+            return timed(decoder.push)(codes)
+
+        sampling = SamplingConfig.from_tts(self.tts, max_new_tokens=frames + 1)
+        first = None
+        for _ in self.batcher.run(prompt, sampling, threading.Event(), push, timed(decoder.flush)):
+            first = first if first is not None else time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        return Run(count[0], seconds, first if first is not None else seconds, decoding[0])
+
+    def concurrent(self, frames: int, n: int) -> float:
+        """Frames per second, all told, with ``n`` utterances generated together."""
+        runs: list[Run] = []
+        started = time.perf_counter()
+        threads = [threading.Thread(target=lambda: runs.append(self.run(frames))) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sum(r.frames for r in runs) / (time.perf_counter() - started)
 
 
 @torch.inference_mode()
@@ -179,27 +216,10 @@ def int8_drift(tts, quantized, frames: int) -> dict:
     return drift
 
 
-@torch.inference_mode()
-def batch_scaling(tts, frames: int, rows: tuple[int, ...] = (1, 2, 4)) -> dict[int, float]:
-    """ms per FrameBatch step (one frame for every row, codec decoding included) with 1, 2 and 4
-    utterances generated together, as the node's batcher runs them."""
-    from local_node.codec_stream import StreamingDecoder
-    from local_node.generation import FrameBatch, SamplingConfig, prepare_prompt
-
-    prompt = prepare_prompt(tts, kind="custom_voice", text=TEXT, language="English", speaker=SPEAKER)
-    sampling = SamplingConfig.from_tts(tts, max_new_tokens=frames + 2)
-    timings = {}
-    for n in rows:
-        batch = FrameBatch(tts.model, rows=n)
-        decoders = {batch.add(prompt, sampling): StreamingDecoder(tts.model.speech_tokenizer) for _ in range(n)}
-        batch.step()  # the prefills
-        started, steps = time.perf_counter(), 0
-        while steps < frames and batch.utterances:
-            for utterance, codes in batch.step().items():
-                decoders[utterance].push(codes)
-            steps += 1
-        timings[n] = 1000 * (time.perf_counter() - started) / steps
-    return timings
+def batch_scaling(ours: Ours, frames: int, rows: tuple[int, ...] = (1, 2, 4)) -> dict[int, float]:
+    """Frames per second, all told, with 1, 2 and 4 utterances generated together (continuous
+    batching), decoding included, as the node's batcher runs them."""
+    return {n: ours.concurrent(frames, n) for n in rows}
 
 
 def best(runs: list[Run]) -> Run:
@@ -344,30 +364,32 @@ def bench_size(size: str, args: argparse.Namespace) -> SizeResult:
     started = time.perf_counter()
     official = load()
     load_seconds = time.perf_counter() - started
-    tts = load("bf16")  # ours: a second copy, packed; qwen-tts' own call runs on the untouched one
+    tts = load("bf16")  # ours: a second copy, prepared; qwen-tts' own call runs on the untouched one
+    ours_path = Ours(tts, schedule)
 
     warm = min(args.frames, 4)
-    official_run(official, warm), our_run(tts, warm, schedule)  # page the weights in, set kernels up
+    official_run(official, warm), ours_path.run(warm)  # page the weights in, set kernels up
     officials, ours = [], []
     for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits both
         officials.append(official_run(official, args.frames))
-        ours.append(our_run(tts, args.frames, schedule))
+        ours.append(ours_path.run(args.frames))
         print(f"  official {officials[-1].ms_per_frame:.0f} ms/frame, ours {ours[-1].ms_per_frame:.0f} ms/frame", flush=True)
     del official
     result = SizeResult(model, weights_gb, load_seconds, best(officials), best(ours))
-    result.batch_scaling["bf16"] = batch_scaling(tts, args.frames)
-    print(f"  FrameBatch ms per step by rows: {result.batch_scaling['bf16']}", flush=True)
+    result.batch_scaling["bf16"] = batch_scaling(ours_path, args.frames)
+    print(f"  frames/s by utterances at once: {result.batch_scaling['bf16']}", flush=True)
+    del ours_path, tts
 
     if args.int8:
-        quantized = load("int8")
-        our_run(quantized, warm, schedule)
-        result.int8 = best([our_run(quantized, args.frames, schedule) for _ in range(args.repeats)])
-        result.int8_drift = int8_drift(tts, quantized, min(args.frames, 20))
+        quantized = Ours(load("int8"), schedule)
+        quantized.run(warm)
+        result.int8 = best([quantized.run(args.frames) for _ in range(args.repeats)])
         result.batch_scaling["int8"] = batch_scaling(quantized, args.frames)
+        reference = load("bf16")
+        result.int8_drift = int8_drift(reference, quantized.tts, min(args.frames, 20))
         print(f"  int8 {result.int8.ms_per_frame:.0f} ms/frame, drift {result.int8_drift}, "
-              f"FrameBatch by rows {result.batch_scaling['int8']}", flush=True)
-        del quantized
-    del tts
+              f"frames/s by utterances at once {result.batch_scaling['int8']}", flush=True)
+        del quantized, reference
 
     if args.streams:
         from openai import OpenAI
@@ -417,7 +439,8 @@ def report(results: list[SizeResult]) -> str:
                           ("ours, int8 weights, in process", r.int8)):
             if run is None:
                 continue
-            decode = f"{1000 * run.decode_seconds / run.frames:.0f}" if run.decode_seconds else "-"
+            decode = (f"{1000 * run.decode_seconds / run.frames:.0f} ({100 * run.decode_seconds / run.seconds:.0f} %)"
+                      if run.decode_seconds else "-")
             lines.append(f"| {r.model} | {name} | {run.ms_per_frame:.0f} | {decode} | {run.rtf:.2f} | "
                          f"{run.first_audio:.2f} s | {base / run.ms_per_frame:.2f}x |")
     lines += ["", "| model | weights | load (in process) | node start-up (load + warm-up) | node RSS (own) | streams at once: audio s per s (first audio, first-last stream) |",
@@ -429,11 +452,11 @@ def report(results: list[SizeResult]) -> str:
             name = "bf16" if weights == "dtype" else weights
             lines.append(f"| {r.model} | {name} ({r.weights_gb:.2f} GB on disk) | {r.load_seconds:.1f} s | "
                          f"{node['startup_seconds']:.1f} s | {node['rss_gb']['rss']:.2f} GiB ({node['rss_gb']['anon']:.2f}) | {streams} |")
-    lines += ["", "| model | weights | FrameBatch step (a frame for every row, decoding included), ms: 1 row | 2 rows | 4 rows | frames/s at 4 rows vs 1 |",
+    lines += ["", "| model | weights | in process, frames/s all told (decoding included): 1 utterance | 2 at once | 4 at once | 4 vs 1 |",
               "|---|---|---:|---:|---:|---:|"]
     for r in results:
-        for weights, ms in r.batch_scaling.items():
-            lines.append(f"| {r.model} | {weights} | {ms[1]:.0f} | {ms[2]:.0f} | {ms[4]:.0f} | {4 * ms[1] / ms[4]:.2f}x |")
+        for weights, fps in r.batch_scaling.items():
+            lines.append(f"| {r.model} | {weights} | {fps[1]:.1f} | {fps[2]:.1f} | {fps[4]:.1f} | {fps[4] / fps[1]:.2f}x |")
     drifts = [(r.model, part, d) for r in results for part, d in r.int8_drift.items()]
     if drifts:
         lines += ["", "| model | int8 vs bf16 logits | KL mean | KL max | same top code |", "|---|---|---:|---:|---:|"]

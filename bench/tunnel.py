@@ -4,7 +4,7 @@
     ./bench.sh tunnel --requests 50 --levels 1 10      # a quick one
 
 Two servers on loopback, each a subprocess, each running the node's own ModelWorker and
-SyntheticEngine (a 220 Hz tone, one 80 ms frame per input character, at real-time pace), asked
+SyntheticEngine (a steady tone, one 80 ms frame per input character, at real-time pace), asked
 for ``response_format=pcm`` by the same async httpx client:
 
   relay   a real relay (``python -m relay``) and a real node (``python -m local_node``) dialled
@@ -40,6 +40,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+from local_node.engine import synthetic_frames
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -265,11 +267,9 @@ async def ttfb_level(servers: Servers, streams: int, requests: int, text: str) -
 # --- load: many long streams through the relay -----------------------------------------------
 
 
-def tone(frames: int) -> np.ndarray:
-    """The synthetic engine's tone for ``frames`` characters, as the node's pcm encoder writes it."""
-    t = np.arange(FRAME_SAMPLES) / RATE
-    frame_seconds = FRAME_SAMPLES / RATE
-    pcm = np.concatenate([(0.3 * np.sin(2 * np.pi * 220 * (t + i * frame_seconds))).astype(np.float32) for i in range(frames)])
+def tone(text: str) -> np.ndarray:
+    """The synthetic engine's tone for ``text``, as the node's pcm encoder writes it."""
+    pcm = np.concatenate(list(synthetic_frames(text)))
     return np.round(np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16)
 
 
@@ -308,8 +308,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def load_round(servers: Servers, streams: int, frames: int) -> dict:
-    expected = tone(frames)
     text = "x" * frames
+    expected = tone(text)
     cpu = cpu_seconds(servers.relay_pid)
     started = time.perf_counter()
     with RssSampler(servers.relay_pid) as rss:

@@ -39,6 +39,12 @@ def physical_cores() -> int:
     return max(1, min(usable, len(cores) or usable))
 
 
+def torch_threads(config: NodeConfig) -> int:
+    """Torch threads for each of a model's two threads (generation, decoding; local_node/batcher.py):
+    ``threads``, or half the physical cores each, so that the two run side by side."""
+    return config.threads or max(1, physical_cores() // 2)
+
+
 def build_workers(config: NodeConfig, metrics: NodeMetrics | None = None) -> dict[str, ModelWorker]:
     """Load, warm up and wrap every enabled model. Announced to the relay only after this."""
     from .engine import SyntheticEngine
@@ -50,7 +56,7 @@ def build_workers(config: NodeConfig, metrics: NodeMetrics | None = None) -> dic
         else:
             from .qwen_engine import QwenEngine
 
-            engine = QwenEngine(model, config.dtype, config.codec_dtype)
+            engine = QwenEngine(model, config.dtype, config.codec_dtype, torch_threads(config))
             engine.warm_up()
         workers[model.name] = ModelWorker(engine, model.max_queue, metrics)
     return workers
@@ -63,9 +69,10 @@ def run(config: NodeConfig) -> int:
     if any(m.engine == "qwen" for m in config.enabled_models):
         import torch
 
-        threads = config.threads or physical_cores()
+        threads = torch_threads(config)
         torch.set_num_threads(threads)
-        log.info("torch %s on %s, %d threads, %s", torch.__version__, config.device, threads, config.dtype)
+        log.info("torch %s on %s, %s, %d torch threads each for generation and decoding",
+                 torch.__version__, config.device, config.dtype, threads)
     metrics, listener = NodeMetrics(), None
     if config.metrics:  # bound before the models load: a taken port stops the node at once
         try:

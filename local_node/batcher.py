@@ -1,16 +1,21 @@
-"""One model's generation thread: every utterance in progress gets its frames from one FrameBatch.
+"""One model's two threads: one generates the frames of every utterance in progress (one
+FrameBatch), the other decodes them to audio.
 
 Each synthesis runs on its own worker thread and hands the batcher its prompt and what to do with
-each frame (the codec decoder's ``push``) and at the end (``flush``); the batcher's thread steps
-the batch as long as anyone is in it, and utterances join and leave between frames. A newcomer
-starts with the next step instead of after everyone already running, and when the weights'
-kernel gains from several rows (int8 weights do on AVX2: see BENCHMARKS.md), the streams share
-each read of the weights.
+each frame (the codec decoder's ``push``) and at the end (``flush``). The generation thread steps
+the batch as long as anyone is in it; utterances join and leave between frames, so a newcomer
+starts with the next step instead of after everyone already running, and the streams share each
+read of the weights. Each step's codes go to the decoding thread, which runs the callbacks in
+order and queues what they return for the worker thread to encode (PyAV) and send.
 
-All of a model's torch work (generation and codec decoding) stays on this one thread: torch runs
-each op on all cores, so two threads doing so at once would only fight over them. The worker
-threads encode (PyAV) and send. What the callbacks return is queued per utterance without bound;
-an utterance has a frame budget, and it is PCM on its way out.
+Why two threads: generation is bound by memory bandwidth (a frame reads ~3.3 GB of bf16 weights
+for 0.6B) and one core takes most of it, while decoding is bound by arithmetic. On a 2-core
+machine, one torch thread each on its own core overlaps the two, where two torch threads for one
+sequential loop left a core idle at every small op and stalled at every product whenever anything
+else (the encoder, the event loop) ran. ``threads`` is each thread's torch thread count.
+
+What the callbacks return is queued per utterance without bound; an utterance has a frame
+budget, and it is PCM on its way out.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from .generation import FrameBatch, Prompt, SamplingConfig, Utterance
 
 log = logging.getLogger("local_node.batcher")
 
+_FLUSH = object()  # the utterance is complete: decode what is left, then end
+_STOP = object()  # cancelled: end without decoding the rest
 _END = object()
 
 
@@ -39,24 +46,28 @@ class _Request:
     on_frame: Callable[[torch.Tensor], Any]
     on_end: Callable[[], Any]
     results: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    failed: bool = False
 
 
 class Batcher:
-    def __init__(self, model: Any, rows: int, name: str = "model") -> None:
+    def __init__(self, model: Any, rows: int, name: str = "model", threads: int = 1) -> None:
         self._batch = FrameBatch(model, rows)
         self._joining: list[_Request] = []
         self._live: dict[Utterance, _Request] = {}
         self._wake = threading.Condition()
-        # Told the frames and seconds of each step (codec work included), on this thread: metrics.
+        self._decoding: queue.SimpleQueue[tuple[_Request, Any]] = queue.SimpleQueue()
+        self.threads = threads
+        # Told the frames and seconds of each generation step, on that thread: metrics.
         self.on_step: Callable[[int, float], None] = lambda frames, seconds: None
-        threading.Thread(target=self._run, name=f"generate-{name}", daemon=True).start()
+        threading.Thread(target=self._generate, name=f"generate-{name}", daemon=True).start()
+        threading.Thread(target=self._decode, name=f"decode-{name}", daemon=True).start()
 
     def run(self, prompt: Prompt, sampling: SamplingConfig, cancelled: threading.Event,
             on_frame: Callable[[torch.Tensor], Any], on_end: Callable[[], Any]) -> Iterator[Any]:
-        """Generate the utterance; on the batcher's thread call ``on_frame(codes)`` for each
-        frame and ``on_end()`` after the last, and yield here whatever they return that is not
-        None. Once ``cancelled`` is set the batch drops it before its next frame (``on_end`` is
-        not called) and this ends."""
+        """Generate the utterance; on the decoding thread call ``on_frame(codes)`` for each frame
+        and ``on_end()`` after the last, and yield here whatever they return that is not None.
+        Once ``cancelled`` is set the batch drops it before its next frame (``on_end`` is not
+        called) and this ends."""
         request = _Request(prompt, sampling, cancelled, on_frame, on_end)
         with self._wake:
             self._joining.append(request)
@@ -66,7 +77,8 @@ class Batcher:
                 raise item.error
             yield item
 
-    def _run(self) -> None:
+    def _generate(self) -> None:
+        torch.set_num_threads(self.threads)
         while True:
             with self._wake:
                 while not (self._joining or self._live):
@@ -79,32 +91,19 @@ class Batcher:
             except Exception as exc:  # the model failed: everyone in the batch hears it, the thread goes on
                 log.exception("generation step failed")
                 for utterance in list(self._live):
-                    self._leave(utterance, exc)
+                    self._leave(utterance, _Failed(exc))
                 continue
             for utterance, codes in produced.items():
-                self._deliver(utterance, self._live[utterance].on_frame, codes)
+                self._decoding.put((self._live[utterance], codes))
             for utterance in [u for u in self._live if u.done]:
-                self._deliver(utterance, self._live[utterance].on_end)
-                if utterance in self._live:
-                    self._leave(utterance)
+                self._leave(utterance, _FLUSH)
             self.on_step(len(produced), time.monotonic() - started)
-
-    def _deliver(self, utterance: Utterance, callback: Callable, *args: Any) -> None:
-        """Run one utterance's callback; its failure ends that utterance only."""
-        try:
-            with torch.inference_mode():
-                result = callback(*args)
-        except Exception as exc:
-            self._leave(utterance, exc)
-            return
-        if result is not None:
-            self._live[utterance].results.put(result)
 
     def _admit(self) -> None:
         """Between steps: drop cancelled utterances, let newcomers in while rows are free."""
         for utterance, request in list(self._live.items()):
             if request.cancelled.is_set():
-                self._leave(utterance)
+                self._leave(utterance, _STOP)
         for request in [r for r in self._joining if r.cancelled.is_set()]:
             self._joining.remove(request)
             request.results.put(_END)
@@ -112,9 +111,33 @@ class Batcher:
             request = self._joining.pop(0)
             self._live[self._batch.add(request.prompt, request.sampling)] = request
 
-    def _leave(self, utterance: Utterance, error: Exception | None = None) -> None:
+    def _leave(self, utterance: Utterance, how: Any) -> None:
         self._batch.remove(utterance)
-        self._live.pop(utterance).results.put(_END if error is None else _Failed(error))
+        self._decoding.put((self._live.pop(utterance), how))
+
+    def _decode(self) -> None:
+        """Run each request's callbacks in order; a failing one ends that request only (the
+        generation thread drops it before its next frame)."""
+        torch.set_num_threads(self.threads)
+        while True:
+            request, item = self._decoding.get()
+            if request.failed:
+                continue
+            if item is _STOP or isinstance(item, _Failed):
+                request.results.put(item if isinstance(item, _Failed) else _END)
+                continue
+            try:
+                with torch.inference_mode():
+                    result = request.on_end() if item is _FLUSH else request.on_frame(item)
+            except Exception as exc:
+                request.failed = True
+                request.cancelled.set()
+                request.results.put(_Failed(exc))
+                continue
+            if result is not None:
+                request.results.put(result)
+            if item is _FLUSH:
+                request.results.put(_END)
 
 
 @dataclass

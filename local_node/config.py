@@ -3,9 +3,11 @@ with a message that names it."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Mapping
 
 import yaml
@@ -109,9 +111,14 @@ def parse_config(data: Any, base_dir: Path = Path("."), environ: Mapping[str, st
     relay_urls = [relay_urls] if isinstance(relay_urls, str) else relay_urls
     if not relay_urls or len(set(map(str, relay_urls))) != len(relay_urls):
         raise ConfigError("relay.url must be a URL or a list of different URLs")
+    insecure = relay.pop("insecure", bool, default=False)
     for url in relay_urls:
         if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
             raise ConfigError(f"relay.url must start with ws:// or wss://, not {url!r}")
+        if url.startswith("ws://") and not insecure and not _is_loopback(url):
+            raise ConfigError(f"relay.url {url}: ws:// carries the texts and the audio unencrypted, and lets anyone on "
+                              "the path take over the tunnel; use wss:// (TLS), or set relay.insecure: true on purpose "
+                              "(a network you trust)")
     token = _token(relay, environ)
     node_name = _name(relay.pop("node_name", str, default="node"), "relay.node_name")
     ping_interval = _seconds(relay, "ping_interval", NodeConfig.ping_interval)
@@ -150,6 +157,16 @@ def parse_config(data: Any, base_dir: Path = Path("."), environ: Mapping[str, st
         raise ConfigError("no model is enabled: set enabled: true on one under models:, or use ENABLED_MODELS")
     return NodeConfig(tuple(relay_urls), token, node_name, device, dtype, codec_dtype, threads, models,
                       ping_interval=ping_interval, ping_timeout=ping_timeout, drain_grace=drain_grace, metrics=metrics)
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _seconds(section: _Section, key: str, default: float) -> float:

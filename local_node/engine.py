@@ -58,8 +58,17 @@ class Engine(Protocol):
         after ``cancelled`` is set."""
 
 
+def synthetic_frames(text: str) -> Iterator[np.ndarray]:
+    """What the synthetic engine says for ``text``: an 80 ms frame per character of a steady tone
+    whose pitch (200 to 580 Hz) follows from the text, so that a test can tell whose audio it got."""
+    frequency = 200 + 20 * (sum(map(ord, text)) % 20)
+    t = np.arange(SAMPLES_PER_FRAME) / SAMPLE_RATE
+    for i in range(len(text)):
+        yield (0.3 * np.sin(2 * np.pi * frequency * (t + i * SAMPLES_PER_FRAME / SAMPLE_RATE))).astype(np.float32)
+
+
 class SyntheticEngine:
-    """A 220 Hz tone, one 80 ms frame per input character, produced at real-time pace.
+    """A tone (``synthetic_frames``), one 80 ms frame per input character, at real-time pace.
 
     It loads nothing and sounds like nothing, which is the point: tests and load benchmarks use it
     to measure the relay and tunnel without a model in the way.
@@ -83,13 +92,11 @@ class SyntheticEngine:
         return len(text.split())
 
     def synthesize(self, job: Job, cancelled: threading.Event) -> Iterator[np.ndarray]:
-        t = np.arange(SAMPLES_PER_FRAME) / SAMPLE_RATE
         start = last = time.monotonic()
-        for i in range(len(job.text)):
+        for i, frame in enumerate(synthetic_frames(job.text)):
             if cancelled.is_set():
                 raise Cancelled()
             self.on_step(1, time.monotonic() - last)  # one frame, paced like a real-time model
             last = time.monotonic()
-            phase = 2 * np.pi * 220 * (t + i * self.frame_seconds)
-            yield (0.3 * np.sin(phase)).astype(np.float32)
+            yield frame
             time.sleep(max(0.0, start + (i + 1) * self.frame_seconds - time.monotonic()))

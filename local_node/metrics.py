@@ -44,7 +44,7 @@ class NodeMetrics:
             "node_frames_generated", "Codec frames generated (12.5 per second of audio), by model.",
             ["model"], registry=registry)
         self.step_seconds = Histogram(
-            "node_frame_seconds", "Time per generation step, codec decoding included; a step gives every "
+            "node_frame_seconds", "Time per generation step (the codec decodes on its own thread); a step gives every "
             "utterance in the batch its next frame (under 0.08 s: faster than real time).",
             ["model"], buckets=STEP_BUCKETS, registry=registry)
         self.queue_depth = Gauge(

@@ -50,7 +50,7 @@ class _Voice:
 
 
 class QwenEngine:
-    def __init__(self, config: ModelConfig, dtype: str = "bfloat16", codec_dtype: str = "auto") -> None:
+    def __init__(self, config: ModelConfig, dtype: str = "bfloat16", codec_dtype: str = "auto", threads: int = 1) -> None:
         self.config = config
         started = time.monotonic()
         self.tts = _load(config, _DTYPES[dtype])
@@ -64,7 +64,7 @@ class QwenEngine:
         self.info = ModelInfo(config.name, config.aliases, tuple(self.voices), any_voice=self.kind == "voice_design")
         self.chunk_schedule = config.chunk_frames
         self.concurrency = config.max_batch
-        self.batcher = Batcher(self.tts.model, rows=config.max_batch, name=config.name)
+        self.batcher = Batcher(self.tts.model, rows=config.max_batch, name=config.name, threads=threads)
         self.on_step = lambda frames, seconds: None  # the worker sets it, after the warm-up
         self.batcher.on_step = lambda frames, seconds: self.on_step(frames, seconds)
         self._tokenizer = threading.Lock()  # HF's fast tokenizers fail when two threads use one

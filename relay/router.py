@@ -16,6 +16,9 @@ class Router:
         self._nodes: list[NodeSession] = []
         self.draining = False  # this relay is shutting down: it takes no new work
         self.max_streams_per_node = max_streams_per_node  # 0: no cap
+        # Speech responses in progress. A drain waits for these, not only for the nodes' streams:
+        # after a node's end, up to a window of audio may still be on its way to a slow client.
+        self.responses = 0
 
     def add(self, node: NodeSession) -> None:
         if node not in self._nodes:
@@ -32,7 +35,8 @@ class Router:
 
     @property
     def open_streams(self) -> int:
-        return sum(node.outstanding for node in self._nodes)
+        """Requests in progress: the nodes' open streams, or the responses still being sent."""
+        return max(self.responses, sum(node.outstanding for node in self._nodes))
 
     async def drain(self, grace: float) -> None:
         """Take no new work, tell every node, and wait up to ``grace`` seconds for open streams to end."""

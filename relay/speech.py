@@ -161,9 +161,11 @@ class SpeechResponse:
             log.info("%s: %d %s", self.request_id, error.status, error.code)
             await error.response()(scope, receive, send)
             return
+        self.router.responses += 1
         try:
             await self._serve(scope, receive, send)
         finally:
+            self.router.responses -= 1
             self.open_requests.release(self.client)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -186,7 +188,9 @@ class SpeechResponse:
                 stream, event = await open_stream(self.router, self.config, self.speech, self.request_id)
             except ApiError as error:
                 log.info("%s: %d %s", self.request_id, error.status, error.code)
-                await error.response()(scope, _no_receive, send)
+                response = error.response()
+                response.headers["x-request-id"] = self.request_id
+                await response(scope, _no_receive, send)
                 return
             await send({"type": "http.response.start", "status": 200, "headers": self._headers()})
             while isinstance(event, Audio):

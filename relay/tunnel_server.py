@@ -67,14 +67,19 @@ class Stream:
 class NodeSession:
     """A connected, authenticated node."""
 
-    def __init__(self, websocket: WebSocket, name: str) -> None:
+    def __init__(self, websocket: WebSocket, name: str, send_timeout: float = 20.0) -> None:
         self.websocket = websocket
         self.name = name
         self.models: dict[str, ModelInfo] = {}
         self.conn = Connection("relay")
         self.streams: dict[int, Stream] = {}
         self._send_lock = asyncio.Lock()
+        # A node that takes none of our frames for this long is dropped (see _send).
+        self.send_timeout = send_timeout
         self.closed = False
+        self.dropped = False  # given up on by us, not closed by the node
+        self._reader: asyncio.Task | None = None
+        self._closing: set[asyncio.Task] = set()
 
     @property
     def outstanding(self) -> int:
@@ -91,9 +96,14 @@ class NodeSession:
         stream = Stream(self, request.id)
         self.streams[request.id] = stream
         try:
-            await self._send(request)
+            # Shielded: once counted as sent, the request reaches the node, so the cancel below
+            # follows it and the node ends the stream (a stream the node never saw would stay
+            # half-open in the protocol state for the life of the tunnel).
+            await asyncio.shield(self._send(request))
         except asyncio.CancelledError:  # the client left while the request was being sent
-            asyncio.ensure_future(stream.close())
+            closing = asyncio.ensure_future(stream.close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
             raise
         return stream
 
@@ -117,13 +127,30 @@ class NodeSession:
     async def _send(self, message: Request | Credit | Cancel | Draining) -> None:
         frame = self.conn.send(message)
         try:
-            async with self._send_lock:
-                await self.websocket.send_text(frame)  # type: ignore[arg-type]
+            async with asyncio.timeout(self.send_timeout):
+                async with self._send_lock:
+                    await self.websocket.send_text(frame)  # type: ignore[arg-type]
+        except TimeoutError:
+            log.warning("node %s took none of our frames for %.0f s; dropping it", self.name, self.send_timeout)
+            self.drop()
         except Exception as exc:  # the socket is going away; the reader will clean up
             log.info("node %s: send failed: %s", self.name, exc)
 
+    def drop(self) -> None:
+        """Give up on a node whose socket no longer drains (frozen, half-open) by ending its reader.
+
+        The server's own ping timeout is not enough here: it closes the socket gracefully, which
+        waits for the send buffer to empty, so with frames queued for a frozen node neither the
+        close nor our reader would ever finish. Ending the reader runs the endpoint's cleanup: the
+        node leaves the router and its streams fail over or end with an error.
+        """
+        self.dropped = True
+        if self._reader is not None:
+            self._reader.cancel()
+
     async def run(self, router: Router) -> None:
         """Read frames until the node leaves; route each to its stream. The first must be hello."""
+        self._reader = asyncio.current_task()
         frame = await asyncio.wait_for(self._receive_frame(), HELLO_TIMEOUT)
         while frame is not None:
             message = self.conn.receive(frame)
@@ -196,7 +223,7 @@ async def tunnel_endpoint(websocket: WebSocket) -> None:
         return
 
     await websocket.accept(subprotocol=protocol.SUBPROTOCOL)
-    session = NodeSession(websocket, node_name)
+    session = NodeSession(websocket, node_name, send_timeout=config.ping_interval + config.ping_timeout)
     websocket.app.state.metrics.node_connected(session)
     log.info("node %s connected from %s", node_name, _peer(websocket))
     try:
@@ -206,6 +233,10 @@ async def tunnel_endpoint(websocket: WebSocket) -> None:
         log.warning("node %s broke the protocol: %s", node_name, reason)
         router.remove(session)
         await _close(websocket, CLOSE_PROTOCOL_ERROR, reason)
+    except asyncio.CancelledError:
+        if not session.dropped:
+            raise
+        asyncio.current_task().uncancel()  # type: ignore[union-attr]  # our own drop: end quietly
     finally:
         router.remove(session)
         session.fail_all()

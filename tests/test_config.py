@@ -31,6 +31,12 @@ def test_shipped_config_enables_the_custom_voice_model_with_openai_voice_names()
     assert openai_voices == {v.name for v in model.voices}
     assert {m.name for m in config.models} == {"custom_voice", "base_small", "voice_design"}
     assert (config.dtype, config.device, config.threads, config.token) == ("bfloat16", "cpu", None, ENV["QWEN3_TTS_NODE_TOKEN"])
+    assert config.codec_dtype == "auto"
+
+
+@pytest.mark.parametrize("value", ["auto", "bfloat16", "float32"])
+def test_codec_dtype(value):
+    assert parse_config(minimal(codec_dtype=value), environ=ENV).codec_dtype == value
 
 
 def test_enabled_models_override():
@@ -47,11 +53,14 @@ def test_local_folder_sources_are_relative_to_the_config_file(tmp_path):
     "data, env, named",
     [
         (minimal(colour="blue"), ENV, "colour"),
-        (minimal(relay={"url": "ws://x/v1/tunnel", "token_env": "QWEN3_TTS_NODE_TOKEN", "port": 1}), ENV, "relay.port"),
+        (minimal(relay={"url": "ws://127.0.0.1/v1/tunnel", "token_env": "QWEN3_TTS_NODE_TOKEN", "port": 1}), ENV, "relay.port"),
         (minimal(relay={"url": "http://x", "token": "t"}), ENV, "relay.url"),
-        (minimal(relay={"url": "ws://x/v1/tunnel", "token_env": "MISSING_VAR"}), ENV, "MISSING_VAR"),
-        (minimal(relay={"url": "ws://x/v1/tunnel"}), ENV, "relay.token"),
+        (minimal(relay={"url": "ws://relay.example.com/v1/tunnel", "token_env": "QWEN3_TTS_NODE_TOKEN"}), ENV, "wss://"),
+        (minimal(relay={"url": "ws://192.168.1.5/v1/tunnel", "token_env": "QWEN3_TTS_NODE_TOKEN"}), ENV, "relay.insecure"),
+        (minimal(relay={"url": "ws://127.0.0.1/v1/tunnel", "token_env": "MISSING_VAR"}), ENV, "MISSING_VAR"),
+        (minimal(relay={"url": "ws://127.0.0.1/v1/tunnel"}), ENV, "relay.token"),
         (minimal(dtype="float16"), ENV, "dtype"),
+        (minimal(codec_dtype="float16"), ENV, "codec_dtype"),
         (minimal(device="cuda"), ENV, "device"),
         (minimal(threads=0), ENV, "threads"),
         (minimal(threads="many"), ENV, "threads"),
@@ -63,7 +72,7 @@ def test_local_folder_sources_are_relative_to_the_config_file(tmp_path):
         (minimal(models={"a": {"source": "Qwen/x", "max_queue": -1}}), ENV, "models.a.max_queue"),
         (minimal(models={"a": {"source": "Qwen/x", "enabled": False}}), ENV, "no model is enabled"),
         (minimal(), {**ENV, "ENABLED_MODELS": "zzz"}, "zzz"),
-        (minimal(relay={"url": "ws://x/v1/tunnel", "token": "t", "node_name": ""}), ENV, "relay.node_name"),
+        (minimal(relay={"url": "ws://127.0.0.1/v1/tunnel", "token": "t", "node_name": ""}), ENV, "relay.node_name"),
         (minimal(models={"a": {"source": "Qwen/x", "aliases": ["x" * 129]}}), ENV, "models.a.aliases"),
         (minimal(models={"a": {"source": "Qwen/x", "aliases": [3]}}), ENV, "models.a.aliases"),
         (minimal(models={"a": {"source": "Qwen/x", "chunk_frames": [4, 0]}}), ENV, "models.a.chunk_frames"),
@@ -110,3 +119,15 @@ def test_relay_credentials_match_by_name():
     assert config.api_keys.match("k" * 19) is None
     assert config.api_keys.match(None) is None
     assert config.node_tokens.match("n" * 20) == "home"
+
+
+@pytest.mark.parametrize("url, insecure", [
+    ("wss://relay.example.com/v1/tunnel", False),
+    ("ws://127.0.0.1:8000/v1/tunnel", False),
+    ("ws://localhost:8000/v1/tunnel", False),
+    ("ws://[::1]:8000/v1/tunnel", False),
+    ("ws://192.168.1.5:8000/v1/tunnel", True),  # on purpose, on a trusted network
+])
+def test_plain_ws_only_to_loopback_unless_asked(url, insecure):
+    relay = {"url": url, "token_env": "QWEN3_TTS_NODE_TOKEN", **({"insecure": True} if insecure else {})}
+    assert parse_config(minimal(relay=relay), environ=ENV).relay_urls == (url,)

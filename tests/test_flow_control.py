@@ -13,8 +13,9 @@ import pytest
 import websockets
 
 from harness import API_KEY, Node, Relay, free_port, synthetic_models
+from local_node.engine import synthetic_frames
 from relay.protocol import DEFAULT_WINDOW, MAX_AUDIO_PAYLOAD, SUBPROTOCOL, Audio, Cancel, Connection, Credit, End, Request, encode
-from test_tunnel import AUTH, ScriptedNode, relay  # noqa: F401 (a fixture)
+from test_tunnel import AUTH, ScriptedNode, post_async, relay  # noqa: F401 (a fixture)
 
 FRAME_BYTES = 1920 * 2  # one synthetic 80 ms frame as 16-bit pcm
 
@@ -50,16 +51,15 @@ class SlowReader:
                 return status, bytes(body)
 
 
-def tone(frames: int) -> np.ndarray:
-    """What the synthetic engine says for ``frames`` characters of input, as 16-bit pcm."""
-    t = np.arange(frames * 1920) / 24000
-    return (0.3 * np.sin(2 * np.pi * 220 * t) * 32767).astype(np.int16)
+def tone(text: str) -> np.ndarray:
+    """What the synthetic engine says for ``text``, as 16-bit pcm."""
+    return (np.concatenate(list(synthetic_frames(text))) * 32767).astype(np.int16)
 
 
-def assert_tone(body: bytes, frames: int) -> None:
+def assert_tone(body: bytes, text: str) -> None:
     samples = np.frombuffer(body, dtype="<i2")
-    assert len(samples) == frames * 1920
-    assert np.abs(samples.astype(np.int32) - tone(frames)).max() <= 2
+    assert len(samples) == len(text) * 1920
+    assert np.abs(samples.astype(np.int32) - tone(text)).max() <= 2
 
 
 class Sender:
@@ -111,6 +111,29 @@ async def test_the_relay_grants_credit_only_as_the_client_reads(relay):
         await node.ws.send(node.conn.send(End(request.id, 1, 1)))
         status, body = await reading
         assert status == 200 and body == AUDIO
+
+
+async def test_a_stalled_client_holds_back_no_other_stream_on_the_same_tunnel(relay):
+    """Two streams of one node on one tunnel: the client that reads nothing stops its stream at its
+    window plus what the sockets take, while the other stream carries 16 MiB through to its end."""
+    async with ScriptedNode(relay) as node:
+        slow_reader = await asyncio.to_thread(SlowReader, relay, SLOW_PCM)
+        slow = await node.next_message()
+        fast_response = asyncio.create_task(post_async(relay))
+        fast = await node.next_message()
+        assert isinstance(slow, Request) and isinstance(fast, Request) and slow.id != fast.id
+        senders = {request.id: Sender(node, request, AUDIO) for request in (slow, fast)}
+        for sender in senders.values():
+            await sender.send_within_credit()
+        while senders[fast.id].sent < len(AUDIO):
+            message = await node.next_message()
+            assert isinstance(message, Credit)
+            await senders[message.id].send_within_credit()
+        await node.ws.send(node.conn.send(End(fast.id, 1, 1)))
+        response = await fast_response
+        assert response.status_code == 200 and response.content == AUDIO
+        assert senders[slow.id].sent < len(AUDIO) // 2, senders[slow.id].sent  # still held back
+        slow_reader.sock.close()
 
 
 async def test_a_node_that_sends_beyond_its_credit_is_disconnected(relay):
@@ -180,7 +203,7 @@ async def test_the_node_sends_no_more_than_its_credit_and_a_stalled_stream_holds
                     received[message.id] += message.data
                     if message.id == 2:
                         await ws.send(conn.send(Credit(2, len(message.data))))
-            assert_tone(received[2], frames)
+            assert_tone(received[2], "x" * frames)
             assert len(received[1]) == window  # held back, though its audio is long made
 
             await ws.send(conn.send(Credit(1, frames * FRAME_BYTES)))
@@ -189,7 +212,7 @@ async def test_the_node_sends_no_more_than_its_credit_and_a_stalled_stream_holds
                 if isinstance(message, Audio):
                     received[1] += message.data
             assert isinstance(message, End) and message.output_tokens == frames
-            assert_tone(received[1], frames)
+            assert_tone(received[1], "x" * frames)
         finally:
             node.stop()
 
@@ -209,7 +232,7 @@ def test_a_slow_reader_holds_back_nobody_else(tmp_path):
         fast = httpx.post(f"{relay.url}/v1/audio/speech", headers=AUTH, timeout=60,
                           json={"model": "tts-1", "voice": "tone", "input": "f" * fast_frames, "response_format": "pcm"})
         assert fast.status_code == 200
-        assert_tone(fast.content, fast_frames)
+        assert_tone(fast.content, "f" * fast_frames)
 
         status, body = slow.read_all()
         assert status == 200 and abs(len(body) - slow_frames * FRAME_BYTES * 4) <= FRAME_BYTES  # atempo rounds

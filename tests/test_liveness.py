@@ -24,7 +24,7 @@ def test_default_heartbeats_drop_a_silent_peer_within_30_seconds():
     """A peer that stops answering is dropped at most this long after its last pong."""
     relay = RelayConfig()
     assert relay.ping_interval + relay.ping_timeout <= 30
-    node = NodeConfig(relay_urls=("ws://relay",), token="t")
+    node = NodeConfig(relay_urls=("ws://127.0.0.1:2",), token="t")
     assert node.ping_interval + node.ping_timeout <= 30
 
 
@@ -155,9 +155,9 @@ def test_node_config_lists_relays_and_sets_heartbeats():
 
 @pytest.mark.parametrize("relay, named", [
     ({"url": []}, "relay.url"),
-    ({"url": ["ws://a/v1/tunnel", "ws://a/v1/tunnel"]}, "relay.url"),
-    ({"url": ["ws://a/v1/tunnel", "http://b"]}, "relay.url"),
-    ({"url": ["ws://a/v1/tunnel", 5]}, "relay.url"),
+    ({"url": ["ws://127.0.0.1:1/v1/tunnel", "ws://127.0.0.1:1/v1/tunnel"]}, "relay.url"),
+    ({"url": ["ws://127.0.0.1:1/v1/tunnel", "http://b"]}, "relay.url"),
+    ({"url": ["ws://127.0.0.1:1/v1/tunnel", 5]}, "relay.url"),
     ({"ping_interval": 0}, "relay.ping_interval"),
     ({"ping_timeout": "soon"}, "relay.ping_timeout"),
 ])

@@ -6,11 +6,13 @@ import time
 from types import SimpleNamespace
 
 import httpx
+import numpy as np
 import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from harness import API_KEY, NODE_TOKEN, Node, Relay, free_port, synthetic_models
+from local_node.engine import synthetic_frames
 from local_node.tunnel_client import challenge_url
 from relay.auth import tunnel_authorization, tunnel_proof
 from relay.protocol import SUBPROTOCOL
@@ -378,14 +380,15 @@ async def test_fifty_concurrent_requests_across_two_nodes_all_complete_with_the_
         while httpx.get(f"{relay.url}/ready").json()["nodes"] < 2:
             await asyncio.sleep(0.05)
         client = openai.AsyncOpenAI(base_url=f"{relay.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-        texts = ["a" * (1 + i % 4) for i in range(50)]  # 1 to 4 frames each
+        # 1 to 4 frames each, of 20 pitches: a response delivered to the wrong client would show.
+        texts = [chr(ord("a") + i % 20) * (1 + i % 4) for i in range(50)]
         responses = await asyncio.gather(*(
             client.audio.speech.create(model="tts-1", voice="alloy", input=text, response_format="wav") for text in texts
         ))
         for text, response in zip(texts, responses):
-            samples, rate = soundfile.read(io.BytesIO(response.content), dtype="int16")
-            assert rate == 24000 and len(samples) == len(text) * 1920
-            assert abs(samples).max() > 0.25 * 32767  # the tone, not silence
+            samples, rate = soundfile.read(io.BytesIO(response.content), dtype="float32")
+            assert rate == 24000
+            assert np.abs(samples - np.concatenate(list(synthetic_frames(text)))).max() < 1e-3  # its own tone
         served = [node.log().count("done,") for node in nodes]
         assert sum(served) == 50 and min(served) >= 10, served  # both nodes took a share
     finally:
@@ -413,3 +416,40 @@ def test_every_node_log_line_about_a_request_carries_the_relays_request_id(tmp_p
         assert all(request_id in relay.log() for request_id in ids)
     finally:
         node.stop()
+
+
+async def test_a_node_whose_socket_no_longer_drains_is_dropped():
+    """The server's ping timeout cannot close a socket that still has frames queued for a frozen
+    node (its graceful close waits for them to go), so the session gives up on the node itself
+    once a send has waited send_timeout: its reader ends, and with it the node's stay in the
+    router (the endpoint's cleanup)."""
+    from relay.protocol import Connection, Hello, ModelInfo, Request
+    from relay.router import Router
+    from relay.tunnel_server import NodeSession
+
+    hello = Connection("node").send(Hello("frozen", (ModelInfo("m", (), ("v",)),)))
+
+    class Frozen:
+        """Said hello, then stopped reading: nothing more arrives, and no send completes."""
+
+        def __init__(self) -> None:
+            self.incoming = [{"type": "websocket.receive", "text": hello}]
+
+        async def receive(self) -> dict:
+            if self.incoming:
+                return self.incoming.pop()
+            await asyncio.Event().wait()
+
+        async def send_text(self, frame: str) -> None:
+            await asyncio.Event().wait()
+
+    router = Router()
+    session = NodeSession(Frozen(), "frozen", send_timeout=0.3)
+    reader = asyncio.create_task(session.run(router))
+    while not router.nodes:
+        await asyncio.sleep(0.01)
+    request = Request(id=session.new_stream_id(), request_id="req_1", model="m", voice="v", input="Hi")
+    await asyncio.wait_for(session.open_stream(request), 5)  # the send gives up after 0.3 s
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(reader, 5)
+    assert session.dropped
