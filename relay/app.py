@@ -108,6 +108,7 @@ def create_app(config: RelayConfig) -> Starlette:
     app.state.config = config
     app.state.router = Router(config.max_streams_per_node)
     app.state.challenges = ChallengeStore()  # for nodes' handshakes
+    app.state.challenge_limiter = RateLimiter(config.challenge_rate_limit)  # per address
     app.state.rate_limiter = RateLimiter(config.rate_limit)
     app.state.open_requests = ConcurrencyLimiter(config.max_streams_per_key)
     app.state.started = int(time.time())

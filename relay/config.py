@@ -31,6 +31,9 @@ class RelayConfig:
     drain_grace: float = 60.0  # seconds open streams may take to finish after SIGTERM
     # Per client (API key, or address without keys) and per node; 0 turns a limit off.
     rate_limit: int = 60  # speech requests a minute, with a burst of as many
+    # Node handshake challenges a minute per address: free to ask for, so kept few, that a flood
+    # cannot push nodes' challenges out of the bounded store before they are used.
+    challenge_rate_limit: int = 60
     max_streams_per_key: int = 8  # speech requests open at once
     max_streams_per_node: int = 64  # streams this relay keeps open on one node
     # Bearer token for GET /metrics; empty (unset): /metrics answers 404, nothing is exposed.
@@ -60,6 +63,7 @@ class RelayConfig:
             ping_timeout=_number(environ, "RELAY_PING_TIMEOUT", cls.ping_timeout),
             drain_grace=_number(environ, "RELAY_DRAIN_GRACE", cls.drain_grace),
             rate_limit=_count(environ, "RELAY_RATE_LIMIT", cls.rate_limit),
+            challenge_rate_limit=_count(environ, "RELAY_CHALLENGE_RATE_LIMIT", cls.challenge_rate_limit),
             max_streams_per_key=_count(environ, "RELAY_MAX_STREAMS_PER_KEY", cls.max_streams_per_key),
             max_streams_per_node=_count(environ, "RELAY_MAX_STREAMS_PER_NODE", cls.max_streams_per_node),
             metrics_token=_metrics_token(environ),

@@ -12,6 +12,7 @@ from starlette.websockets import WebSocket
 
 from . import protocol
 from .auth import parse_tunnel_authorization
+from .limits import retry_after
 from .protocol import Audio, Cancel, Connection, Credit, Draining, End, Error, Hello, ModelInfo, ProtocolError, Request
 
 if TYPE_CHECKING:
@@ -185,6 +186,12 @@ class NodeSession:
 
 async def tunnel_challenge(request: HttpRequest) -> JSONResponse:
     """``GET /v1/tunnel/challenge``: a fresh challenge for a node's next handshake (see protocol.py)."""
+    address = request.client.host if request.client else "unknown"
+    wait = request.app.state.challenge_limiter.take(address)
+    if wait:
+        return JSONResponse({"error": {"message": "too many challenges asked for from this address",
+                                       "type": "tunnel_error", "param": None, "code": "rate_limit_exceeded"}},
+                            429, headers={"Retry-After": str(retry_after(wait))})
     challenges = request.app.state.challenges
     return JSONResponse({"challenge": challenges.issue(), "expires_in": round(challenges.ttl)},
                         headers={"Cache-Control": "no-store"})
@@ -197,7 +204,8 @@ async def tunnel_endpoint(websocket: WebSocket) -> None:
     offered = websocket.scope.get("subprotocols", [])
     # The version first: an old node is told to upgrade, not that its token is wrong.
     if protocol.SUBPROTOCOL not in offered:
-        log.warning("refused a node from %s: it speaks %s, this relay %s", _peer(websocket), offered, protocol.SUBPROTOCOL)
+        shown = [str(p)[:40] for p in offered[:4]]  # what an unauthenticated peer sent: logged short
+        log.warning("refused a node from %s: it speaks %s, this relay %s", _peer(websocket), shown, protocol.SUBPROTOCOL)
         await _deny(websocket, 426, f"unsupported tunnel protocol {offered}; this relay speaks {protocol.SUBPROTOCOL}",
                     "unsupported_protocol")
         return

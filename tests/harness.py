@@ -63,7 +63,8 @@ class Process:
 RELAY_ENV = {"RELAY_API_KEYS": f"test:{API_KEY}", "RELAY_NODE_TOKENS": f"home:{NODE_TOKEN}",
              "RELAY_FIRST_AUDIO_TIMEOUT": "60", "RELAY_STREAM_IDLE_TIMEOUT": "20", "RELAY_RETRY_AFTER": "1",
              # Off: most tests send many requests at once with one key. tests/test_limits.py sets them.
-             "RELAY_RATE_LIMIT": "0", "RELAY_MAX_STREAMS_PER_KEY": "0"}
+             "RELAY_RATE_LIMIT": "0", "RELAY_MAX_STREAMS_PER_KEY": "0",
+             "RELAY_CHALLENGE_RATE_LIMIT": "0"}
 
 
 class Relay(Process):
@@ -109,7 +110,7 @@ class Node(Process):
                  env: dict[str, str] | None = None, relay_options: dict | None = None, **extra) -> None:
         url = [r.tunnel_url for r in relay] if isinstance(relay, list) else relay.tunnel_url  # several relays
         config = {"relay": {"url": url, "token_env": "TEST_NODE_TOKEN", "node_name": name, **(relay_options or {})},
-                  "dtype": "bfloat16", "threads": 2, "models": models, **extra}
+                  "dtype": "bfloat16", "threads": 1, "models": models, **extra}
         config_path = tmp / f"node-{name}-{free_port()}.yaml"
         config_path.write_text(yaml.safe_dump(config))
         super().__init__([sys.executable, "-m", "local_node", "--config", str(config_path)],

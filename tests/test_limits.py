@@ -82,6 +82,7 @@ def test_limit_settings():
     base = {"RELAY_API_KEYS": "k" * 16, "RELAY_NODE_TOKENS": "n" * 16}
     config = RelayConfig.from_env(base)
     assert (config.rate_limit, config.max_streams_per_key, config.max_streams_per_node) == (60, 8, 64)
+    assert config.challenge_rate_limit == 60
     config = RelayConfig.from_env({**base, "RELAY_RATE_LIMIT": "0", "RELAY_MAX_STREAMS_PER_KEY": "2",
                                    "RELAY_MAX_STREAMS_PER_NODE": "0"})
     assert (config.rate_limit, config.max_streams_per_key, config.max_streams_per_node) == (0, 2, 0)
@@ -231,4 +232,20 @@ def test_a_node_at_its_stream_cap_gets_no_more_and_another_takes_the_work(tmp_pa
         one.stop()
         if two is not None:
             two.stop()
+        relay.stop()
+
+
+def test_challenges_are_rate_limited_per_address(tmp_path):
+    """Anyone may ask for a node handshake challenge, but not so often that a flood pushes the
+    nodes' own challenges out of the relay's bounded store."""
+    relay = Relay(tmp_path, env={"RELAY_CHALLENGE_RATE_LIMIT": "30"})
+    try:
+        url = f"{relay.url}/v1/tunnel/challenge"
+        assert {httpx.get(url, timeout=10).status_code for _ in range(30)} == {200}  # the burst
+        refused = httpx.get(url, timeout=10)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert int(refused.headers["retry-after"]) >= 1
+        time.sleep(2.1)  # 30 a minute: one more every 2 s
+        assert httpx.get(url, timeout=10).status_code == 200
+    finally:
         relay.stop()
