@@ -41,6 +41,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from local_node.__main__ import physical_cores
 from local_node.engine import synthetic_frames
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -361,15 +362,8 @@ def machine() -> dict:
     cpuinfo = Path("/proc/cpuinfo").read_text()
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
                  platform.processor())
-    cores, package = set(), None
-    for line in cpuinfo.splitlines():
-        key, _, value = (part.strip() for part in line.partition(":"))
-        if key == "physical id":
-            package = value
-        elif key == "core id":
-            cores.add((package, value))
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": model, "logical_cpus": os.cpu_count(), "physical_cores": len(cores) or None,
+    return {"cpu": model, "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
             "memory_gib": round(memory, 1), "python": platform.python_version()}
 
 
