@@ -44,6 +44,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -163,14 +164,8 @@ class Ours:
 
     def concurrent(self, frames: int, n: int) -> float:
         """Frames per second, all told, with ``n`` utterances generated together."""
-        runs: list[Run] = []
-        started = time.perf_counter()
-        threads = [threading.Thread(target=lambda: runs.append(self.run(frames))) for _ in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return sum(r.frames for r in runs) / (time.perf_counter() - started)
+        runs, wall = together(lambda: self.run(frames), n)
+        return sum(r.frames for r in runs) / wall
 
 
 @torch.inference_mode()
@@ -220,6 +215,18 @@ def batch_scaling(ours: Ours, frames: int, rows: tuple[int, ...] = (1, 2, 4)) ->
     """Frames per second, all told, with 1, 2 and 4 utterances generated together (continuous
     batching), decoding included, as the node's batcher runs them."""
     return {n: ours.concurrent(frames, n) for n in rows}
+
+
+def together(run: Callable[[], Run], n: int) -> tuple[list[Run], float]:
+    """``n`` runs at once, each on its own thread: their results and the wall time of all."""
+    runs: list[Run] = []
+    started = time.perf_counter()
+    threads = [threading.Thread(target=lambda: runs.append(run())) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return runs, time.perf_counter() - started
 
 
 def best(runs: list[Run]) -> Run:
@@ -278,14 +285,7 @@ class Served:
         return Run(round(size / 2 / (24000 * FRAME_SECONDS)), seconds, first or seconds)
 
     def concurrent(self, client, n: int) -> dict:
-        runs: list[Run] = []
-        started = time.perf_counter()
-        threads = [threading.Thread(target=lambda: runs.append(self.speak(client))) for _ in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - started
+        runs, wall = together(lambda: self.speak(client), n)
         audio = sum(r.frames for r in runs) * FRAME_SECONDS
         firsts = sorted(r.first_audio for r in runs)
         return {"streams": n, "audio_seconds_per_second": audio / wall, "wall_seconds": wall,

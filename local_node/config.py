@@ -177,16 +177,22 @@ def _seconds(section: _Section, key: str, default: float) -> float:
 
 
 def _token(relay: _Section, environ: Mapping[str, str]) -> str:
-    token = relay.pop("token", str, default=None)
-    token_env = relay.pop("token_env", str, default=None)
+    token = _secret(relay, environ)
+    if not token:
+        raise ConfigError("relay.token (or relay.token_env, the name of a variable holding it) is required")
+    return token
+
+
+def _secret(section: _Section, environ: Mapping[str, str]) -> str | None:
+    """A section's ``token``, or the value of the environment variable its ``token_env`` names."""
+    token = section.pop("token", str, default=None)
+    token_env = section.pop("token_env", str, default=None)
     if token and token_env:
-        raise ConfigError("relay: give either token or token_env, not both")
+        raise ConfigError(f"{section.where}: give either token or token_env, not both")
     if token_env:
         token = environ.get(token_env)
         if not token:
-            raise ConfigError(f"relay.token_env: the environment variable {token_env} is not set")
-    if not token:
-        raise ConfigError("relay.token (or relay.token_env, the name of a variable holding it) is required")
+            raise ConfigError(f"{section.where}.token_env: the environment variable {token_env} is not set")
     return token
 
 
@@ -199,15 +205,8 @@ def _metrics(data: dict | None, environ: Mapping[str, str]) -> MetricsConfig | N
     host = host.removeprefix("[").removesuffix("]")  # [::1]:9464
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"metrics.listen must be host:port, e.g. 127.0.0.1:9464, not {listen!r}")
-    token = section.pop("token", str, default=None)
-    token_env = section.pop("token_env", str, default=None)
+    token = _secret(section, environ)
     section.finish()
-    if token and token_env:
-        raise ConfigError("metrics: give either token or token_env, not both")
-    if token_env:
-        token = environ.get(token_env)
-        if not token:
-            raise ConfigError(f"metrics.token_env: the environment variable {token_env} is not set")
     # Required: what a node's metrics reveal (its models, its load, its relays) is not for anyone.
     if not token:
         raise ConfigError("metrics.token (or metrics.token_env, the name of a variable holding it) is required with metrics.listen")

@@ -94,10 +94,15 @@ class RelayMetrics:
         self.auth_failures.labels(door).inc()
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
-        """(body, content type): the registry in the format the scraper asked for (Prometheus text
-        or OpenMetrics). Call it on the event loop, so the task count is this loop's."""
-        encode, content_type = choose_encoder(accept or "")
-        return encode(self.registry), content_type
+        """Call it on the event loop, so the task count is this loop's."""
+        return exposition(self.registry, accept)
+
+
+def exposition(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]:
+    """(body, content type): ``registry`` in the format the scraper asked for (Prometheus text or
+    OpenMetrics). The node's /metrics uses it too."""
+    encode, content_type = choose_encoder(accept or "")
+    return encode(registry), content_type
 
 
 class _NodeCollector:

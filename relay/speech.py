@@ -158,8 +158,7 @@ class SpeechResponse:
             error = ApiError(429, f"Too many requests open at once for this {_who(self.client)}: at most {limit}; "
                              "retry when one ends.", code="too_many_concurrent_requests",
                              retry_after=self.config.retry_after_seconds)
-            log.info("%s: %d %s", self.request_id, error.status, error.code)
-            await error.response()(scope, receive, send)
+            await self._answer_error(error, scope, send)
             return
         self.router.responses += 1
         try:
@@ -187,10 +186,7 @@ class SpeechResponse:
             try:
                 stream, event = await open_stream(self.router, self.config, self.speech, self.request_id)
             except ApiError as error:
-                log.info("%s: %d %s", self.request_id, error.status, error.code)
-                response = error.response()
-                response.headers["x-request-id"] = self.request_id
-                await response(scope, _no_receive, send)
+                await self._answer_error(error, scope, send)
                 return
             await send({"type": "http.response.start", "status": 200, "headers": self._headers()})
             while isinstance(event, Audio):
@@ -213,6 +209,13 @@ class SpeechResponse:
         finally:
             if stream is not None:
                 await stream.close()
+
+    async def _answer_error(self, error: ApiError, scope: Scope, send: Send) -> None:
+        """Answer with ``error`` instead of audio, under this request's id."""
+        log.info("%s: %d %s", self.request_id, error.status, error.code)
+        response = error.response()
+        response.headers["x-request-id"] = self.request_id
+        await response(scope, _no_receive, send)
 
     async def _send_audio(self, send: Send, data: bytes) -> None:
         """Hand audio to the client; this waits while the client reads slowly, but not for ever: a

@@ -189,9 +189,8 @@ async def tunnel_challenge(request: HttpRequest) -> JSONResponse:
     address = request.client.host if request.client else "unknown"
     wait = request.app.state.challenge_limiter.take(address)
     if wait:
-        return JSONResponse({"error": {"message": "too many challenges asked for from this address",
-                                       "type": "tunnel_error", "param": None, "code": "rate_limit_exceeded"}},
-                            429, headers={"Retry-After": str(retry_after(wait))})
+        return _tunnel_error(429, "too many challenges asked for from this address", "rate_limit_exceeded",
+                             {"Retry-After": str(retry_after(wait))})
     challenges = request.app.state.challenges
     return JSONResponse({"challenge": challenges.issue(), "expires_in": round(challenges.ttl)},
                         headers={"Cache-Control": "no-store"})
@@ -255,11 +254,16 @@ async def tunnel_endpoint(websocket: WebSocket) -> None:
 async def _deny(websocket: WebSocket, status: int, message: str, code: str) -> None:
     if status == 401:  # every credential refusal comes through here
         websocket.app.state.metrics.auth_failure("tunnel")
-    response = JSONResponse({"error": {"message": message, "type": "tunnel_error", "param": None, "code": code}}, status)
     try:
-        await websocket.send_denial_response(response)
+        await websocket.send_denial_response(_tunnel_error(status, message, code))
     except RuntimeError:  # the server lacks the denial extension: a bare refusal still refuses
         await websocket.close(code=1008)
+
+
+def _tunnel_error(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An answer to a node before its tunnel is open, in the API's error shape."""
+    body = {"error": {"message": message, "type": "tunnel_error", "param": None, "code": code}}
+    return JSONResponse(body, status, headers=headers)
 
 
 async def _close(websocket: WebSocket, code: int, reason: str) -> None:

@@ -187,12 +187,14 @@ async def test_a_key_with_its_streams_all_open_gets_429_until_one_ends(tmp_path)
             assert (await other).status_code == 200
 
             await answered(opened[0].id)  # one ends: the key may open one more
-            assert (await held[0]).status_code == 200
+            # Which of the two held requests reached the node first is up to the network.
+            done, pending = await asyncio.wait(held, return_when=asyncio.FIRST_COMPLETED)
+            assert [task.result().status_code for task in done] == [200]
             again = asyncio.create_task(request())
             await answered((await next_request()).id)
             assert (await again).status_code == 200
             await answered(opened[1].id)
-            assert (await held[1]).status_code == 200
+            assert (await pending.pop()).status_code == 200
     finally:
         relay.stop()
 
