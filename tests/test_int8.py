@@ -8,7 +8,8 @@ import torch
 
 from local_node.generation import SamplingConfig, generate_frames, prepare_prompt
 from local_node.decoder_stack import DecoderStack
-from local_node.int8 import Int8Linear, kernel_available
+from local_node import cpu_kernels
+from local_node.int8 import Int8Linear
 from local_node.packing import prepare_for_generation
 from local_node.qwen_import import import_qwen_tts
 from local_node.tiny_model import write_tiny_checkpoint
@@ -34,17 +35,17 @@ def test_int8_linear_is_close_to_the_bf16_one():
         Int8Linear(torch.nn.Linear(4, 4, bias=True))
 
 
-@pytest.mark.skipif(not kernel_available(), reason="int8_kernel.c needs AVX-512 BF16 and a C compiler")
+@pytest.mark.skipif(not cpu_kernels.available(), reason="cpu_kernels.c needs AVX-512 BF16 and a C compiler")
 @pytest.mark.parametrize("rows", [1, 2, 3, 5])
 @pytest.mark.parametrize("shape", [(64, 32), (4096, 1024), (1024, 3072)])
 def test_our_int8_kernel_computes_what_pytorchs_does(rows, shape):
-    """int8_kernel.c against _weight_int8pack_mm on the same int8 weights and scales: both are
+    """cpu_kernels.int8_linear against _weight_int8pack_mm on the same int8 weights and scales: both are
     bf16(scale * float32 sum), so they differ only where float32 sums in another order round to
     the other side of a bf16 rounding boundary."""
     torch.manual_seed(rows)
     linear = torch.nn.Linear(shape[1], shape[0], bias=False).to(torch.bfloat16)
     ours, pytorchs = Int8Linear(linear), Int8Linear(linear, kernel=False)
-    assert ours.product is not None and pytorchs.product is None
+    assert ours.ours and not pytorchs.ours
     x = torch.randn(rows, shape[1], dtype=torch.bfloat16)
     got, want = ours(x).float(), pytorchs(x).float()
     exact = (x.float().double() @ pytorchs.weight.double().T) * pytorchs.scale.double()

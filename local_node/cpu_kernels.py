@@ -1,0 +1,145 @@
+"""Our matrix products for CPUs with AVX-512 BF16 (``cpu_kernels.c``), and the layouts they read.
+
+``cpu_kernels.c`` is built with the system's C compiler on first use (about a second) and cached in
+``~/.cache/qwen3-tts-node``; ctypes releases the GIL during a call, so the node's generation and
+decoding threads still run side by side. Where it cannot run (another CPU, no compiler) the
+layouts come back None and callers keep PyTorch's kernels:
+
+* ``bf16_layout`` / ``bf16_linear``: bfloat16 weights, bit for bit what oneDNN computes (and so
+  what qwen-tts computes), checked on each weight shape before it is used;
+* ``int8_layout`` / ``int8_linear``: int8 weights with a float32 scale per row (``weights: int8``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ("-O3", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
+
+
+def available() -> bool:
+    """Whether ``cpu_kernels.c`` runs here: a CPU with AVX-512 BF16 and a C compiler that built it."""
+    return _library() is not None
+
+
+def bf16_layout(weight: torch.Tensor) -> torch.Tensor | None:
+    """A bfloat16 weight [N, K] in ``bf16_linear``'s layout, or None where that kernel cannot run
+    or does not reproduce ``F.linear`` bit for bit on this shape."""
+    n, k = weight.shape
+    if weight.dtype != torch.bfloat16 or n % 16 or k % 2 or _onednn_blocks(n, k) is None:
+        return None
+    return _bf16_blocked(weight.detach())
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, blocks: tuple[int, int] | None = None) -> torch.Tensor:
+    """``F.linear(x, w)`` for x [..., K] bfloat16 and w in ``bf16_layout``, summing k in ``blocks``
+    (for one row, for several; oneDNN's, by default)."""
+    n, k = weight.shape
+    rows = x.reshape(-1, k).contiguous()
+    one, several = blocks or _onednn_blocks(n, k)
+    out = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
+    _library().bf16_linear(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0], n, k, _group(n),
+                           one if rows.shape[0] == 1 else several)
+    return out.view(*x.shape[:-1], n)
+
+
+def int8_layout(weight: torch.Tensor) -> torch.Tensor | None:
+    """An int8 weight [N, K] in ``int8_linear``'s layout, or None where that kernel cannot run."""
+    library = _library()
+    n, k = weight.shape
+    if library is None or n % library.q8_rows() or k % 32:
+        return None
+    rows = library.q8_rows()  # per block of rows, per 32 columns: rows x 32 contiguous
+    return weight.view(n // rows, rows, k // 32, 32).transpose(1, 2).contiguous().view(n, k)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """bf16(scale * (x @ w.T)) for x [..., K] bfloat16, w in ``int8_layout``, scale float32 [N]."""
+    n, k = weight.shape
+    rows = x.reshape(-1, k).contiguous()
+    out = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
+    _library().q8_linear(rows.data_ptr(), weight.data_ptr(), scale.data_ptr(), out.data_ptr(), rows.shape[0], n, k)
+    return out.view(*x.shape[:-1], n)
+
+
+def _group(n: int) -> int:
+    return 4 if n % 64 == 0 else 2 if n % 32 == 0 else 1
+
+
+def _bf16_blocked(weight: torch.Tensor) -> torch.Tensor:
+    n, k = weight.shape
+    g = _group(n)
+    return weight.reshape(n // (16 * g), g, 16, k // 2, 2).permute(0, 3, 1, 2, 4).contiguous().view(n, k)
+
+
+@functools.cache
+def _onednn_blocks(n: int, k: int) -> tuple[int, int] | None:
+    """The k block sizes (one row of x, several) with which ``bf16_linear`` equals ``F.linear``
+    bit for bit on [n, k] weights, or None. oneDNN sums k in blocks whose size its heuristics
+    pick by shape and row count (on this project's AVX-512 BF16 machine: 512 for one row; 512 or
+    1024 for several); rather than copy those rules, each shape is tried against it once."""
+    if _library() is None:
+        return None
+    generator = torch.Generator().manual_seed(n * 100003 + k)
+    weight = (torch.randn(n, k, generator=generator) / k**0.5).to(torch.bfloat16)
+    blocked = _bf16_blocked(weight)
+    candidates = list(dict.fromkeys(min(size, k) for size in (512, 1024, 256, 2048, k)))
+    found = []
+    # Enough outputs that a wrong block size shows (it changes about one output in 5000).
+    for row_counts in ((1,) * 32, (3, 64)):
+        xs = [torch.randn(rows, k, generator=generator).to(torch.bfloat16) for rows in row_counts]
+        wanted = [F.linear(x, weight) for x in xs]
+        size = next((c for c in candidates if all(torch.equal(bf16_linear(x, blocked, (c, c)), want)
+                                                  for x, want in zip(xs, wanted))), None)
+        if size is None:
+            log.info("bfloat16 [%d, %d] products stay with oneDNN: no block size rounds as it does here", n, k)
+            return None
+        found.append(size)
+    return found[0], found[1]
+
+
+@functools.cache
+def _library() -> Any:
+    """The built ``cpu_kernels.c``, or None where it cannot run."""
+    if not (platform.machine().lower() in ("x86_64", "amd64") and torch.cpu._is_avx512_bf16_supported()):
+        return None
+    try:
+        library = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("could not build %s (%s): PyTorch's kernels instead, slower for one row", SOURCE.name, e)
+        return None
+    library.bf16_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5
+    library.q8_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
+    library.bf16_linear.restype = library.q8_linear.restype = None
+    return library
+
+
+def _build() -> Path:
+    """Compile once per source and flags; the result is renamed into place whole, so processes
+    starting together never load a half-written file."""
+    compiler = os.environ.get("CC", "cc")
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen3-tts-node"
+    built = cache / f"cpu_kernels-{digest}.so"
+    if not built.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as scratch:
+            partial = Path(scratch) / built.name
+            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], check=True, capture_output=True, timeout=120)
+            os.replace(partial, built)
+    return built

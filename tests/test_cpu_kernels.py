@@ -1,0 +1,52 @@
+"""cpu_kernels.c's bfloat16 product: bit for bit what oneDNN (F.linear, as qwen-tts calls it)
+computes, on the real models' shapes, for one row and for several, and used by the prepared model.
+Its int8 product is tested in test_int8.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from local_node import cpu_kernels
+from local_node.packing import PackedLinear
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="cpu_kernels.c needs AVX-512 BF16 and a C compiler")
+
+# (out, in) of the 0.6B and 1.7B talkers' fused projections and heads, and tiny ones.
+SHAPES = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (3072, 1024), (2048, 1024),
+          (8192, 2048), (2048, 4096), (12288, 2048), (2048, 6144), (3072, 2048), (32, 64), (48, 96), (16, 16)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bf16_linear_is_bit_identical_to_onednn(shape):
+    torch.manual_seed(sum(shape))
+    weight = (torch.randn(shape) * 0.05).to(torch.bfloat16)
+    blocked = cpu_kernels.bf16_layout(weight)
+    assert blocked is not None, "no block size reproduces oneDNN on this shape"
+    for rows in (1, 1, 2, 4, 17, 33):  # one-row generation steps, batches, prefills
+        x = torch.randn(rows, shape[1], dtype=torch.bfloat16)
+        assert torch.equal(cpu_kernels.bf16_linear(x, blocked), F.linear(x, weight)), rows
+    x = torch.randn(3, 5, shape[1], dtype=torch.bfloat16).transpose(0, 1)  # 3-D, not contiguous
+    assert torch.equal(cpu_kernels.bf16_linear(x, blocked), F.linear(x, weight))
+
+
+def test_a_wrong_block_size_shows():
+    """The per-shape search can tell block sizes apart: summing in other blocks than oneDNN's
+    changes some outputs (else the search above would prove nothing)."""
+    torch.manual_seed(0)
+    weight = (torch.randn(4096, 1024) * 0.05).to(torch.bfloat16)
+    blocked = cpu_kernels.bf16_layout(weight)
+    x = torch.randn(8, 1024, dtype=torch.bfloat16)
+    assert not torch.equal(cpu_kernels.bf16_linear(x, blocked, (1024, 1024)), cpu_kernels.bf16_linear(x, blocked, (256, 256)))
+
+
+def test_packed_linear_uses_it_where_it_can():
+    plain = torch.nn.Linear(1024, 4096, bias=False).to(torch.bfloat16)
+    with_bias = torch.nn.Linear(1024, 4096, bias=True).to(torch.bfloat16)
+    odd = torch.nn.Linear(1024, 100, bias=False).to(torch.bfloat16)
+    x = torch.randn(2, 1024, dtype=torch.bfloat16)
+    for linear, ours in ((plain, True), (with_bias, False), (odd, False)):
+        packed = PackedLinear(linear)
+        assert packed.ours is ours
+        assert torch.equal(packed(x), linear(x))
