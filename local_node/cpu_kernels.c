@@ -1,107 +1,99 @@
 /* Matrix products for generation on CPUs with AVX-512 BF16 (local_node/cpu_kernels.py builds this).
 
    At batch 1 a frame is a few hundred matrix-vector products whose weights come from memory once
-   each, so the pace is how fast the weights stream in. Both kernels read their weights in a
-   layout written for them (local_node/cpu_kernels.py) in exactly the order the loop uses them: one
-   sequential stream the hardware prefetcher follows, with no per-call set-up.
+   each, so the pace is how fast the weights stream in. Both products read their weights in a
+   layout written for them (cpu_kernels.py), in exactly the order the loop uses them: one
+   sequential stream the hardware prefetcher follows, no per-call set-up.
+
+   Layout: blocks of 16 g output rows; within a block, for each pair of columns k, k + 1, the
+   block's rows' two values, 16 rows at a time: [N / 16g][K / 2][g][16][2]. One vdpbf16ps takes a
+   pair of x (broadcast) against 16 rows, each lane summing its own output in float32; g = 4 (2 or
+   1 where N is not a multiple of 64) keeps that many sums in flight. Up to 4 rows of x share each
+   weight read (batches, prefills).
 
    bf16_linear  y = bf16(x @ w.T), bfloat16 weights. It reproduces oneDNN's inner product bit for
-                bit (what PyTorch runs for bfloat16 nn.Linear on such CPUs, and so what qwen-tts
-                computes): each output is a float32 sum of vdpbf16ps steps over k in order, in
-                blocks of kblock columns, the blocks' sums added in order. oneDNN's block size
-                depends on the shape and on one row or several; cpu_kernels.py finds it per shape
-                by comparing with oneDNN, and uses this kernel only where one matches.
-   q8_linear    y = bf16(scale * (x @ w.T)), int8 weights (weights: int8). PyTorch's own
-                weight-only int8 kernel is compute-bound on such CPUs and reads int8 no faster
-                than oneDNN reads bfloat16; here each int8 is widened to bfloat16 once (exact:
-                |w| <= 127 fits bfloat16's 8-bit significand) and serves every row of x. */
+                bit (what PyTorch runs for a bfloat16 nn.Linear on such CPUs, and so what qwen-tts
+                computes): each output a float32 sum of vdpbf16ps steps over k in order, in blocks
+                of kblock columns, the blocks' sums added in order. oneDNN picks the block size by
+                shape and row count; cpu_kernels.py finds it per shape by comparing with oneDNN
+                and uses this kernel only where one matches.
+   q8_linear    y = bf16(scale * (x @ w.T)), int8 weights (weights: int8), the same loop with each
+                int8 widened to bfloat16 as it is read (exact: |w| <= 127 fits bfloat16's 8-bit
+                significand). PyTorch's own weight-only int8 kernel is compute-bound on such CPUs
+                and reads int8 no faster than oneDNN reads bfloat16. */
 
 #include <immintrin.h>
 #include <stdint.h>
 
-static inline uint16_t to_bf16(float f) { /* round to nearest even, as PyTorch does */
-    union { float f; uint32_t u; } v = { f };
-    return (uint16_t)((v.u + 0x7fff + ((v.u >> 16) & 1)) >> 16);
-}
+#define TILE 4 /* rows of x per pass over the weights */
 
-/* --- bfloat16 ------------------------------------------------------------------------------
+/* 32 weights (16 rows x a pair of columns) as bfloat16. */
+static inline __m512bh load_bf16(const uint16_t *w) { return (__m512bh)_mm512_loadu_si512(w); }
 
-   Layout of w: blocks of 16 g output rows; within a block, for each pair of columns k, k + 1, the
-   block's rows' two values, 16 rows at a time: [N / 16g][K / 2][g][16][2]. A vdpbf16ps takes one
-   pair of x (broadcast) against 16 rows; g = 4 (2 or 1 where N is not a multiple of 64) keeps
-   that many independent sums in flight. */
-
-static inline __attribute__((always_inline)) void bf16_block(const uint32_t *x, const uint16_t *w, uint16_t *y,
-                                                             const int g, int K, int kblock) {
-    __m512 total[4];
-    for (int b = 0; b < g; b++) total[b] = _mm512_setzero_ps();
-    for (int k0 = 0; k0 < K / 2; k0 += kblock / 2) {
-        int k1 = k0 + kblock / 2 < K / 2 ? k0 + kblock / 2 : K / 2;
-        __m512 acc[4];
-        for (int b = 0; b < g; b++) acc[b] = _mm512_setzero_ps();
-        const uint16_t *wk = w + (long)k0 * 32 * g;
-        for (int k = k0; k < k1; k++, wk += 32 * g) {
-            __m512bh xv = (__m512bh)_mm512_set1_epi32((int)x[k]);
-            for (int b = 0; b < g; b++) acc[b] = _mm512_dpbf16_ps(acc[b], xv, (__m512bh)_mm512_loadu_si512(wk + 32 * b));
-        }
-        for (int b = 0; b < g; b++) total[b] = _mm512_add_ps(total[b], acc[b]);
-    }
-    for (int b = 0; b < g; b++) _mm256_storeu_si256((__m256i *)(y + 16 * b), (__m256i)_mm512_cvtneps_pbh(total[b]));
-}
-
-/* x [M, K] and y [M, N] bfloat16 (x read as pairs of columns, K even); N a multiple of 16 g. */
-void bf16_linear(const uint32_t *x, const uint16_t *w, uint16_t *y, int M, int N, int K, int g, int kblock) {
-    for (int n = 0; n < N; n += 16 * g) {
-        const uint16_t *wn = w + (long)n * K;
-        for (int m = 0; m < M; m++) {
-            const uint32_t *xm = x + (long)m * K / 2;
-            uint16_t *ym = y + (long)m * N + n;
-            if (g == 4) bf16_block(xm, wn, ym, 4, K, kblock);
-            else if (g == 2) bf16_block(xm, wn, ym, 2, K, kblock);
-            else bf16_block(xm, wn, ym, 1, K, kblock);
-        }
-    }
-}
-
-/* --- int8 -----------------------------------------------------------------------------------
-
-   Layout of w: blocks of ROWS output rows; within a block, for each run of 32 columns, the ROWS
-   rows' 32 int8 each, contiguous. N must be a multiple of ROWS and K of 32. The rows of x go
-   through in pairs; a pair re-reads its weight block from cache, not memory. */
-
-#define ROWS 8
-
-int q8_rows(void) { return ROWS; }
-
-static inline __m512bh widen(const int8_t *w) {
+static inline __m512bh load_int8(const int8_t *w) {
     __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w)));
     __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + 16))));
-    return _mm512_cvtne2ps_pbh(hi, lo); /* element i from w[i], 0 <= i < 32 */
+    return _mm512_cvtne2ps_pbh(hi, lo); /* element i from w[i] */
 }
 
-/* One block of ROWS outputs for PAIR (1 or 2) rows of x. */
-static inline __attribute__((always_inline)) void q8_block(const uint16_t *x, const int8_t *w, const float *scale,
-                                                        uint16_t *y, const int pair, int N, int K) {
-    __m512 acc[2][ROWS];
-    for (int m = 0; m < pair; m++)
-        for (int r = 0; r < ROWS; r++) acc[m][r] = _mm512_setzero_ps();
-    for (int k = 0; k < K; k += 32, w += 32 * ROWS) {
-        __m512bh wv[ROWS];
-        for (int r = 0; r < ROWS; r++) wv[r] = widen(w + 32 * r);
-        for (int m = 0; m < pair; m++) {
-            __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (long)m * K + k);
-            for (int r = 0; r < ROWS; r++) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
+/* rows (<= TILE) rows of x [., K] against one block of 16 g outputs, k in blocks of kblock.
+   int8 weights when scale is given (their per-row scales), else bfloat16. */
+static inline __attribute__((always_inline)) void tile(const uint32_t *x, const void *w, const float *scale,
+                                                       uint16_t *y, const int rows, const int g, int N, int K,
+                                                       int kblock) {
+    __m512 total[TILE][4];
+    for (int m = 0; m < rows; m++)
+        for (int b = 0; b < g; b++) total[m][b] = _mm512_setzero_ps();
+    for (int k0 = 0; k0 < K / 2; k0 += kblock / 2) {
+        int k1 = k0 + kblock / 2 < K / 2 ? k0 + kblock / 2 : K / 2;
+        __m512 acc[TILE][4];
+        for (int m = 0; m < rows; m++)
+            for (int b = 0; b < g; b++) acc[m][b] = _mm512_setzero_ps();
+        for (int k = k0; k < k1; k++) {
+            __m512bh wv[4];
+            for (int b = 0; b < g; b++)
+                wv[b] = scale ? load_int8((const int8_t *)w + ((long)k * g + b) * 32)
+                              : load_bf16((const uint16_t *)w + ((long)k * g + b) * 32);
+            for (int m = 0; m < rows; m++) {
+                __m512bh xv = (__m512bh)_mm512_set1_epi32((int)x[(long)m * K / 2 + k]);
+                for (int b = 0; b < g; b++) acc[m][b] = _mm512_dpbf16_ps(acc[m][b], xv, wv[b]);
+            }
         }
+        for (int m = 0; m < rows; m++)
+            for (int b = 0; b < g; b++) total[m][b] = _mm512_add_ps(total[m][b], acc[m][b]);
     }
-    for (int m = 0; m < pair; m++)
-        for (int r = 0; r < ROWS; r++) y[(long)m * N + r] = to_bf16(_mm512_reduce_add_ps(acc[m][r]) * scale[r]);
+    for (int m = 0; m < rows; m++)
+        for (int b = 0; b < g; b++) {
+            __m512 out = scale ? _mm512_mul_ps(total[m][b], _mm512_loadu_ps(scale + 16 * b)) : total[m][b];
+            _mm256_storeu_si256((__m256i *)(y + (long)m * N + 16 * b), (__m256i)_mm512_cvtneps_pbh(out));
+        }
 }
 
-void q8_linear(const uint16_t *x, const int8_t *w, const float *scale, uint16_t *y, int M, int N, int K) {
-    for (int n = 0; n < N; n += ROWS) {
-        const int8_t *wn = w + (long)n * K;
-        int m = 0;
-        for (; m + 2 <= M; m += 2) q8_block(x + (long)m * K, wn, scale + n, y + (long)m * N + n, 2, N, K);
-        if (m < M) q8_block(x + (long)m * K, wn, scale + n, y + (long)m * N + n, 1, N, K);
+#define TILES(G)                                                                                   \
+    for (int n = 0; n < N; n += 16 * G) {                                                          \
+        const char *wn = (const char *)w + (long)n * K * width;                                    \
+        const float *sn = scale ? scale + n : 0;                                                   \
+        int m = 0;                                                                                 \
+        for (; m + TILE <= M; m += TILE) tile(x + (long)m * K / 2, wn, sn, y + (long)m * N + n, TILE, G, N, K, kblock); \
+        switch (M - m) {                                                                           \
+        case 3: tile(x + (long)m * K / 2, wn, sn, y + (long)m * N + n, 3, G, N, K, kblock); break; \
+        case 2: tile(x + (long)m * K / 2, wn, sn, y + (long)m * N + n, 2, G, N, K, kblock); break; \
+        case 1: tile(x + (long)m * K / 2, wn, sn, y + (long)m * N + n, 1, G, N, K, kblock); break; \
+        }                                                                                          \
     }
+
+/* x [M, K] and y [M, N] bfloat16, x read as pairs of columns (K even); N a multiple of 16 g. */
+static inline __attribute__((always_inline)) void linear(const uint32_t *x, const void *w, const float *scale, int width, uint16_t *y, int M, int N,
+                   int K, int g, int kblock) {
+    if (g == 4) { TILES(4) }
+    else if (g == 2) { TILES(2) }
+    else { TILES(1) }
+}
+
+void bf16_linear(const uint32_t *x, const uint16_t *w, uint16_t *y, int M, int N, int K, int g, int kblock) {
+    linear(x, w, 0, 2, y, M, N, K, g, kblock);
+}
+
+void q8_linear(const uint32_t *x, const int8_t *w, const float *scale, uint16_t *y, int M, int N, int K, int g) {
+    linear(x, w, scale, 1, y, M, N, K, g, K);
 }

@@ -43,7 +43,7 @@ def bf16_layout(weight: torch.Tensor) -> torch.Tensor | None:
     n, k = weight.shape
     if weight.dtype != torch.bfloat16 or n % 16 or k % 2 or _onednn_blocks(n, k) is None:
         return None
-    return _bf16_blocked(weight.detach())
+    return _blocked(weight.detach())
 
 
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor, blocks: tuple[int, int] | None = None) -> torch.Tensor:
@@ -60,12 +60,10 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, blocks: tuple[int, int] |
 
 def int8_layout(weight: torch.Tensor) -> torch.Tensor | None:
     """An int8 weight [N, K] in ``int8_linear``'s layout, or None where that kernel cannot run."""
-    library = _library()
     n, k = weight.shape
-    if library is None or n % library.q8_rows() or k % 32:
+    if _library() is None or n % 16 or k % 2:
         return None
-    rows = library.q8_rows()  # per block of rows, per 32 columns: rows x 32 contiguous
-    return weight.view(n // rows, rows, k // 32, 32).transpose(1, 2).contiguous().view(n, k)
+    return _blocked(weight.detach())
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -73,7 +71,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     n, k = weight.shape
     rows = x.reshape(-1, k).contiguous()
     out = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
-    _library().q8_linear(rows.data_ptr(), weight.data_ptr(), scale.data_ptr(), out.data_ptr(), rows.shape[0], n, k)
+    _library().q8_linear(rows.data_ptr(), weight.data_ptr(), scale.data_ptr(), out.data_ptr(), rows.shape[0], n, k, _group(n))
     return out.view(*x.shape[:-1], n)
 
 
@@ -81,7 +79,8 @@ def _group(n: int) -> int:
     return 4 if n % 64 == 0 else 2 if n % 32 == 0 else 1
 
 
-def _bf16_blocked(weight: torch.Tensor) -> torch.Tensor:
+def _blocked(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> per block of 16 g rows, per pair of columns, 16 rows' pairs (cpu_kernels.c)."""
     n, k = weight.shape
     g = _group(n)
     return weight.reshape(n // (16 * g), g, 16, k // 2, 2).permute(0, 3, 1, 2, 4).contiguous().view(n, k)
@@ -97,7 +96,7 @@ def _onednn_blocks(n: int, k: int) -> tuple[int, int] | None:
         return None
     generator = torch.Generator().manual_seed(n * 100003 + k)
     weight = (torch.randn(n, k, generator=generator) / k**0.5).to(torch.bfloat16)
-    blocked = _bf16_blocked(weight)
+    blocked = _blocked(weight)
     candidates = list(dict.fromkeys(min(size, k) for size in (512, 1024, 256, 2048, k)))
     found = []
     # Enough outputs that a wrong block size shows (it changes about one output in 5000).
@@ -124,7 +123,7 @@ def _library() -> Any:
         log.warning("could not build %s (%s): PyTorch's kernels instead, slower for one row", SOURCE.name, e)
         return None
     library.bf16_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5
-    library.q8_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
+    library.q8_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
     library.bf16_linear.restype = library.q8_linear.restype = None
     return library
 
