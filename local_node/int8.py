@@ -45,7 +45,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.float() if self.ours else scale)  # ours takes float32 scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.ours and x.dtype == torch.bfloat16:
+        if self.ours:  # only for bfloat16 models; its weight is in our layout, which PyTorch's kernel cannot read
             return cpu_kernels.int8_linear(x, self.weight, self.scale)
         out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scale)  # 2-D only
         return out.view(*x.shape[:-1], self.out_features)
