@@ -19,7 +19,7 @@
                 and uses this kernel only where one matches.
    q8_linear    y = bf16(scale * (x @ w.T)), int8 weights (weights: int8), the same loop with each
                 int8 widened to bfloat16 as it is read (exact: |w| <= 127 fits bfloat16's 8-bit
-                significand). PyTorch's own weight-only int8 kernel is compute-bound on such CPUs
+                significand), by table lookup (needs AVX-512 VBMI). PyTorch's own weight-only int8 kernel is compute-bound on such CPUs
                 and reads int8 no faster than oneDNN reads bfloat16. */
 
 #include <immintrin.h>
@@ -30,10 +30,30 @@
 /* 32 weights (16 rows x a pair of columns) as bfloat16. */
 static inline __m512bh load_bf16(const uint16_t *w) { return (__m512bh)_mm512_loadu_si512(w); }
 
-static inline __m512bh load_int8(const int8_t *w) {
-    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w)));
-    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + 16))));
-    return _mm512_cvtne2ps_pbh(hi, lo); /* element i from w[i] */
+/* The bytes of bfloat16(m) for m = 0..127, low and high: m = 1.f * 2^e with e = 0..6. */
+#define EXP(m) ((m) >= 64 ? 6 : (m) >= 32 ? 5 : (m) >= 16 ? 4 : (m) >= 8 ? 3 : (m) >= 4 ? 2 : (m) >= 2 ? 1 : 0)
+#define BF16(m) ((m) ? ((127 + EXP(m)) << 7) | (((m) << (7 - EXP(m))) & 0x7f) : 0)
+#define LO(m) (BF16(m) & 0xff)
+#define HI(m) (BF16(m) >> 8)
+#define X8(F, m) F(m), F(m + 1), F(m + 2), F(m + 3), F(m + 4), F(m + 5), F(m + 6), F(m + 7)
+#define X32(F, m) X8(F, m), X8(F, m + 8), X8(F, m + 16), X8(F, m + 24)
+#define X128(F) X32(F, 0), X32(F, 32), X32(F, 64), X32(F, 96)
+static const uint8_t BF16_LO[128] __attribute__((aligned(64))) = {X128(LO)};
+static const uint8_t BF16_HI[128] __attribute__((aligned(64))) = {X128(HI)};
+
+/* 64 int8 weights (two blocks of 16 rows x a pair of columns) as two vectors of 32 bfloat16, by
+   table lookup: 7 instructions where converting through int32 and float32 takes about 16, which
+   made the loop compute-bound. Each byte is sign | magnitude (|w| <= 127); the tables give the
+   low and high byte of bfloat16(magnitude), the sign goes into the high byte, and interleaving
+   the bytes makes 16-bit words. The interleave works within 128-bit lanes, so the layout stores
+   each lane as the first block's 8 weights then the second's (cpu_kernels.py). */
+static inline void load_int8(const int8_t *w, __m512bh *first, __m512bh *second) {
+    const __m512i src = _mm512_loadu_si512(w);
+    const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(BF16_LO), src, _mm512_load_si512(BF16_LO + 64));
+    __m512i hi = _mm512_permutex2var_epi8(_mm512_load_si512(BF16_HI), src, _mm512_load_si512(BF16_HI + 64));
+    hi = _mm512_ternarylogic_epi32(hi, src, _mm512_set1_epi8((char)0x80), 0xF8); /* hi | (src & 0x80) */
+    *first = (__m512bh)_mm512_unpacklo_epi8(lo, hi);
+    *second = (__m512bh)_mm512_unpackhi_epi8(lo, hi);
 }
 
 /* rows (<= TILE) rows of x [., K] against one block of 16 g outputs, k in blocks of kblock.
@@ -51,9 +71,10 @@ static inline __attribute__((always_inline)) void tile(const uint32_t *x, const 
             for (int b = 0; b < g; b++) acc[m][b] = _mm512_setzero_ps();
         for (int k = k0; k < k1; k++) {
             __m512bh wv[4];
-            for (int b = 0; b < g; b++)
-                wv[b] = scale ? load_int8((const int8_t *)w + ((long)k * g + b) * 32)
-                              : load_bf16((const uint16_t *)w + ((long)k * g + b) * 32);
+            if (scale)
+                for (int b = 0; b < g; b += 2) load_int8((const int8_t *)w + ((long)k * g + b) * 32, &wv[b], &wv[b + 1]);
+            else
+                for (int b = 0; b < g; b++) wv[b] = load_bf16((const uint16_t *)w + ((long)k * g + b) * 32);
             for (int m = 0; m < rows; m++) {
                 __m512bh xv = (__m512bh)_mm512_set1_epi32((int)x[(long)m * K / 2 + k]);
                 for (int b = 0; b < g; b++) acc[m][b] = _mm512_dpbf16_ps(acc[m][b], xv, wv[b]);
@@ -96,4 +117,11 @@ void bf16_linear(const uint32_t *x, const uint16_t *w, uint16_t *y, int M, int N
 
 void q8_linear(const uint32_t *x, const int8_t *w, const float *scale, uint16_t *y, int M, int N, int K, int g) {
     linear(x, w, scale, 1, y, M, N, K, g, K);
+}
+
+/* Whether this CPU has every instruction set this file is compiled for (cpu_kernels.py asks
+   before any product): Intel's first AVX-512 BF16 parts (Cooper Lake) lack VBMI. */
+int supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi");
 }

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ("-O3", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
+FLAGS = ("-O3", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi")
 
 
 def available() -> bool:
@@ -59,11 +59,14 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, blocks: tuple[int, int] |
 
 
 def int8_layout(weight: torch.Tensor) -> torch.Tensor | None:
-    """An int8 weight [N, K] in ``int8_linear``'s layout, or None where that kernel cannot run."""
+    """An int8 weight [N, K] (values in -127..127) in ``int8_linear``'s layout, or None where that
+    kernel cannot run. As ``_blocked``, then each 64 bytes (two blocks of 16 rows) in the order
+    cpu_kernels.c's ``load_int8`` widens them, each byte sign | magnitude."""
     n, k = weight.shape
-    if _library() is None or n % 16 or k % 2:
+    if _library() is None or n % 32 or k % 2:
         return None
-    return _blocked(weight.detach())
+    blocked = _blocked(weight.detach()).view(n // 32, k // 2, 2, 4, 8).transpose(2, 3)  # per 16-byte lane: 8 + 8
+    return (blocked.abs() | (blocked & -128)).contiguous().view(n, k)
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -121,6 +124,8 @@ def _library() -> Any:
         library = ctypes.CDLL(str(_build()))
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("could not build %s (%s): PyTorch's kernels instead, slower for one row", SOURCE.name, e)
+        return None
+    if not library.supported():
         return None
     library.bf16_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5
     library.q8_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4

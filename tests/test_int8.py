@@ -37,7 +37,7 @@ def test_int8_linear_is_close_to_the_bf16_one():
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="cpu_kernels.c needs AVX-512 BF16 and a C compiler")
 @pytest.mark.parametrize("rows", [1, 2, 3, 5])
-@pytest.mark.parametrize("shape", [(64, 32), (4096, 1024), (1024, 3072)])
+@pytest.mark.parametrize("shape", [(64, 32), (96, 64), (4096, 1024), (1024, 3072)])
 def test_our_int8_kernel_computes_what_pytorchs_does(rows, shape):
     """cpu_kernels.int8_linear against _weight_int8pack_mm on the same int8 weights and scales: both are
     bf16(scale * float32 sum), so they differ only where float32 sums in another order round to
