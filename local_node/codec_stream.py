@@ -190,7 +190,7 @@ class StreamingDecoder:
     Not thread-safe; use one per concurrent stream (they can share the model).
     """
 
-    def __init__(self, speech_tokenizer: Any, schedule: Sequence[int] = (1, 4, 8, 16, 32)) -> None:
+    def __init__(self, speech_tokenizer: Any, schedule: Sequence[int] = (1, 4, 8, 16)) -> None:
         schedule = tuple(int(n) for n in schedule)
         if not schedule or any(n < 1 for n in schedule):
             raise ValueError(f"schedule must be a non-empty sequence of positive ints: {schedule}")

@@ -49,8 +49,9 @@ class ModelConfig:
     max_batch: int = 4  # syntheses generated together, frame by frame (continuous batching)
     max_new_frames: int | None = None  # cap on generated codec frames per text piece
     # Frames per streamed audio chunk: small first (latency), larger after (throughput); the
-    # last size repeats.
-    chunk_frames: tuple[int, ...] = (1, 4, 8, 16, 32)
+    # last size repeats. Past 16 frames a chunk decodes no cheaper per frame on CPU, while the
+    # frames still pending when the utterance ends (up to one chunk) are decoded after its last frame.
+    chunk_frames: tuple[int, ...] = (1, 4, 8, 16)
     weights: str = "dtype"  # "int8": the decoder layers' projections in int8 (local_node/int8.py)
     text_input: str = "auto"  # "whole" text in the prompt, or "streaming" (a token per frame); auto: qwen-tts' default
 
@@ -244,7 +245,7 @@ def _model(name: Any, spec: Any, base_dir: Path) -> ModelConfig:
         raise ConfigError(f"{where}.max_new_frames must be at least 2")
     chunk_frames = section.pop("chunk_frames", list, default=list(ModelConfig.chunk_frames))
     if not chunk_frames or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in chunk_frames):
-        raise ConfigError(f"{where}.chunk_frames must be a list of positive frame counts, e.g. [1, 4, 8, 16, 32]")
+        raise ConfigError(f"{where}.chunk_frames must be a list of positive frame counts, e.g. [1, 4, 8, 16]")
     weights = section.pop("weights", str, default="dtype")
     if weights not in WEIGHTS:
         raise ConfigError(f"{where}.weights must be one of {', '.join(WEIGHTS)}, not {weights!r}")

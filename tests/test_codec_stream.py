@@ -131,7 +131,7 @@ def test_stream_exact_with_every_branch_loud(codec_dir):
 
 def test_chunks_follow_the_schedule(codec):
     speech_tokenizer = codec(torch.float32)
-    decoder = StreamingDecoder(speech_tokenizer)  # default (1, 4, 8, 16, 32)
+    decoder = StreamingDecoder(speech_tokenizer)  # default (1, 4, 8, 16)
     returned_at = {}
     for i, frame in enumerate(random_codes(70)):
         pcm = decoder.push(frame)
@@ -139,7 +139,7 @@ def test_chunks_follow_the_schedule(codec):
             returned_at[i + 1] = len(pcm) // SAMPLES_PER_FRAME
             assert len(pcm) % SAMPLES_PER_FRAME == 0 and pcm.dtype == np.float32
     # The first chunk comes with the first frame; the last size repeats.
-    assert returned_at == {1: 1, 5: 4, 13: 8, 29: 16, 61: 32}
+    assert returned_at == {1: 1, 5: 4, 13: 8, 29: 16, 45: 16, 61: 16}
     assert decoder.pending_frames == 9
     assert len(decoder.flush()) == 9 * SAMPLES_PER_FRAME
     assert decoder.pending_frames == 0

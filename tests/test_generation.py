@@ -148,6 +148,24 @@ CASES = [
 # --- equivalence -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1, 1024), (3, 7, 2048), (4, 1, 24, 128), (1, 40, 48, 128)])
+def test_our_rms_norm_rounds_as_qwen_tts_module(shape, dtype):
+    """DecoderStack's norm, without the module call, equals Qwen3TTSRMSNorm bit for bit, over
+    magnitudes from 1e-3 to 1e3 and with outliers."""
+    from local_node.decoder_stack import _rms_norm
+    from qwen_tts.core.models.modeling_qwen3_tts import Qwen3TTSRMSNorm
+
+    generator = torch.Generator().manual_seed(len(shape) * 1000 + shape[-1])
+    for trial in range(20):
+        module = Qwen3TTSRMSNorm(shape[-1], eps=(1e-6, 1e-5)[trial % 2]).to(dtype)
+        module.weight.data = (torch.randn(shape[-1], generator=generator) * 0.1 + 1).to(dtype)
+        scale = 10 ** (6 * torch.rand(1, generator=generator).item() - 3)
+        outliers = 1 + 20 * (torch.rand(shape, generator=generator) < 0.01)
+        x = (torch.randn(shape, generator=generator) * scale * outliers).to(dtype)
+        assert torch.equal(_rms_norm(x, module.weight, module.variance_epsilon), module(x))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CASES)
 def test_greedy_codes_equal_qwen_tts(load, clone_prompts, case, dtype):
