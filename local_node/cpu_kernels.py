@@ -1,4 +1,4 @@
-"""Our matrix products for CPUs with AVX-512 BF16 (``cpu_kernels.c``), and the layouts they read.
+"""Our matrix products for CPUs with AVX-512 BF16 and VBMI (``cpu_kernels.c``), and the layouts they read.
 
 ``cpu_kernels.c`` is built with the system's C compiler on first use (about a second) and cached in
 ``~/.cache/qwen3-tts-node``; ctypes releases the GIL during a call, so the node's generation and
@@ -33,7 +33,7 @@ FLAGS = ("-O3", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-m
 
 
 def available() -> bool:
-    """Whether ``cpu_kernels.c`` runs here: a CPU with AVX-512 BF16 and a C compiler that built it."""
+    """Whether ``cpu_kernels.c`` runs here: a CPU with AVX-512 BF16 and VBMI and a C compiler that built it."""
     return _library() is not None
 
 

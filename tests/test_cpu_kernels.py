@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from local_node import cpu_kernels
 from local_node.packing import PackedLinear
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="cpu_kernels.c needs AVX-512 BF16 and a C compiler")
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="cpu_kernels.c needs AVX-512 BF16 and VBMI and a C compiler")
 
 # (out, in) of the 0.6B and 1.7B talkers' fused projections and heads, and tiny ones.
 SHAPES = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (3072, 1024), (2048, 1024),

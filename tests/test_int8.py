@@ -35,7 +35,7 @@ def test_int8_linear_is_close_to_the_bf16_one():
         Int8Linear(torch.nn.Linear(4, 4, bias=True))
 
 
-@pytest.mark.skipif(not cpu_kernels.available(), reason="cpu_kernels.c needs AVX-512 BF16 and a C compiler")
+@pytest.mark.skipif(not cpu_kernels.available(), reason="cpu_kernels.c needs AVX-512 BF16 and VBMI and a C compiler")
 @pytest.mark.parametrize("rows", [1, 2, 3, 5])
 @pytest.mark.parametrize("shape", [(64, 32), (96, 64), (4096, 1024), (1024, 3072)])
 def test_our_int8_kernel_computes_what_pytorchs_does(rows, shape):
