@@ -70,10 +70,13 @@ def test_quantized_model_generates_near_the_bf16_logits(folder):
 
     prompt = prepare_prompt(tts, kind="custom_voice", text="Hello there.", language="English", speaker="ryan")
     # Same prompt through both talkers: their first codebook-0 distributions barely differ.
-    logits = []
+    logits, stacks = [], []
     for model in (tts.model, quantized.model):
-        hidden = DecoderStack(model.talker.model, capacity=64).forward(prompt.inputs_embeds)[:, -1]
+        stacks.append(DecoderStack(model.talker.model, capacity=64))
+        hidden = stacks[-1].forward(prompt.inputs_embeds)[:, -1]
         logits.append(model.talker.codec_head(hidden).float().log_softmax(-1))
+    # The bf16 model attends as qwen-tts does, in bf16; the int8 one in float32, cache included.
+    assert stacks[0].keys.dtype == torch.bfloat16 and stacks[1].keys.dtype == torch.float32
     kl = torch.sum(logits[0].exp() * (logits[0] - logits[1])).item()
     assert 0 < kl < 0.05  # moved, a little
 
