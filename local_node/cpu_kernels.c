@@ -19,8 +19,9 @@
                 and uses this kernel only where one matches.
    q8_linear    y = bf16(scale * (x @ w.T)), int8 weights (weights: int8), the same loop with each
                 int8 widened to bfloat16 as it is read (exact: |w| <= 127 fits bfloat16's 8-bit
-                significand), by table lookup (needs AVX-512 VBMI). PyTorch's own weight-only int8 kernel is compute-bound on such CPUs
-                and reads int8 no faster than oneDNN reads bfloat16. */
+                significand), by table lookup (AVX-512 VBMI). PyTorch's own weight-only int8
+                kernel is compute-bound on such CPUs and reads int8 no faster than oneDNN reads
+                bfloat16. */
 
 #include <immintrin.h>
 #include <stdint.h>
