@@ -65,6 +65,8 @@ def int8_layout(weight: torch.Tensor) -> torch.Tensor | None:
     n, k = weight.shape
     if _library() is None or n % 32 or k % 2:
         return None
+    if int(weight.min()) < -127:  # sign | magnitude has no -128
+        raise ValueError("int8 weights for int8_layout must be in -127..127")
     blocked = _blocked(weight.detach()).view(n // 32, k // 2, 2, 4, 8).transpose(2, 3)  # per 16-byte lane: 8 + 8
     return (blocked.abs() | (blocked & -128)).contiguous().view(n, k)
 

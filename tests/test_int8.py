@@ -33,6 +33,9 @@ def test_int8_linear_is_close_to_the_bf16_one():
     assert (got - want).norm() / want.norm() < 0.02  # per-row int8: about 0.5 % here
     with pytest.raises(ValueError):
         Int8Linear(torch.nn.Linear(4, 4, bias=True))
+    if cpu_kernels.available():  # our layout stores sign | magnitude: -128 has no place in it
+        with pytest.raises(ValueError):
+            cpu_kernels.int8_layout(torch.full((32, 2), -128, dtype=torch.int8))
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="cpu_kernels.c needs AVX-512 BF16 and VBMI and a C compiler")
