@@ -14,8 +14,8 @@ are the same numbers (the generation tests compare codes with qwen-tts' frame fo
 Keys and values go into one preallocated buffer per stack that grows by doubling, so a step
 writes in place instead of concatenating the whole history. Attention is PyTorch's SDPA with
 grouped-query heads, as transformers calls it (causal over a fresh prompt, plain for one new
-position); with int8 weights, in float32. The talker's multimodal rope gives text positions the same angle in all three
-sections, so it is the ordinary rope here.
+position); with int8 weights, in float32. The talker's multimodal rope gives text positions the
+same angle in all three sections, so it is the ordinary rope here.
 
 The layers come prepared (``packing.prepare_for_generation``): q/k/v and gate/up fused into one
 product each, bfloat16 weights packed for oneDNN. q and k heads are normalised and rotated in one

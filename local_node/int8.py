@@ -14,9 +14,9 @@ bf16(scale * sum(x * w)) with float32 sums; the tests hold them to each other.
 
 It changes the numbers: codes no longer equal qwen-tts' and the voice may drift. Having given up
 that equality, such a model also keeps its attention in float32 (``decoder_stack.py``), whose
-CPU kernel is several times faster for one query than the bfloat16 one qwen-tts' rounding needs. ``./bench.sh``
-reports how far the logits move (KL divergence per frame against the unquantised model). Off by
-default until judged by ear on real weights.
+CPU kernel is several times faster for one query than the bfloat16 one qwen-tts' rounding needs.
+``./bench.sh`` reports how far the logits move (KL divergence per frame against the unquantised
+model). Off by default until judged by ear on real weights.
 """
 
 from __future__ import annotations
