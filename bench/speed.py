@@ -521,6 +521,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--schedule", type=int, nargs="+", help="chunk_frames for our path (default: the node's)")
     args = parser.parse_args(argv)
 
+    from local_node import cpu_kernels
+
+    cpu_kernels.use_cores(2 * NODE_THREADS)  # as the node does
     print(f"machine: {machine()}", flush=True)
     results = []
     for size in args.models:

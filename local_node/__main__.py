@@ -69,10 +69,14 @@ def run(config: NodeConfig) -> int:
     if any(m.engine == "qwen" for m in config.enabled_models):
         import torch
 
+        from . import cpu_kernels
+
         threads = torch_threads(config)
         torch.set_num_threads(threads)
-        log.info("torch %s on %s, %s, %d torch threads each for generation and decoding",
-                 torch.__version__, config.device, config.dtype, threads)
+        # Products also take the decoders' cores while those are idle (cpu_kernels.reserved).
+        product_threads = cpu_kernels.use_cores(2 * threads)
+        log.info("torch %s on %s, %s, %d torch threads each for generation and decoding, products on up to %d",
+                 torch.__version__, config.device, config.dtype, threads, product_threads)
     metrics, listener = NodeMetrics(), None
     if config.metrics:  # bound before the models load: a taken port stops the node at once
         try:

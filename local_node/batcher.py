@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from . import cpu_kernels
 from .generation import FrameBatch, Prompt, SamplingConfig, Utterance
 
 log = logging.getLogger("local_node.batcher")
@@ -127,7 +128,7 @@ class Batcher:
                 request.results.put(item if isinstance(item, _Failed) else _END)
                 continue
             try:
-                with torch.inference_mode():
+                with torch.inference_mode(), cpu_kernels.reserved(self.threads):
                     result = request.on_end() if item is _FLUSH else request.on_frame(item)
             except Exception as exc:
                 request.failed = True

@@ -21,10 +21,23 @@
                 int8 widened to bfloat16 as it is read (exact: |w| <= 127 fits bfloat16's 8-bit
                 significand), by table lookup (AVX-512 VBMI). PyTorch's own weight-only int8
                 kernel is compute-bound on such CPUs and reads int8 no faster than oneDNN reads
-                bfloat16. */
+                bfloat16.
+
+   Cores: one core draws ~35-40 GB/s from memory here, two ~48, so a product splits its blocks of
+   rows among helper threads (the caller takes the first share). A helper spins a while after
+   each product, since the next comes within microseconds and waking a sleeping thread costs
+   about as much as a small product; then it sleeps. A busy decoder reserves its cores
+   (reserve_cores): products then run on the cores left, and helpers not needed sleep at once,
+   so decoding, which the audio waits for, is not slowed. */
 
 #include <immintrin.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 
 #define TILE 4 /* rows of x per pass over the weights */
 
@@ -92,7 +105,7 @@ static inline __attribute__((always_inline)) void tile(const uint32_t *x, const 
 }
 
 #define TILES(G)                                                                                   \
-    for (int n = 0; n < N; n += 16 * G) {                                                          \
+    for (int n = n0; n < n1; n += 16 * G) {                                                          \
         const char *wn = (const char *)w + (long)n * K * width;                                    \
         const float *sn = scale ? scale + n : 0;                                                   \
         int m = 0;                                                                                 \
@@ -104,20 +117,116 @@ static inline __attribute__((always_inline)) void tile(const uint32_t *x, const 
         }                                                                                          \
     }
 
-/* x [M, K] and y [M, N] bfloat16, x read as pairs of columns (K even); N a multiple of 16 g. */
+/* Outputs n0..n1 of x [M, K] and y [M, N] bfloat16, x read as pairs of columns (K even); N, n0
+   and n1 multiples of 16 g. */
 static inline __attribute__((always_inline)) void linear(const uint32_t *x, const void *w, const float *scale, int width, uint16_t *y, int M, int N,
-                   int K, int g, int kblock) {
+                   int K, int g, int kblock, int n0, int n1) {
     if (g == 4) { TILES(4) }
     else if (g == 2) { TILES(2) }
     else { TILES(1) }
 }
 
+/* --- helper threads ---------------------------------------------------------------------- */
+
+#define MAX_HELPERS 63
+#define SPIN_NS 200000 /* a frame's products come microseconds apart; between frames, longer */
+
+struct job { const uint32_t *x; const void *w; const float *scale; uint16_t *y; int M, N, K, g, kblock; };
+
+static struct {
+    _Atomic unsigned seq;  /* bumped per job; helpers wait for it to change */
+    _Atomic int parts;     /* threads sharing the current job: the caller and helpers 1..parts-1 */
+    _Atomic int finished;  /* helpers through with their share */
+    _Atomic int sleeping;
+    _Atomic int taken;     /* one product at a time uses the helpers; others run alone */
+    _Atomic int reserved;  /* cores held by busy decoders */
+    int helpers;
+    struct job job;
+} pool;
+
+static void linear_part(const struct job *j, int part, int parts) {
+    const int blocks = j->N / (16 * j->g), n0 = blocks * part / parts * 16 * j->g, n1 = blocks * (part + 1) / parts * 16 * j->g;
+    linear(j->x, j->w, j->scale, j->scale ? 1 : 2, j->y, j->M, j->N, j->K, j->g, j->kblock, n0, n1);
+}
+
+static long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+/* Helper `id` (1..helpers) takes share `id` of the jobs it is needed for. */
+static void *helper(void *arg) {
+    const int id = (int)(long)arg;
+    unsigned seen = 0;
+    for (;;) {
+        long since = now_ns();
+        for (int spins = 0; atomic_load_explicit(&pool.seq, memory_order_acquire) == seen; spins++) {
+            int needed = id <= pool.helpers - atomic_load_explicit(&pool.reserved, memory_order_relaxed);
+            if (needed && (spins & 63 || now_ns() - since < SPIN_NS)) {
+                _mm_pause();
+                continue;
+            }
+            atomic_fetch_add(&pool.sleeping, 1);
+            syscall(SYS_futex, &pool.seq, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+            atomic_fetch_sub(&pool.sleeping, 1);
+            since = now_ns();
+        }
+        /* A helper left out of one job may wake during the next: read its parts and the seq it
+           belongs to together. */
+        unsigned seq;
+        int parts;
+        do {
+            seq = atomic_load_explicit(&pool.seq, memory_order_acquire);
+            parts = atomic_load_explicit(&pool.parts, memory_order_relaxed);
+        } while (atomic_load_explicit(&pool.seq, memory_order_acquire) != seq);
+        seen = seq;
+        if (id < parts) {
+            linear_part(&pool.job, id, parts);
+            atomic_fetch_add_explicit(&pool.finished, 1, memory_order_release);
+        }
+    }
+    return NULL;
+}
+
+/* Start helpers so that products run on up to `cores` threads; returns how many can. */
+int use_cores(int cores) {
+    while (pool.helpers < cores - 1 && pool.helpers < MAX_HELPERS) {
+        pthread_t thread;
+        if (pthread_create(&thread, NULL, helper, (void *)(long)(pool.helpers + 1))) break;
+        pthread_detach(thread);
+        pool.helpers++;
+    }
+    return pool.helpers + 1;
+}
+
+/* A decoder starting (cores > 0) or finishing (cores < 0) a piece of work. */
+void reserve_cores(int cores) { atomic_fetch_add(&pool.reserved, cores); }
+
+static void run(const struct job *job) {
+    int parts = pool.helpers + 1 - atomic_load_explicit(&pool.reserved, memory_order_relaxed);
+    const int blocks = job->N / (16 * job->g);
+    parts = parts < blocks ? parts : blocks;
+    if (parts <= 1 || atomic_exchange(&pool.taken, 1)) {
+        linear_part(job, 0, 1);
+        return;
+    }
+    pool.job = *job;
+    atomic_store_explicit(&pool.parts, parts, memory_order_relaxed);
+    atomic_store_explicit(&pool.finished, 0, memory_order_relaxed);
+    atomic_fetch_add(&pool.seq, 1); /* publishes the job; sequentially consistent with `sleeping` */
+    if (atomic_load(&pool.sleeping)) syscall(SYS_futex, &pool.seq, FUTEX_WAKE_PRIVATE, MAX_HELPERS, NULL, NULL, 0);
+    linear_part(job, 0, parts);
+    while (atomic_load_explicit(&pool.finished, memory_order_acquire) < parts - 1) _mm_pause();
+    atomic_store(&pool.taken, 0);
+}
+
 void bf16_linear(const uint32_t *x, const uint16_t *w, uint16_t *y, int M, int N, int K, int g, int kblock) {
-    linear(x, w, 0, 2, y, M, N, K, g, kblock);
+    run(&(struct job){x, w, NULL, y, M, N, K, g, kblock});
 }
 
 void q8_linear(const uint32_t *x, const int8_t *w, const float *scale, uint16_t *y, int M, int N, int K, int g) {
-    linear(x, w, scale, 1, y, M, N, K, g, K);
+    run(&(struct job){x, w, scale, y, M, N, K, g, K});
 }
 
 /* Whether this CPU has every instruction set this file is compiled for (cpu_kernels.py asks

@@ -8,10 +8,14 @@ layouts come back None and callers keep PyTorch's kernels:
 * ``bf16_layout`` / ``bf16_linear``: bfloat16 weights, bit for bit what oneDNN computes (and so
   what qwen-tts computes), checked on each weight shape before it is used;
 * ``int8_layout`` / ``int8_linear``: int8 weights with a float32 scale per row (``weights: int8``).
+
+A product shares its rows among ``use_cores`` threads (one core alone does not draw all the memory
+bandwidth there is); a decoder working ``with reserved(cores)`` keeps that many cores for itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -21,7 +25,7 @@ import platform
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +33,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ("-O3", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi")
+FLAGS = ("-O3", "-shared", "-fPIC", "-pthread", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi")
 
 
 def available() -> bool:
@@ -78,6 +82,28 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     out = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
     _library().q8_linear(rows.data_ptr(), weight.data_ptr(), scale.data_ptr(), out.data_ptr(), rows.shape[0], n, k, _group(n))
     return out.view(*x.shape[:-1], n)
+
+
+def use_cores(cores: int) -> int:
+    """Let products run on up to ``cores`` threads (helper threads are started once and kept);
+    returns how many they may use."""
+    library = _library()
+    return 1 if library is None else library.use_cores(cores)
+
+
+@contextlib.contextmanager
+def reserved(cores: int) -> Iterator[None]:
+    """While inside, products leave ``cores`` of their cores free (a decoder at work: the audio
+    waits for it, so products must not crowd it out)."""
+    library = _library()
+    if library is None:
+        yield
+        return
+    library.reserve_cores(cores)
+    try:
+        yield
+    finally:
+        library.reserve_cores(-cores)
 
 
 def _group(n: int) -> int:
@@ -131,7 +157,8 @@ def _library() -> Any:
         return None
     library.bf16_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5
     library.q8_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
-    library.bf16_linear.restype = library.q8_linear.restype = None
+    library.use_cores.argtypes = library.reserve_cores.argtypes = [ctypes.c_int]
+    library.bf16_linear.restype = library.q8_linear.restype = library.reserve_cores.restype = None
     return library
 
 

@@ -1,5 +1,6 @@
 """cpu_kernels.c's bfloat16 product: bit for bit what oneDNN (F.linear, as qwen-tts calls it)
-computes, on the real models' shapes, for one row and for several, and used by the prepared model.
+computes, on the real models' shapes, for one row and for several, on one core or shared among
+several, and used by the prepared model.
 Its int8 product is tested in test_int8.py."""
 
 from __future__ import annotations
@@ -50,3 +51,49 @@ def test_packed_linear_uses_it_where_it_can():
         packed = PackedLinear(linear)
         assert packed.ours is ours
         assert torch.equal(packed(x), linear(x))
+
+
+def test_products_shared_among_cores_equal_one_core_alone():
+    """Rows split among helper threads (3 shares: uneven splits too), from several threads at
+    once while a decoder reserves and frees cores: every product equals the one-thread product."""
+    import threading
+
+    assert cpu_kernels.use_cores(3) == 3
+    torch.manual_seed(7)
+    cases = []
+    for n, k in ((4096, 1024), (1024, 3072), (96, 64), (32, 64)):
+        weight = (torch.randn(n, k) * 0.05).to(torch.bfloat16)
+        codes = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        cases.append((cpu_kernels.bf16_layout(weight), cpu_kernels.int8_layout(codes), torch.rand(n), k))
+    xs = {k: [torch.randn(rows, k, dtype=torch.bfloat16) for rows in (1, 2, 5)] for *_, k in cases}
+
+    def products() -> list[torch.Tensor]:
+        return [product for blocked, quantized, scale, k in cases for x in xs[k]
+                for product in (cpu_kernels.bf16_linear(x, blocked), cpu_kernels.int8_linear(x, quantized, scale))]
+
+    with cpu_kernels.reserved(3):
+        alone = products()
+    assert all(torch.equal(a, b) for a, b in zip(products(), alone))
+
+    failures, stop = [], threading.Event()
+
+    def compute() -> None:
+        for _ in range(30):
+            if not all(torch.equal(a, b) for a, b in zip(products(), alone)):
+                failures.append(threading.current_thread().name)
+
+    def decode() -> None:
+        while not stop.is_set():
+            with cpu_kernels.reserved(1):
+                stop.wait(0.0005)
+
+    threads = [threading.Thread(target=compute, name=f"products-{i}") for i in range(3)]
+    decoder = threading.Thread(target=decode)
+    for thread in (*threads, decoder):
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    stop.set()
+    decoder.join()
+    assert not failures
+    assert not any(thread.is_alive() for thread in threads), "a product never finished"
