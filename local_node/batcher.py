@@ -12,7 +12,9 @@ Why two threads: generation is bound by memory bandwidth (a frame reads ~3.3 GB 
 for 0.6B) and one core takes most of it, while decoding is bound by arithmetic. On a 2-core
 machine, one torch thread each on its own core overlaps the two, where two torch threads for one
 sequential loop left a core idle at every small op and stalled at every product whenever anything
-else (the encoder, the event loop) ran. ``threads`` is each thread's torch thread count.
+else (the encoder, the event loop) ran. ``threads`` is each thread's torch thread count. The
+products of cpu_kernels.c also use the decoding thread's cores, but only while it is idle: it
+reserves them for each piece of work (``cpu_kernels.reserved``).
 
 What the callbacks return is queued per utterance without bound; an utterance has a frame
 budget, and it is PCM on its way out.
