@@ -32,6 +32,7 @@
 
 #include <immintrin.h>
 #include <linux/futex.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -227,6 +228,88 @@ void bf16_linear(const uint32_t *x, const uint16_t *w, uint16_t *y, int M, int N
 
 void q8_linear(const uint32_t *x, const int8_t *w, const float *scale, uint16_t *y, int M, int N, int K, int g) {
     run(&(struct job){x, w, scale, y, M, N, K, g, K});
+}
+
+/* --- RMS norm and rotary embedding, rounded as PyTorch's ops round them -------------------- */
+
+static inline float bf16_to_float(uint16_t v) {
+    union { uint32_t u; float f; } c = {.u = (uint32_t)v << 16};
+    return c.f;
+}
+
+static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as PyTorch (no NaNs here) */
+    union { float f; uint32_t u; } c = {.f = f};
+    return (uint16_t)((c.u + 0x7fff + ((c.u >> 16) & 1)) >> 16);
+}
+
+/* sum(v[0..n)) in the order of PyTorch's CPU sum over a contiguous last dimension (SumKernel.cpp,
+   vectorized_inner_sum with 8-float vectors): 4 interleaved chains of vectors, each summed in
+   blocks of 16 whose sums cascade up 4 levels, the chains added, then the lanes left to right.
+   cpu_kernels.py checks it against torch on each size before using it. */
+#define LANES 8
+static float torch_sum(const float *v, int n) {
+    const int vectors = n / LANES, rows = vectors / 4;
+    float acc[4][4][LANES] = {{{0}}}; /* [level][chain][lane] */
+    int i = 0;
+    for (; i + 16 <= rows;) {
+        for (int j = 0; j < 16; j++, i++)
+            for (int k = 0; k < 4; k++)
+                for (int l = 0; l < LANES; l++) acc[0][k][l] += v[(i * 4 + k) * LANES + l];
+        for (int level = 1; level < 4; level++) {
+            for (int k = 0; k < 4; k++)
+                for (int l = 0; l < LANES; l++) {
+                    acc[level][k][l] += acc[level - 1][k][l];
+                    acc[level - 1][k][l] = 0;
+                }
+            if (i & (15 << (4 * level))) break;
+        }
+    }
+    for (; i < rows; i++)
+        for (int k = 0; k < 4; k++)
+            for (int l = 0; l < LANES; l++) acc[0][k][l] += v[(i * 4 + k) * LANES + l];
+    for (int level = 1; level < 4; level++)
+        for (int k = 0; k < 4; k++)
+            for (int l = 0; l < LANES; l++) acc[0][k][l] += acc[level][k][l];
+    for (int r = rows * 4; r < vectors; r++)
+        for (int l = 0; l < LANES; l++) acc[0][0][l] += v[r * LANES + l];
+    for (int k = 1; k < 4; k++)
+        for (int l = 0; l < LANES; l++) acc[0][0][l] += acc[0][k][l];
+    float total = 0;
+    for (int r = vectors * LANES; r < n; r++) total += v[r];
+    for (int l = 0; l < LANES; l++) total += acc[0][0][l];
+    return total;
+}
+
+/* y = Qwen3TTSRMSNorm(x) for `rows` rows of `dim` bfloat16 (row r at x + r / per * stride +
+   r % per * dim: heads inside positions), weight row r % wrows; y contiguous. With cos and sin
+   ([rows / per][dim] bfloat16), then rotated: y * cos + rotate_half(y) * sin, each op rounded to
+   bfloat16 as PyTorch's. dim <= 4096. */
+void rms_norm(const uint16_t *x, long stride, int per, const uint16_t *weight, int wrows, uint16_t *y, int rows,
+              int dim, float eps, const uint16_t *cos, const uint16_t *sin) {
+    float h[4096], sq[4096];
+    uint16_t normed[4096];
+    for (int r = 0; r < rows; r++) {
+        const uint16_t *xr = x + (long)(r / per) * stride + (long)(r % per) * dim, *w = weight + (long)(r % wrows) * dim;
+        uint16_t *yr = y + (long)r * dim;
+        for (int i = 0; i < dim; i++) {
+            h[i] = bf16_to_float(xr[i]);
+            sq[i] = h[i] * h[i];
+        }
+        const float scale = 1.0f / sqrtf(torch_sum(sq, dim) / (float)dim + eps);
+        for (int i = 0; i < dim; i++)
+            normed[i] = float_to_bf16(bf16_to_float(w[i]) * bf16_to_float(float_to_bf16(h[i] * scale)));
+        if (!cos) {
+            for (int i = 0; i < dim; i++) yr[i] = normed[i];
+            continue;
+        }
+        const uint16_t *c = cos + (long)(r / per) * dim, *s = sin + (long)(r / per) * dim;
+        for (int i = 0, half = dim / 2; i < dim; i++) {
+            const float rotated = i < half ? -bf16_to_float(normed[i + half]) : bf16_to_float(normed[i - half]);
+            const float a = bf16_to_float(float_to_bf16(bf16_to_float(normed[i]) * bf16_to_float(c[i])));
+            const float b = bf16_to_float(float_to_bf16(rotated * bf16_to_float(s[i])));
+            yr[i] = float_to_bf16(a + b);
+        }
+    }
 }
 
 /* Whether this CPU has every instruction set this file is compiled for (cpu_kernels.py asks

@@ -7,7 +7,9 @@ layouts come back None and callers keep PyTorch's kernels:
 
 * ``bf16_layout`` / ``bf16_linear``: bfloat16 weights, bit for bit what oneDNN computes (and so
   what qwen-tts computes), checked on each weight shape before it is used;
-* ``int8_layout`` / ``int8_linear``: int8 weights with a float32 scale per row (``weights: int8``).
+* ``int8_layout`` / ``int8_linear``: int8 weights with a float32 scale per row (``weights: int8``);
+* ``rms_norm``: the decoder layers' RMS norms (and the rotation of q and k) in one call instead of
+  a dozen PyTorch ops, each op rounded as PyTorch rounds it.
 
 A product shares its rows among ``use_cores`` threads (one core alone does not draw all the memory
 bandwidth there is); a decoder working ``with reserved(cores)`` keeps that many cores for itself.
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ("-O3", "-shared", "-fPIC", "-pthread", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi")
+FLAGS = ("-O3", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-math-errno", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi")
 
 
 def available() -> bool:
@@ -82,6 +84,28 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     out = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
     _library().q8_linear(rows.data_ptr(), weight.data_ptr(), scale.data_ptr(), out.data_ptr(), rows.shape[0], n, k, _group(n))
     return out.view(*x.shape[:-1], n)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor | None = None,
+             sin: torch.Tensor | None = None) -> torch.Tensor:
+    """Qwen3TTSRMSNorm over the last dimension of bfloat16 x [..., dim], weight [dim]; or of x
+    [..., heads, dim] with a weight row per head, weight [heads, dim]. With cos and sin (bfloat16,
+    [..., dim], one row per position: x's dimensions before the heads), the result rotated too:
+    y * cos + rotate_half(y) * sin. Each op rounds as PyTorch's does; its sums take PyTorch's
+    order, which callers check per size (decoder_stack). dim <= 4096; returns a new tensor."""
+    dim = x.shape[-1]
+    heads = weight.shape[0] if weight.dim() == 2 else 1
+    rows = x.reshape(-1, heads, dim)
+    if rows.stride(2) != 1 or (heads > 1 and rows.stride(1) != dim):
+        rows = rows.contiguous()
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    rotation = (None, None)
+    if cos is not None:
+        assert cos.is_contiguous() and sin.is_contiguous() and cos.numel() == sin.numel() == rows.shape[0] * dim
+        rotation = (cos.data_ptr(), sin.data_ptr())
+    _library().rms_norm(rows.data_ptr(), rows.stride(0), heads, weight.data_ptr(), heads, out.data_ptr(),
+                        rows.shape[0] * heads, dim, eps, *rotation)
+    return out
 
 
 def use_cores(cores: int) -> int:
@@ -158,6 +182,9 @@ def _library() -> Any:
     library.bf16_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5
     library.q8_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
     library.use_cores.argtypes = library.reserve_cores.argtypes = [ctypes.c_int]
+    library.rms_norm.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                 ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
+    library.rms_norm.restype = None
     library.bf16_linear.restype = library.q8_linear.restype = library.reserve_cores.restype = None
     return library
 

@@ -29,11 +29,13 @@ position, 10x its float32 kernel), which long utterances feel.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from .int8 import Int8Linear
 
 
@@ -45,12 +47,15 @@ class DecoderStack:
     def __init__(self, model: Any, capacity: int, batch: int = 1) -> None:
         cfg = model.config
         self.layers = [_Layer(layer, cfg) for layer in model.layers[: cfg.num_hidden_layers]]
-        self.norm = model.norm
+        self.final_norm = _norm_args(model.norm)
         self.head_dim = self.layers[0].head_dim
         self.n_heads, self.n_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.inv_freq = model.rotary_emb.inv_freq.float()
         self.rope_scaling = model.rotary_emb.attention_scaling
-        self.dtype = self.norm.weight.dtype
+        self.dtype = model.norm.weight.dtype
+        # The norms (and q and k's rotation) in one C call each where it rounds as PyTorch's ops.
+        self.fused = self.dtype == torch.bfloat16 and all(map(_fused_norm_rounds_alike, {cfg.hidden_size, self.head_dim}))
+        self._norm = cpu_kernels.rms_norm if self.fused else _rms_norm
         # int8 weights already move the numbers off qwen-tts', so attention need not round as
         # its bfloat16 SDPA does: keys and values are kept in float32 and SDPA runs in float32,
         # whose CPU kernel sets up far faster for one query (about 13 against 51 us per call at
@@ -76,12 +81,12 @@ class DecoderStack:
             self._grow(max(starts) + steps)
         cos, sin = self._rope(starts, steps)
         for i, layer in enumerate(self.layers):
-            x = x + self._attend(layer, _rms_norm(x, *layer.input_norm), i, rows, starts, cos, sin)
-            gate, up = layer.gate_up(_rms_norm(x, *layer.post_attention_norm)).chunk(2, dim=-1)
+            x = x + self._attend(layer, self._norm(x, *layer.input_norm), i, rows, starts, cos, sin)
+            gate, up = layer.gate_up(self._norm(x, *layer.post_attention_norm)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
         for r in rows:
             self.lengths[r] += steps
-        return self.norm(x)
+        return self._norm(x, *self.final_norm)
 
     def _attend(self, layer: _Layer, h: torch.Tensor, i: int, rows: list[int], starts: list[int], cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
@@ -90,8 +95,11 @@ class DecoderStack:
         qkv = layer.qkv(h).unflatten(-1, (heads + 2 * kv_heads, dim))
         # q and k heads side by side, each with its own norm weight: one norm and one rotation
         # for both, the same arithmetic element by element.
-        qk = _rms_norm(qkv[:, :, : heads + kv_heads], *layer.qk_norm).transpose(1, 2)
-        qk = qk * cos + _rotate_half(qk) * sin
+        if self.fused:
+            qk = cpu_kernels.rms_norm(qkv[:, :, : heads + kv_heads], *layer.qk_norm, cos, sin).transpose(1, 2)
+        else:
+            qk = _rms_norm(qkv[:, :, : heads + kv_heads], *layer.qk_norm).transpose(1, 2)
+            qk = qk * cos + _rotate_half(qk) * sin
         q, k = qk[:, :heads].to(self.attention_dtype), qk[:, heads:]
         v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
         # SDPA as transformers calls it: its CPU kernel's rounding (an approximate exp, bf16
@@ -162,6 +170,20 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
+
+
+@functools.cache
+def _fused_norm_rounds_alike(dim: int) -> bool:
+    """Whether ``cpu_kernels.rms_norm`` gives ``_rms_norm``'s numbers bit for bit on rows of
+    ``dim``: its sum copies the order of PyTorch's CPU kernel (8-float vectors on this build),
+    which another build or CPU may change, so it is checked once per size."""
+    if not cpu_kernels.available() or dim > 4096:
+        return False
+    generator = torch.Generator().manual_seed(dim)
+    # 64 rows: a sum in another order changes about half of them.
+    x = (torch.randn(64, dim, generator=generator) * torch.rand(64, 1, generator=generator) * 30).to(torch.bfloat16)
+    weight = (torch.randn(dim, generator=generator) * 0.5 + 1).to(torch.bfloat16)
+    return torch.equal(cpu_kernels.rms_norm(x, weight, 1e-6), _rms_norm(x, weight, 1e-6))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from local_node import generation, tiny_model
-from local_node.generation import Prompt, SamplingConfig, generate_frames, prepare_prompt
+from local_node import cpu_kernels, generation, tiny_model
+from local_node.generation import FrameBatch, Prompt, SamplingConfig, generate_frames, prepare_prompt
 from local_node.packing import PackedLinear, prepare_for_generation
 from local_node.qwen_import import import_qwen_tts
 from local_node.tiny_model import write_random_checkpoint, write_tiny_checkpoint
@@ -164,6 +164,35 @@ def test_our_rms_norm_rounds_as_qwen_tts_module(shape, dtype):
         outliers = 1 + 20 * (torch.rand(shape, generator=generator) < 0.01)
         x = (torch.randn(shape, generator=generator) * scale * outliers).to(dtype)
         assert torch.equal(_rms_norm(x, module.weight, module.variance_epsilon), module(x))
+        if dtype == torch.bfloat16 and cpu_kernels.available():  # and the C norm bf16 stacks use
+            assert torch.equal(cpu_kernels.rms_norm(x, module.weight, module.variance_epsilon), module(x))
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="cpu_kernels.c needs AVX-512 BF16 and VBMI and a C compiler")
+def test_c_norm_with_rotation_rounds_as_the_torch_ops():
+    """q and k heads of a fused q/k/v output (strided), a norm weight per head, then the rotary
+    embedding: cpu_kernels.rms_norm in one call equals DecoderStack's torch ops bit for bit."""
+    from local_node.decoder_stack import _rms_norm, _rotate_half
+
+    generator = torch.Generator().manual_seed(5)
+    n, steps, heads, kv_heads, dim = 2, 5, 16, 8, 128
+    for trial in range(10):
+        qkv = (torch.randn(n, steps, heads + 2 * kv_heads, dim, generator=generator) * 10 ** (trial % 5 - 2)).to(torch.bfloat16)
+        weight = (torch.randn(heads + kv_heads, dim, generator=generator) * 0.2 + 1).to(torch.bfloat16)
+        angles = torch.rand(n, 1, steps, dim, generator=generator) * 50
+        cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+        want = _rms_norm(qkv[:, :, : heads + kv_heads], weight, 1e-6).transpose(1, 2)
+        want = want * cos + _rotate_half(want) * sin
+        got = cpu_kernels.rms_norm(qkv[:, :, : heads + kv_heads], weight, 1e-6, cos, sin).transpose(1, 2)
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_bf16_stacks_norm_in_c_where_it_runs(load, dtype):
+    """So the equivalence tests below cover the C norms wherever they run."""
+    batch = FrameBatch(load("custom_voice", dtype, prepared=True).model)
+    fused = dtype == torch.bfloat16 and cpu_kernels.available()
+    assert batch.talker.fused == batch.predictor.fused == fused
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
