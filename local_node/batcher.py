@@ -129,14 +129,24 @@ class Batcher:
             if item is _STOP or isinstance(item, _Failed):
                 request.results.put(item if isinstance(item, _Failed) else _END)
                 continue
+            # An utterance's last chunk, with nothing left to generate: generation's cores are
+            # idle, so it decodes on those too (the end of the audio comes ~40 % sooner). Only
+            # then: set_num_threads also clears oneDNN's cache of kernels.
+            idle = item is _FLUSH and not (self._live or self._joining)
+            threads = self.threads * (2 if idle else 1)
+            if idle:
+                torch.set_num_threads(threads)
             try:
-                with torch.inference_mode(), cpu_kernels.reserved(self.threads):
+                with torch.inference_mode(), cpu_kernels.reserved(threads):
                     result = request.on_end() if item is _FLUSH else request.on_frame(item)
             except Exception as exc:
                 request.failed = True
                 request.cancelled.set()
                 request.results.put(_Failed(exc))
                 continue
+            finally:
+                if idle:
+                    torch.set_num_threads(self.threads)
             if result is not None:
                 request.results.put(result)
             if item is _FLUSH:

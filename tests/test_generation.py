@@ -426,6 +426,22 @@ def test_batched_utterances_match_each_alone(load):
     assert sorted(batch.free_rows) == [0, 1]
 
 
+def test_batcher_decodes_the_last_chunk_on_generations_cores_too(load):
+    """The decoding thread runs on ``threads`` torch threads, reserving as many cores from the
+    products; an utterance's last chunk, once nothing is left to generate, on twice that."""
+    from local_node.batcher import Batcher
+
+    tts = load("custom_voice", prepared=True)
+    prompt = prepare_prompt(tts, kind="custom_voice", text="Hello.", language="English", speaker="ryan")
+    batcher = Batcher(tts.model, rows=1, name="test", threads=1)
+    seen = []
+    calls = batcher.run(prompt, SamplingConfig.from_tts(tts, max_new_tokens=4, **GREEDY), threading.Event(),
+                        on_frame=lambda codes: seen.append(("frame", torch.get_num_threads())),
+                        on_end=lambda: seen.append(("end", torch.get_num_threads())))
+    assert list(calls) == []
+    assert seen == [("frame", 1)] * 3 + [("end", 2)]
+
+
 # --- the real 0.6B shape (random weights), opt-in --------------------------------------------
 
 
