@@ -23,12 +23,13 @@
                 kernel is compute-bound on such CPUs and reads int8 no faster than oneDNN reads
                 bfloat16.
 
-   Cores: one core draws ~35-40 GB/s from memory here, two ~48, so a product splits its blocks of
-   rows among helper threads (the caller takes the first share). A helper spins a while after
-   each product, since the next comes within microseconds and waking a sleeping thread costs
-   about as much as a small product; then it sleeps. A busy decoder reserves its cores
-   (reserve_cores): products then run on the cores left, and helpers not needed sleep at once,
-   so decoding, which the audio waits for, is not slowed. */
+   Cores: one core draws ~35-40 GB/s from memory here, two ~48, so a product's blocks of rows are
+   shared with helper threads, in chunks claimed one at a time (a helper that the system preempts
+   holds up one chunk, not a fixed half). A helper spins a while after each product, since the
+   next comes within microseconds and waking a sleeping thread costs about as much as a small
+   product; then it sleeps. A busy decoder reserves its cores (reserve_cores): products then run
+   on the cores left, and helpers not needed sleep at once, so decoding, which the audio waits
+   for, is not slowed. Which thread computes an output row changes nothing in it. */
 
 #include <immintrin.h>
 #include <linux/futex.h>
@@ -134,13 +135,17 @@ static inline __attribute__((always_inline)) void linear(const uint32_t *x, cons
 
 struct job { const uint32_t *x; const void *w; const float *scale; uint16_t *y; int M, N, K, g, kblock; };
 
+/* A job is cut into chunks of its blocks of rows, claimed one at a time, so a helper that the
+   system preempts (a busy box: the relay, the encoder) holds up at most the chunk it is on while
+   the others take the rest. Chunks and the next to claim share one word that each job replaces
+   whole: a helper late from one job can only ever claim chunks of the current one. */
 static struct {
-    _Atomic unsigned seq;  /* bumped per job; helpers wait for it to change */
-    _Atomic int parts;     /* threads sharing the current job: the caller and helpers 1..parts-1 */
-    _Atomic int finished;  /* helpers through with their share */
+    _Atomic unsigned seq;     /* bumped per job; sleeping helpers wait on it */
+    _Atomic uint64_t claim;   /* chunks << 32 | next chunk */
+    _Atomic int done;         /* chunks finished */
     _Atomic int sleeping;
-    _Atomic int taken;     /* one product at a time uses the helpers; others run alone */
-    _Atomic int reserved;  /* cores held by busy decoders */
+    _Atomic int taken;        /* one product at a time uses the helpers; others run alone */
+    _Atomic int reserved;     /* cores held by busy decoders */
     int helpers;
     struct job job;
 } pool;
@@ -150,21 +155,33 @@ static void linear_part(const struct job *j, int part, int parts) {
     linear(j->x, j->w, j->scale, j->scale ? 1 : 2, j->y, j->M, j->N, j->K, j->g, j->kblock, n0, n1);
 }
 
+/* Claim and run chunks of the current job until none is left. */
+static void work(void) {
+    for (;;) {
+        const uint64_t claimed = atomic_fetch_add_explicit(&pool.claim, 1, memory_order_acquire);
+        const int chunks = (int)(claimed >> 32), chunk = (int)(uint32_t)claimed;
+        if (chunk >= chunks) return;
+        linear_part(&pool.job, chunk, chunks);
+        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+    }
+}
+
 static long now_ns(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return t.tv_sec * 1000000000L + t.tv_nsec;
 }
 
-/* Helper `id` (1..helpers) takes share `id` of the jobs it is needed for. */
+static int needed(int id) { return id <= pool.helpers - atomic_load_explicit(&pool.reserved, memory_order_relaxed); }
+
+/* Helper `id` (1..helpers): works on each job while its core is not reserved. */
 static void *helper(void *arg) {
     const int id = (int)(long)arg;
-    unsigned seen = 0;
+    unsigned seen = 0, seq;
     for (;;) {
         long since = now_ns();
-        for (int spins = 0; atomic_load_explicit(&pool.seq, memory_order_acquire) == seen; spins++) {
-            int needed = id <= pool.helpers - atomic_load_explicit(&pool.reserved, memory_order_relaxed);
-            if (needed && (spins & 63 || now_ns() - since < SPIN_NS)) {
+        for (int spins = 0; (seq = atomic_load_explicit(&pool.seq, memory_order_acquire)) == seen; spins++) {
+            if (needed(id) && (spins & 63 || now_ns() - since < SPIN_NS)) {
                 _mm_pause();
                 continue;
             }
@@ -173,19 +190,8 @@ static void *helper(void *arg) {
             atomic_fetch_sub(&pool.sleeping, 1);
             since = now_ns();
         }
-        /* A helper left out of one job may wake during the next: read its parts and the seq it
-           belongs to together. */
-        unsigned seq;
-        int parts;
-        do {
-            seq = atomic_load_explicit(&pool.seq, memory_order_acquire);
-            parts = atomic_load_explicit(&pool.parts, memory_order_relaxed);
-        } while (atomic_load_explicit(&pool.seq, memory_order_acquire) != seq);
         seen = seq;
-        if (id < parts) {
-            linear_part(&pool.job, id, parts);
-            atomic_fetch_add_explicit(&pool.finished, 1, memory_order_release);
-        }
+        if (needed(id)) work();
     }
     return NULL;
 }
@@ -205,20 +211,19 @@ int use_cores(int cores) {
 void reserve_cores(int cores) { atomic_fetch_add(&pool.reserved, cores); }
 
 static void run(const struct job *job) {
-    int parts = pool.helpers + 1 - atomic_load_explicit(&pool.reserved, memory_order_relaxed);
-    const int blocks = job->N / (16 * job->g);
-    parts = parts < blocks ? parts : blocks;
-    if (parts <= 1 || atomic_exchange(&pool.taken, 1)) {
+    const int threads = pool.helpers + 1 - atomic_load_explicit(&pool.reserved, memory_order_relaxed);
+    const int blocks = job->N / (16 * job->g), chunks = blocks < 4 * threads ? blocks : 4 * threads;
+    if (threads <= 1 || chunks <= 1 || atomic_exchange(&pool.taken, 1)) {
         linear_part(job, 0, 1);
         return;
     }
     pool.job = *job;
-    atomic_store_explicit(&pool.parts, parts, memory_order_relaxed);
-    atomic_store_explicit(&pool.finished, 0, memory_order_relaxed);
-    atomic_fetch_add(&pool.seq, 1); /* publishes the job; sequentially consistent with `sleeping` */
+    atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
+    atomic_store_explicit(&pool.claim, (uint64_t)chunks << 32, memory_order_release);
+    atomic_fetch_add(&pool.seq, 1); /* sequentially consistent with the helpers' `sleeping` */
     if (atomic_load(&pool.sleeping)) syscall(SYS_futex, &pool.seq, FUTEX_WAKE_PRIVATE, MAX_HELPERS, NULL, NULL, 0);
-    linear_part(job, 0, parts);
-    while (atomic_load_explicit(&pool.finished, memory_order_acquire) < parts - 1) _mm_pause();
+    work();
+    while (atomic_load_explicit(&pool.done, memory_order_acquire) < chunks) _mm_pause();
     atomic_store(&pool.taken, 0);
 }
 
