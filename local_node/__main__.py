@@ -73,8 +73,9 @@ def run(config: NodeConfig) -> int:
 
         threads = torch_threads(config)
         torch.set_num_threads(threads)
-        # Products also take the decoders' cores while those are idle (cpu_kernels.reserved).
-        product_threads = cpu_kernels.use_cores(2 * threads)
+        # Products also take the decoders' cores while those are idle (cpu_kernels.reserved); never
+        # more threads than cores, as helpers spin between products.
+        product_threads = cpu_kernels.use_cores(min(2 * threads, physical_cores()))
         log.info("torch %s on %s, %s, %d torch threads each for generation and decoding, products on up to %d",
                  torch.__version__, config.device, config.dtype, threads, product_threads)
     metrics, listener = NodeMetrics(), None
