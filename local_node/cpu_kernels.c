@@ -35,6 +35,7 @@
 #include <linux/futex.h>
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <sys/syscall.h>
@@ -146,7 +147,7 @@ static struct {
     _Atomic int sleeping;
     _Atomic int taken;        /* one product at a time uses the helpers; others run alone */
     _Atomic int reserved;     /* cores held by busy decoders */
-    int helpers;
+    _Atomic int helpers;
     struct job job;
 } pool;
 
@@ -223,7 +224,10 @@ static void run(const struct job *job) {
     atomic_fetch_add(&pool.seq, 1); /* sequentially consistent with the helpers' `sleeping` */
     if (atomic_load(&pool.sleeping)) syscall(SYS_futex, &pool.seq, FUTEX_WAKE_PRIVATE, MAX_HELPERS, NULL, NULL, 0);
     work();
-    while (atomic_load_explicit(&pool.done, memory_order_acquire) < chunks) _mm_pause();
+    /* A helper preempted on its chunk: after ~100 us, let the system run it here if it will. */
+    for (int spins = 0; atomic_load_explicit(&pool.done, memory_order_acquire) < chunks; spins++)
+        if (spins < 4096) _mm_pause();
+        else sched_yield();
     atomic_store(&pool.taken, 0);
 }
 
@@ -248,9 +252,9 @@ static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as PyT
 }
 
 /* sum(v[0..n)) in the order of PyTorch's CPU sum over a contiguous last dimension (SumKernel.cpp,
-   vectorized_inner_sum with 8-float vectors): 4 interleaved chains of vectors, each summed in
-   blocks of 16 whose sums cascade up 4 levels, the chains added, then the lanes left to right.
-   cpu_kernels.py checks it against torch on each size before using it. */
+   vectorized_inner_sum with 8-float vectors, n >= 8): 4 interleaved chains of vectors, each
+   summed in blocks of 16 whose sums cascade up 4 levels, the chains added, then the lanes left to
+   right. decoder_stack checks it against torch.sum on each size (row_sums) before using it. */
 #define LANES 8
 static float torch_sum(const float *v, int n) {
     const int vectors = n / LANES, rows = vectors / 4;
@@ -283,6 +287,11 @@ static float torch_sum(const float *v, int n) {
     for (int r = vectors * LANES; r < n; r++) total += v[r];
     for (int l = 0; l < LANES; l++) total += acc[0][0][l];
     return total;
+}
+
+/* The sums of `rows` rows of `dim` floats, as rms_norm sums them (for the check above). */
+void row_sums(const float *v, float *out, int rows, int dim) {
+    for (int r = 0; r < rows; r++) out[r] = torch_sum(v + (long)r * dim, dim);
 }
 
 /* y = Qwen3TTSRMSNorm(x) for `rows` rows of `dim` bfloat16 (row r at x + r / per * stride +

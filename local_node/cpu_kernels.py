@@ -95,16 +95,29 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tenso
     order, which callers check per size (decoder_stack). dim <= 4096; returns a new tensor."""
     dim = x.shape[-1]
     heads = weight.shape[0] if weight.dim() == 2 else 1
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not weight.is_contiguous() or dim > 4096:
+        raise ValueError("rms_norm takes bfloat16 x and a contiguous bfloat16 weight, dim <= 4096")
     rows = x.reshape(-1, heads, dim)
     if rows.stride(2) != 1 or (heads > 1 and rows.stride(1) != dim):
         rows = rows.contiguous()
     out = torch.empty(x.shape, dtype=torch.bfloat16)
     rotation = (None, None)
     if cos is not None:
-        assert cos.is_contiguous() and sin.is_contiguous() and cos.numel() == sin.numel() == rows.shape[0] * dim
+        if not (cos.dtype == sin.dtype == torch.bfloat16 and cos.is_contiguous() and sin.is_contiguous()
+                and cos.numel() == sin.numel() == rows.shape[0] * dim):
+            raise ValueError("cos and sin: contiguous bfloat16, one row of dim per position")
         rotation = (cos.data_ptr(), sin.data_ptr())
     _library().rms_norm(rows.data_ptr(), rows.stride(0), heads, weight.data_ptr(), heads, out.data_ptr(),
                         rows.shape[0] * heads, dim, eps, *rotation)
+    return out
+
+
+def row_sums(x: torch.Tensor) -> torch.Tensor:
+    """x.sum(-1) for float32 x [rows, dim], summed as ``rms_norm`` sums (to check that order against
+    torch's)."""
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], dtype=torch.float32)
+    _library().row_sums(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1])
     return out
 
 
@@ -184,7 +197,8 @@ def _library() -> Any:
     library.use_cores.argtypes = library.reserve_cores.argtypes = [ctypes.c_int]
     library.rms_norm.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                  ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
-    library.rms_norm.restype = None
+    library.rms_norm.restype = library.row_sums.restype = None
+    library.row_sums.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     library.bf16_linear.restype = library.q8_linear.restype = library.reserve_cores.restype = None
     return library
 

@@ -97,3 +97,24 @@ def test_products_shared_among_cores_equal_one_core_alone():
     decoder.join()
     assert not failures
     assert not any(thread.is_alive() for thread in threads), "a product never finished"
+
+
+@pytest.mark.parametrize("dim", [8, 64, 128, 200, 1000, 1024, 2048, 3072, 4096])
+def test_row_sums_take_torchs_order_and_another_order_shows(dim):
+    """rms_norm's sums equal torch.sum's bit for bit; the same rows summed left to right do not
+    (so decoder_stack's load-time check on these sums can tell orders apart)."""
+    torch.manual_seed(dim)
+    squares = ((torch.randn(64, dim) * torch.rand(64, 1) * 30).to(torch.bfloat16).float()) ** 2
+    assert torch.equal(cpu_kernels.row_sums(squares), squares.sum(-1))
+    in_order = squares.double().new_zeros(64).float()
+    for column in squares.T:
+        in_order = in_order + column
+    assert dim < 64 or not torch.equal(in_order, squares.sum(-1))
+
+
+def test_rms_norm_refuses_what_it_cannot_read():
+    weight = torch.ones(16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError):
+        cpu_kernels.rms_norm(torch.ones(2, 16), weight, 1e-6)  # float32
+    with pytest.raises(ValueError):
+        cpu_kernels.rms_norm(torch.ones(2, 16, dtype=torch.bfloat16), torch.ones(16, 2, dtype=torch.bfloat16).T[0], 1e-6)
