@@ -131,7 +131,7 @@ static inline __attribute__((always_inline)) void linear(const uint32_t *x, cons
 
 /* --- helper threads ---------------------------------------------------------------------- */
 
-#define MAX_HELPERS 63
+#define MAX_HELPERS 31 /* each sleeps on its own bit of the futex */
 #define SPIN_NS 200000 /* a frame's products come microseconds apart; between frames, longer */
 
 struct job { const uint32_t *x; const void *w; const float *scale; uint16_t *y; int M, N, K, g, kblock; };
@@ -187,7 +187,7 @@ static void *helper(void *arg) {
                 continue;
             }
             atomic_fetch_add(&pool.sleeping, 1);
-            syscall(SYS_futex, &pool.seq, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+            syscall(SYS_futex, &pool.seq, FUTEX_WAIT_BITSET_PRIVATE, seen, NULL, NULL, 1u << id);
             atomic_fetch_sub(&pool.sleeping, 1);
             since = now_ns();
         }
@@ -222,7 +222,8 @@ static void run(const struct job *job) {
     atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
     atomic_store_explicit(&pool.claim, (uint64_t)chunks << 32, memory_order_release);
     atomic_fetch_add(&pool.seq, 1); /* sequentially consistent with the helpers' `sleeping` */
-    if (atomic_load(&pool.sleeping)) syscall(SYS_futex, &pool.seq, FUTEX_WAKE_PRIVATE, MAX_HELPERS, NULL, NULL, 0);
+    if (atomic_load(&pool.sleeping)) /* only helpers 1..threads-1: the others' cores are reserved */
+        syscall(SYS_futex, &pool.seq, FUTEX_WAKE_BITSET_PRIVATE, MAX_HELPERS, NULL, NULL, (2u << (threads - 1)) - 2);
     work();
     /* A helper preempted on its chunk: after ~100 us, let the system run it here if it will. */
     for (int spins = 0; atomic_load_explicit(&pool.done, memory_order_acquire) < chunks; spins++)
