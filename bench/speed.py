@@ -50,7 +50,7 @@ from typing import Callable
 
 import torch
 
-from local_node.__main__ import physical_cores
+from local_node.__main__ import physical_cores, use_product_cores
 from local_node.qwen_engine import resolve_codec_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -521,9 +521,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--schedule", type=int, nargs="+", help="chunk_frames for our path (default: the node's)")
     args = parser.parse_args(argv)
 
-    from local_node import cpu_kernels
-
-    cpu_kernels.use_cores(2 * NODE_THREADS)  # as the node does
+    use_product_cores(NODE_THREADS)  # as the node does
     print(f"machine: {machine()}", flush=True)
     results = []
     for size in args.models:

@@ -45,6 +45,15 @@ def torch_threads(config: NodeConfig) -> int:
     return config.threads or max(1, physical_cores() // 2)
 
 
+def use_product_cores(threads: int) -> int:
+    """Let cpu_kernels' products run on the generation and decoding threads' cores together (the
+    decoder's while it is idle: cpu_kernels.reserved); never more threads than physical cores, as
+    helpers spin between products. Returns how many they may use."""
+    from . import cpu_kernels
+
+    return cpu_kernels.use_cores(min(2 * threads, physical_cores()))
+
+
 def build_workers(config: NodeConfig, metrics: NodeMetrics | None = None) -> dict[str, ModelWorker]:
     """Load, warm up and wrap every enabled model. Announced to the relay only after this."""
     from .engine import SyntheticEngine
@@ -69,13 +78,9 @@ def run(config: NodeConfig) -> int:
     if any(m.engine == "qwen" for m in config.enabled_models):
         import torch
 
-        from . import cpu_kernels
-
         threads = torch_threads(config)
         torch.set_num_threads(threads)
-        # Products also take the decoders' cores while those are idle (cpu_kernels.reserved); never
-        # more threads than cores, as helpers spin between products.
-        product_threads = cpu_kernels.use_cores(min(2 * threads, physical_cores()))
+        product_threads = use_product_cores(threads)
         log.info("torch %s on %s, %s, %d torch threads each for generation and decoding, products on up to %d",
                  torch.__version__, config.device, config.dtype, threads, product_threads)
     metrics, listener = NodeMetrics(), None

@@ -296,15 +296,15 @@ void row_sums(const float *v, float *out, int rows, int dim) {
 }
 
 /* y = Qwen3TTSRMSNorm(x) for `rows` rows of `dim` bfloat16 (row r at x + r / per * stride +
-   r % per * dim: heads inside positions), weight row r % wrows; y contiguous. With cos and sin
+   r % per * dim: heads inside positions), weight row r % per; y contiguous. With cos and sin
    ([rows / per][dim] bfloat16), then rotated: y * cos + rotate_half(y) * sin, each op rounded to
    bfloat16 as PyTorch's. dim <= 4096. */
-void rms_norm(const uint16_t *x, long stride, int per, const uint16_t *weight, int wrows, uint16_t *y, int rows,
-              int dim, float eps, const uint16_t *cos, const uint16_t *sin) {
+void rms_norm(const uint16_t *x, long stride, int per, const uint16_t *weight, uint16_t *y, int rows, int dim,
+              float eps, const uint16_t *cos, const uint16_t *sin) {
     float h[4096], sq[4096];
     uint16_t normed[4096];
     for (int r = 0; r < rows; r++) {
-        const uint16_t *xr = x + (long)(r / per) * stride + (long)(r % per) * dim, *w = weight + (long)(r % wrows) * dim;
+        const uint16_t *xr = x + (long)(r / per) * stride + (long)(r % per) * dim, *w = weight + (long)(r % per) * dim;
         uint16_t *yr = y + (long)r * dim;
         for (int i = 0; i < dim; i++) {
             h[i] = bf16_to_float(xr[i]);

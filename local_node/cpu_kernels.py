@@ -107,8 +107,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tenso
                 and cos.numel() == sin.numel() == rows.shape[0] * dim):
             raise ValueError("cos and sin: contiguous bfloat16, one row of dim per position")
         rotation = (cos.data_ptr(), sin.data_ptr())
-    _library().rms_norm(rows.data_ptr(), rows.stride(0), heads, weight.data_ptr(), heads, out.data_ptr(),
-                        rows.shape[0] * heads, dim, eps, *rotation)
+    _library().rms_norm(rows.data_ptr(), rows.stride(0), heads, weight.data_ptr(), out.data_ptr(), rows.shape[0] * heads,
+                        dim, eps, *rotation)
     return out
 
 
@@ -195,7 +195,7 @@ def _library() -> Any:
     library.bf16_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5
     library.q8_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
     library.use_cores.argtypes = library.reserve_cores.argtypes = [ctypes.c_int]
-    library.rms_norm.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+    library.rms_norm.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                  ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
     library.rms_norm.restype = library.row_sums.restype = None
     library.row_sums.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]

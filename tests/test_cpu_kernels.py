@@ -106,7 +106,7 @@ def test_row_sums_take_torchs_order_and_another_order_shows(dim):
     torch.manual_seed(dim)
     squares = ((torch.randn(64, dim) * torch.rand(64, 1) * 30).to(torch.bfloat16).float()) ** 2
     assert torch.equal(cpu_kernels.row_sums(squares), squares.sum(-1))
-    in_order = squares.double().new_zeros(64).float()
+    in_order = torch.zeros(64)
     for column in squares.T:
         in_order = in_order + column
     assert dim < 64 or not torch.equal(in_order, squares.sum(-1))
