@@ -38,6 +38,7 @@
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -325,6 +326,80 @@ void rms_norm(const uint16_t *x, long stride, int per, const uint16_t *weight, u
             yr[i] = float_to_bf16(a + b);
         }
     }
+}
+
+/* --- attention for one new position, in float32 (int8 models) ------------------------------ */
+
+/* e^x for x <= 0: x = n ln2 + r, |r| <= ln2 / 2, a degree-7 Taylor polynomial in r (error ~1e-8,
+   below float32's rounding), times 2^n. */
+static inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x); /* ln2 in two parts */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    static const float taylor[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+    __m512 p = _mm512_set1_ps(taylor[0]);
+    for (int i = 1; i < 8; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(taylor[i]));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Scaled dot-product attention of one new position per sequence, grouped-query heads, float32.
+   For each of the n sequences j: its new key and value (qk's last kv_heads heads, v's row) go into
+   position starts[j] of cache row rows[j], then each of its query heads attends over positions
+   0..starts[j] of its kv head (q head h reads kv head h / (heads / kv_heads)).
+   qk [n][heads + kv_heads][dim] and v (row j at v + j * v_stride, [kv_heads][dim]): bfloat16.
+   keys, values: [cache rows][kv_heads][capacity][dim] float32. out: [n][heads][dim] bfloat16.
+   dim a multiple of 16, at most 512. Each thread of the caller's uses its own scores. */
+void attend_one(const uint16_t *qk, const uint16_t *v, long v_stride, float *keys, float *values, long capacity,
+                const int *rows, const int *starts, int n, int heads, int kv_heads, int dim, float scale, uint16_t *out) {
+    const int group = heads / kv_heads, vectors = dim / 16;
+    int longest = 0;
+    for (int j = 0; j < n; j++) longest = starts[j] + 1 > longest ? starts[j] + 1 : longest;
+    float *scores = malloc(sizeof(float) * ((size_t)longest + 16)), sums[512];
+    for (int j = 0; j < n; j++) {
+        const int length = starts[j] + 1;
+        const uint16_t *q = qk + (long)j * (heads + kv_heads) * dim;
+        for (int g = 0; g < kv_heads; g++) {
+            float *k_cache = keys + ((long)rows[j] * kv_heads + g) * capacity * dim;
+            float *v_cache = values + ((long)rows[j] * kv_heads + g) * capacity * dim;
+            for (int i = 0; i < dim; i++) {
+                k_cache[(long)starts[j] * dim + i] = bf16_to_float(q[(heads + g) * dim + i]);
+                v_cache[(long)starts[j] * dim + i] = bf16_to_float(v[j * v_stride + (long)g * dim + i]);
+            }
+            for (int h = g * group; h < (g + 1) * group; h++) {
+                __m512 query[32];
+                for (int d = 0; d < vectors; d++)
+                    query[d] = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(q + h * dim + d * 16)));
+                float top = -INFINITY;
+                for (int t = 0; t < length; t++) {
+                    __m512 dot = _mm512_setzero_ps();
+                    for (int d = 0; d < vectors; d++) dot = _mm512_fmadd_ps(query[d], _mm512_loadu_ps(k_cache + (long)t * dim + d * 16), dot);
+                    scores[t] = _mm512_reduce_add_ps(dot) * scale;
+                    top = scores[t] > top ? scores[t] : top;
+                }
+                __m512 total = _mm512_setzero_ps();
+                int t = 0;
+                for (; t + 16 <= length; t += 16) {
+                    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores + t), _mm512_set1_ps(top)));
+                    _mm512_storeu_ps(scores + t, e);
+                    total = _mm512_add_ps(total, e);
+                }
+                const __mmask16 rest = (__mmask16)((1u << (length - t)) - 1);
+                const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(rest, scores + t), _mm512_set1_ps(top)));
+                _mm512_mask_storeu_ps(scores + t, rest, e);
+                const float denominator = _mm512_reduce_add_ps(_mm512_mask_add_ps(total, rest, total, e));
+                for (int d = 0; d < dim; d++) sums[d] = 0;
+                for (int u = 0; u < length; u++) {
+                    const __m512 p = _mm512_set1_ps(scores[u]);
+                    for (int d = 0; d < vectors; d++)
+                        _mm512_storeu_ps(sums + d * 16, _mm512_fmadd_ps(p, _mm512_loadu_ps(v_cache + (long)u * dim + d * 16), _mm512_loadu_ps(sums + d * 16)));
+                }
+                uint16_t *o = out + ((long)j * heads + h) * dim;
+                for (int d = 0; d < dim; d++) o[d] = float_to_bf16(sums[d] / denominator);
+            }
+        }
+    }
+    free(scores);
 }
 
 /* Whether this CPU has every instruction set this file is compiled for (cpu_kernels.py asks

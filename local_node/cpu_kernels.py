@@ -9,7 +9,9 @@ layouts come back None and callers keep PyTorch's kernels:
   what qwen-tts computes), checked on each weight shape before it is used;
 * ``int8_layout`` / ``int8_linear``: int8 weights with a float32 scale per row (``weights: int8``);
 * ``rms_norm``: the decoder layers' RMS norms (and the rotation of q and k) in one call instead of
-  a dozen PyTorch ops, each op rounded as PyTorch rounds it.
+  a dozen PyTorch ops, each op rounded as PyTorch rounds it;
+* ``attend_one``: int8 models' attention for one new position, float32 (cache write included),
+  in one call instead of SDPA's per-head set-up and the half-dozen ops around it.
 
 A product shares its rows among ``use_cores`` threads (one core alone does not draw all the memory
 bandwidth there is); a decoder working ``with reserved(cores)`` keeps that many cores for itself.
@@ -112,6 +114,29 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tenso
     return out
 
 
+def attend_one(qk: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: list[int],
+               starts: list[int], scale: float) -> torch.Tensor:
+    """Attention for one new position per sequence in float32, grouped-query heads: ``rows[j]``'s
+    new key (the last kv heads of ``qk`` [n, 1, heads + kv_heads, dim], normed and rotated) and
+    value (``v`` [n, 1, kv_heads, dim]), bfloat16, are written at position ``starts[j]`` of cache
+    row ``rows[j]`` of ``keys`` / ``values`` (float32 [cache rows, kv_heads, capacity, dim]), then
+    its query heads attend over positions 0..starts[j]. Returns [n, 1, heads * dim] bfloat16.
+    SDPA's float32 arithmetic, not its rounding; dim a multiple of 16, at most 512."""
+    n, _, all_heads, dim = qk.shape
+    kv_heads, capacity = keys.shape[1], keys.shape[2]
+    if not (qk.dtype == v.dtype == torch.bfloat16 and keys.dtype == values.dtype == torch.float32 and qk.is_contiguous()
+            and keys.is_contiguous() and values.is_contiguous() and keys.shape == values.shape and v.shape == (n, 1, kv_heads, dim)
+            and v[0].is_contiguous() and dim % 16 == 0 and dim <= 512 and len(rows) == len(starts) == n
+            and 0 <= min(rows) <= max(rows) < keys.shape[0] and 0 <= min(starts) <= max(starts) < capacity):
+        raise ValueError("attend_one: see its docstring for the shapes and dtypes it takes")
+    heads = all_heads - kv_heads
+    out = torch.empty(n, 1, heads * dim, dtype=torch.bfloat16)
+    _library().attend_one(qk.data_ptr(), v.data_ptr(), v.stride(0), keys.data_ptr(), values.data_ptr(), capacity,
+                          (ctypes.c_int * n)(*rows), (ctypes.c_int * n)(*starts), n, heads, kv_heads, dim, scale,
+                          out.data_ptr())
+    return out
+
+
 def row_sums(x: torch.Tensor) -> torch.Tensor:
     """x.sum(-1) for float32 x [rows, dim], summed as ``rms_norm`` sums (to check that order against
     torch's)."""
@@ -199,6 +224,10 @@ def _library() -> Any:
                                  ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
     library.rms_norm.restype = library.row_sums.restype = None
     library.row_sums.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    library.attend_one.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
+                                   ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_float,
+                                                                                                        ctypes.c_void_p]
+    library.attend_one.restype = None
     library.bf16_linear.restype = library.q8_linear.restype = library.reserve_cores.restype = None
     return library
 

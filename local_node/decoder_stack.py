@@ -14,8 +14,10 @@ are the same numbers (the generation tests compare codes with qwen-tts' frame fo
 Keys and values go into one preallocated buffer per stack that grows by doubling, so a step
 writes in place instead of concatenating the whole history. Attention is PyTorch's SDPA with
 grouped-query heads, as transformers calls it (causal over a fresh prompt, plain for one new
-position); with int8 weights, in float32. The talker's multimodal rope gives text positions the
-same angle in all three sections, so it is the ordinary rope here.
+position); with int8 weights, in float32, and one new position in one C call
+(``cpu_kernels.attend_one``: the cache write and every head, for all rows). The talker's
+multimodal rope gives text positions the same angle in all three sections, so it is the
+ordinary rope here.
 
 The layers come prepared (``packing.prepare_for_generation``): q/k/v and gate/up fused into one
 product each, bfloat16 weights packed for oneDNN. q and k heads are normalised and rotated in one
@@ -23,10 +25,10 @@ go (one weight row per head), which is the same arithmetic element by element. I
 norms (and that rotation) are one C call each (``cpu_kernels.rms_norm``, ~2.4 against ~14 us for
 the torch ops, 309 per frame), which rounds as the ops do; checked per size at load.
 
-Tried and left out: a hand-written attention for one query (cheaper than SDPA's set-up, but it
-cannot round like SDPA's kernel, which uses an approximate exp, so codes drift from qwen-tts' in
-bf16). SDPA's bfloat16 CPU kernel is slow for one query (about 0.17 us per head and cached
-position, 10x its float32 kernel), which long utterances feel.
+Left to SDPA in bfloat16: an attention of our own for one query (as int8 models use) cannot
+round like SDPA's kernel, which uses an approximate exp, so codes would drift from qwen-tts'.
+SDPA's bfloat16 CPU kernel is slow for one query (about 0.17 us per head and cached position,
+10x its float32 kernel), which long utterances feel.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class DecoderStack:
         # the code predictor's 17 positions, 37 against 260 us at 100).
         exact = not any(isinstance(layer.qkv, Int8Linear) for layer in self.layers)
         self.attention_dtype = self.dtype if exact else torch.float32
+        # ... and one new position attends in one C call (cache write included), where it runs.
+        self.attend_in_c = not exact and self.fused and self.head_dim % 16 == 0 and self.head_dim <= 512
         self.lengths = [0] * batch  # positions cached so far, per row
         shape = (len(self.layers), batch, self.n_kv_heads, max(capacity, 1), self.head_dim)
         self.keys = torch.zeros(shape, dtype=self.attention_dtype)
@@ -98,7 +102,11 @@ class DecoderStack:
         # q and k heads side by side, each with its own norm weight: one norm and one rotation
         # for both, the same arithmetic element by element.
         if self.fused:
-            qk = cpu_kernels.rms_norm(qkv[:, :, : heads + kv_heads], *layer.qk_norm, cos, sin).transpose(1, 2)
+            qk = cpu_kernels.rms_norm(qkv[:, :, : heads + kv_heads], *layer.qk_norm, cos, sin)
+            if self.attend_in_c and steps == 1:
+                v = qkv[:, :, heads + kv_heads :]
+                return layer.o(cpu_kernels.attend_one(qk, v, self.keys[i], self.values[i], rows, starts, layer.scaling))
+            qk = qk.transpose(1, 2)
         else:
             qk = _rms_norm(qkv[:, :, : heads + kv_heads], *layer.qk_norm).transpose(1, 2)
             qk = qk * cos + _rotate_half(qk) * sin

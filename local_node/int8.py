@@ -13,8 +13,9 @@ compute-bound and no faster than bfloat16 (it still halves the memory). Both com
 bf16(scale * sum(x * w)) with float32 sums; the tests hold them to each other.
 
 It changes the numbers: codes no longer equal qwen-tts' and the voice may drift. Having given up
-that equality, such a model also keeps its attention in float32 (``decoder_stack.py``), whose
-CPU kernel is several times faster for one query than the bfloat16 one qwen-tts' rounding needs.
+that equality, such a model also keeps its attention in float32 (``decoder_stack.py``), for one
+new position in one C call (``cpu_kernels.attend_one``) rather than the bfloat16 SDPA whose
+rounding qwen-tts' codes need.
 ``./bench.sh`` reports how far the logits move (KL divergence per frame against the unquantised
 model). Off by default until judged by ear on real weights.
 """

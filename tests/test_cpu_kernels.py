@@ -118,3 +118,39 @@ def test_rms_norm_refuses_what_it_cannot_read():
         cpu_kernels.rms_norm(torch.ones(2, 16), weight, 1e-6)  # float32
     with pytest.raises(ValueError):
         cpu_kernels.rms_norm(torch.ones(2, 16, dtype=torch.bfloat16), torch.ones(16, 2, dtype=torch.bfloat16).T[0], 1e-6)
+
+
+@pytest.mark.parametrize("heads, kv_heads, dim", [(16, 8, 128), (2, 1, 32), (4, 4, 64)])
+def test_attend_one_is_float32_sdpa_with_the_cache_written(heads, kv_heads, dim):
+    """int8 models' attention for one new position: each sequence's new key and value land in its
+    cache row at its position, and each query head attends as float32 SDPA (grouped-query) does,
+    up to float32 rounding; lengths that are and are not multiples of 16."""
+    torch.manual_seed(heads * dim)
+    keys, values = torch.randn(4, kv_heads, 320, dim), torch.randn(4, kv_heads, 320, dim)
+    want_keys, want_values = keys.clone(), values.clone()
+    rows, starts = [2, 0, 3, 1], [0, 15, 16, 300]
+    qkv = (torch.randn(4, 1, heads + 2 * kv_heads, dim) * 2).to(torch.bfloat16)
+    qk, v = qkv[:, :, : heads + kv_heads].contiguous(), qkv[:, :, heads + kv_heads :]
+    got = cpu_kernels.attend_one(qk, v, keys, values, rows, starts, dim**-0.5)
+    assert got.shape == (4, 1, heads * dim) and got.dtype == torch.bfloat16
+    for j, (row, start) in enumerate(zip(rows, starts)):
+        want_keys[row, :, start], want_values[row, :, start] = qk[j, 0, heads:].float(), v[j, 0].float()
+        q = qk[j : j + 1, :, :heads].transpose(1, 2).float()
+        want = F.scaled_dot_product_attention(q, want_keys[row : row + 1, :, : start + 1],
+                                              want_values[row : row + 1, :, : start + 1], scale=dim**-0.5, enable_gqa=True)
+        torch.testing.assert_close(got[j, 0].float(), want.transpose(1, 2).reshape(-1).bfloat16().float(), rtol=8e-3, atol=1e-3)
+    assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
+
+
+def test_attend_one_refuses_what_it_cannot_read():
+    keys = values = torch.zeros(1, 1, 8, 32)
+    qkv = torch.zeros(1, 1, 4, 32, dtype=torch.bfloat16)
+    qk, v = qkv[:, :, :3].contiguous(), qkv[:, :, 3:]
+    cpu_kernels.attend_one(qk, v, keys, values, [0], [7], 1.0)  # the last position: fine
+    for bad in ([0], [8]), ([1], [0]), ([-1], [0]):  # position past the cache, rows outside it
+        with pytest.raises(ValueError):
+            cpu_kernels.attend_one(qk, v, keys, values, *bad, 1.0)
+    with pytest.raises(ValueError):
+        cpu_kernels.attend_one(qk.float(), v, keys, values, [0], [0], 1.0)
+    with pytest.raises(ValueError):
+        cpu_kernels.attend_one(qk, v, keys.bfloat16(), values.bfloat16(), [0], [0], 1.0)

@@ -86,3 +86,27 @@ def test_quantized_model_generates_near_the_bf16_logits(folder):
     sampling = SamplingConfig.from_tts(quantized, max_new_tokens=6)
     frames = list(generate_frames(quantized.model, prompt, sampling, generator=torch.Generator().manual_seed(0)))
     assert len(frames) == 5 and all(f.shape == (16,) and 0 <= int(f.min()) and int(f.max()) < 3072 for f in frames)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="cpu_kernels.c needs AVX-512 BF16 and VBMI and a C compiler")
+def test_quantized_stacks_attend_in_c_as_sdpa_would(folder):
+    """An int8 stack's steps (one new position) attend in one C call; rows at different lengths
+    get, up to float32 rounding, what float32 SDPA row by row gives them, caches included."""
+    tts = qwen_tts.Qwen3TTSModel.from_pretrained(folder, dtype=torch.bfloat16)
+    prepare_for_generation(tts.model, int8=True)
+    torch.manual_seed(0)
+    stacks = [DecoderStack(tts.model.talker.model, capacity=8, batch=2) for _ in range(2)]
+    assert stacks[0].attend_in_c
+    stacks[1].attend_in_c = False
+    hidden = tts.model.config.talker_config.hidden_size
+    prompts = [torch.randn(1, length, hidden, dtype=torch.bfloat16) for length in (3, 7)]  # the caches grow past 8
+    outs = []
+    for stack in stacks:
+        for row, prompt in enumerate(prompts):
+            stack.forward(prompt, rows=[row])
+        outs.append([stack.forward(torch.randn(2, 1, hidden, generator=torch.Generator().manual_seed(step)).bfloat16())
+                     for step in range(4)])
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)
+    assert stacks[0].lengths == stacks[1].lengths == [7, 11]
+    torch.testing.assert_close(stacks[0].keys[:, :, :, :11], stacks[1].keys[:, :, :, :11])
