@@ -123,13 +123,15 @@ def attend_one(qk: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: to
     its query heads attend over positions 0..starts[j]. Returns [n, 1, heads * dim] bfloat16.
     SDPA's float32 arithmetic, not its rounding; dim a multiple of 16, at most 512."""
     n, _, all_heads, dim = qk.shape
-    kv_heads, capacity = keys.shape[1], keys.shape[2]
-    if not (qk.dtype == v.dtype == torch.bfloat16 and keys.dtype == values.dtype == torch.float32 and qk.is_contiguous()
-            and keys.is_contiguous() and values.is_contiguous() and keys.shape == values.shape and v.shape == (n, 1, kv_heads, dim)
-            and v[0].is_contiguous() and dim % 16 == 0 and dim <= 512 and len(rows) == len(starts) == n
-            and 0 <= min(rows) <= max(rows) < keys.shape[0] and 0 <= min(starts) <= max(starts) < capacity):
-        raise ValueError("attend_one: see its docstring for the shapes and dtypes it takes")
+    cache_rows, kv_heads, capacity, _ = keys.shape
     heads = all_heads - kv_heads
+    shapes = (heads > 0 and heads % kv_heads == 0 and dim % 16 == 0 and dim <= 512 and keys.shape == values.shape
+              and keys.shape[3] == dim and v.shape == (n, 1, kv_heads, dim) and len(rows) == len(starts) == n
+              and 0 <= min(rows) <= max(rows) < cache_rows and 0 <= min(starts) <= max(starts) < capacity)
+    layouts = (qk.dtype == v.dtype == torch.bfloat16 and keys.dtype == values.dtype == torch.float32
+               and qk.is_contiguous() and v[0].is_contiguous() and keys.is_contiguous() and values.is_contiguous())
+    if not (shapes and layouts):
+        raise ValueError("attend_one: see its docstring for the shapes and dtypes it takes")
     out = torch.empty(n, 1, heads * dim, dtype=torch.bfloat16)
     _library().attend_one(qk.data_ptr(), v.data_ptr(), v.stride(0), keys.data_ptr(), values.data_ptr(), capacity,
                           (ctypes.c_int * n)(*rows), (ctypes.c_int * n)(*starts), n, heads, kv_heads, dim, scale,

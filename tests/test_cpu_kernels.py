@@ -154,3 +154,6 @@ def test_attend_one_refuses_what_it_cannot_read():
         cpu_kernels.attend_one(qk.float(), v, keys, values, [0], [0], 1.0)
     with pytest.raises(ValueError):
         cpu_kernels.attend_one(qk, v, keys.bfloat16(), values.bfloat16(), [0], [0], 1.0)
+    kv2 = torch.zeros(1, 2, 8, 32)
+    with pytest.raises(ValueError):  # 1 query head cannot share 2 kv heads
+        cpu_kernels.attend_one(qk, qkv[:, :, 2:], kv2, kv2, [0], [0], 1.0)
