@@ -4,7 +4,9 @@ For tests and the offline pipeline check: a folder of about 20 MB (most of it th
 tokenizer and the 151936-row text embedding) laid out like a released model.
 ``Qwen3TTSModel.from_pretrained`` loads it through its normal code path in a second or two, and
 it generates an 80 ms frame in tens of milliseconds on a CPU. The weights are random, so the
-audio is noise, and EOS almost never comes: pass ``max_new_tokens``.
+audio is noise; and EOS never comes (its row of the talker's output head is zero, so its logit
+sits mid-field, outside the top 50 that sampling keeps and below the argmax), so an utterance
+always runs to its frame budget, which tests and the bench count on: pass ``max_new_tokens``.
 
 The configs are the real ones from ``qwen_files/`` with only sizes shrunk. Every token id, the
 151936-entry text vocabulary, the 3072-entry codec vocabulary, the 16 code groups, the 2048-entry
@@ -82,6 +84,8 @@ def write_random_checkpoint(directory: str | Path, model: str, *, tiny: bool, se
             model = Qwen3TTSForConditionalGeneration(Qwen3TTSConfig(**copy.deepcopy(model_cfg)))
         finally:
             torch.set_default_dtype(default_dtype)
+        with torch.no_grad():  # EOS's logit 0, mid-field among random ones: never in the top 50, never the argmax
+            model.talker.codec_head.weight[model.config.talker_config.codec_eos_token_id] = 0
         model.save_pretrained(out)
         del model
 

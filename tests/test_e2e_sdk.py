@@ -18,7 +18,7 @@ from harness import API_KEY, Node, Relay
 from local_node.tiny_model import write_tiny_checkpoint
 
 FRAME = 1920  # samples per codec frame at 24 kHz
-MAX_FRAMES = 6  # per text piece; random weights never say EOS, so most pieces are exactly this long
+MAX_FRAMES = 6  # per text piece; tiny checkpoints never say EOS, so every piece is exactly this long
 TWO_PIECES = "A" * 200 + ". " + "B" * 200 + "."  # too long for one piece (300 characters): two
 
 

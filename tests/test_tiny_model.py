@@ -61,7 +61,7 @@ def voice_design(folder):
 
 @pytest.fixture(autouse=True)
 def seeded():
-    # Generation samples; a fixed seed makes the frame count exact (no stray EOS).
+    # Generation samples; a fixed seed makes runs repeatable.
     torch.manual_seed(0)
 
 
@@ -188,3 +188,27 @@ def test_same_seed_same_weights_and_real_files_untouched(folder, tmp_path):
         assert a.keys() == b.keys() == c.keys()
         assert all(torch.equal(a[k], b[k]) for k in a)
         assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_eos_never_comes(folder):
+    """Tests count frames on the tiny models (and the bench on real-shape ones), so EOS must never
+    be sampled: its row of the talker's head is zero, its logit 0 sits mid-field, far from the top
+    50 that sampling keeps, at every step of a free run."""
+    from local_node.generation import SamplingConfig, generate_frames, prepare_prompt
+    from local_node.packing import prepare_for_generation
+
+    custom_voice = _load(folder("custom_voice"))
+    talker = custom_voice.model.talker
+    eos = custom_voice.model.config.talker_config.codec_eos_token_id
+    assert not talker.codec_head.weight[eos].any()
+    prepare_for_generation(custom_voice.model)  # lays the head's weight out for our product
+    ranks = []
+    head = talker.codec_head.forward
+    talker.codec_head.forward = lambda h: ranks.append(int((head(h)[..., -1, :] > 0).sum())) or head(h)
+    try:
+        prompt = prepare_prompt(custom_voice, kind="custom_voice", text=TEXT, speaker="vivian")
+        frames = list(generate_frames(custom_voice.model, prompt, SamplingConfig.from_tts(custom_voice, max_new_tokens=20)))
+    finally:
+        del talker.codec_head.forward
+    assert len(frames) == 19 and len(ranks) == 19
+    assert min(ranks) > 500  # hundreds of logits above EOS's at every step
