@@ -253,6 +253,16 @@ static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as PyT
     return (uint16_t)((c.u + 0x7fff + ((c.u >> 16) & 1)) >> 16);
 }
 
+static inline __m512 bf16x16_to_float(const uint16_t *v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)v)), 16));
+}
+
+static inline __m256i float_to_bf16x16(__m512 f) { /* round to nearest even, as float_to_bf16 */
+    const __m512i u = _mm512_castps_si512(f);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16));
+}
+
 /* sum(v[0..n)) in the order of PyTorch's CPU sum over a contiguous last dimension (SumKernel.cpp,
    vectorized_inner_sum with 8-float vectors, n >= 8): 4 interleaved chains of vectors, each
    summed in blocks of 16 whose sums cascade up 4 levels, the chains added, then the lanes left to
@@ -400,6 +410,110 @@ void attend_one(const uint16_t *qk, const uint16_t *v, long v_stride, float *key
         }
     }
     free(scores);
+}
+
+/* --- attention for one new position in bfloat16, rounded as PyTorch's SDPA ------------------ */
+
+/* For one query, PyTorch's CPU flash attention (bfloat16, one block of at most 512 keys) computes
+   s = (q . k) * scale; e = exp(s - max(s)), by its fexp_u20 for the first L / 16 * 16 positions
+   (summed 16 at a time into two vectors in turn, added, then folded: halves, quarters, pairs,
+   neighbours) and by expf for the rest (added one by one); p = bf16(e);
+   out = bf16((p @ v) * (1 / sum(e))). Its two products go to MKL's bfloat16 GEMM, whose sums were
+   found by probing it with values that cancel: q . k in 4 chains (d mod 4), each in order, then
+   (c0 + c2) + (c1 + c3); p @ v per output in blocks of 4 positions ((0 + 2) + (1 + 3)), the
+   blocks added in turn, then the positions left over from the last back. Every product of two
+   bfloat16 is exact in float32. decoder_stack checks all of this against SDPA for every length
+   at load and keeps SDPA where it differs. */
+
+/* PyTorch's Vectorized<float>::fexp_u20 (AVX-512). */
+static inline __m512 fexp_u20(__m512 x) {
+    const __mmask16 low = _mm512_cmp_ps_mask(x, _mm512_castsi512_ps(_mm512_set1_epi32(0xc2aeac50)), _CMP_LT_OS);
+    const __mmask16 high = _mm512_cmp_ps_mask(x, _mm512_castsi512_ps(_mm512_set1_epi32(0x42b17218)), _CMP_GT_OS);
+    __m512 src = _mm512_mul_ps(x, _mm512_castsi512_ps(_mm512_set1_epi32(0x3fb8aa3b))); /* x log2(e) */
+    const __m512 fraction = _mm512_sub_ps(src, _mm512_floor_ps(src));
+    __m512 poly = _mm512_fmadd_ps(fraction, _mm512_set1_ps(-0.079204240219773236f), _mm512_set1_ps(-0.22433836478672356f));
+    poly = _mm512_fmadd_ps(fraction, poly, _mm512_set1_ps(0.30354260500649682f));
+    poly = _mm512_fmadd_ps(fraction, poly, _mm512_set1_ps(0.00010703434948458272f));
+    src = _mm512_sub_ps(src, poly);
+    __m512i bits = _mm512_cvttps_epi32(_mm512_fmadd_ps(_mm512_set1_ps(8388608.0f), src, _mm512_set1_ps(8388608.0f * 127)));
+    bits = _mm512_mask_mov_epi32(bits, low, _mm512_setzero_si512());
+    bits = _mm512_mask_mov_epi32(bits, high, _mm512_set1_epi32(0x7F800000));
+    return _mm512_castsi512_ps(bits);
+}
+
+static inline float fold_lanes(__m512 v) { /* at::vec::vec_reduce_all's order */
+    v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0x4E));
+    v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1));
+    v = _mm512_add_ps(v, _mm512_shuffle_ps(v, v, 0x4E));
+    v = _mm512_add_ps(v, _mm512_shuffle_ps(v, v, 0xB1));
+    return _mm512_cvtss_f32(v);
+}
+
+static void attend_head_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, int length, int dim, float scale,
+                             uint16_t *out) {
+    float query[512], s[512 + 16], e[16];
+    uint16_t p[512];
+    for (int d = 0; d < dim; d++) query[d] = bf16_to_float(q[d]);
+    float top = -INFINITY;
+    for (int t = 0; t < length; t++) {
+        const uint16_t *key = k + (long)t * dim;
+        float chain[4] = {0, 0, 0, 0};
+        for (int d = 0; d < dim; d += 4)
+            for (int r = 0; r < 4; r++) chain[r] = fmaf(query[d + r], bf16_to_float(key[d + r]), chain[r]);
+        s[t] = ((chain[0] + chain[2]) + (chain[1] + chain[3])) * scale;
+        top = s[t] > top ? s[t] : top;
+    }
+    const int vectors = length / 16 * 16;
+    __m512 lanes[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int t = 0; t < vectors; t += 16) {
+        const __m512 x = fexp_u20(_mm512_sub_ps(_mm512_loadu_ps(s + t), _mm512_set1_ps(top)));
+        lanes[t / 16 % 2] = _mm512_add_ps(lanes[t / 16 % 2], x);
+        _mm512_storeu_ps(e, x);
+        for (int i = 0; i < 16; i++) p[t + i] = float_to_bf16(e[i]);
+    }
+    float sum = fold_lanes(_mm512_add_ps(lanes[0], lanes[1]));
+    for (int t = vectors; t < length; t++) {
+        const float x = expf(s[t] - top);
+        sum += x;
+        p[t] = float_to_bf16(x);
+    }
+    const float reciprocal = 1 / sum;
+    const int blocks = length / 4;
+    for (int d = 0; d < dim; d += 16) {
+#define PV(t) _mm512_mul_ps(_mm512_set1_ps(bf16_to_float(p[t])), bf16x16_to_float(v + (long)(t) * dim + d))
+        __m512 total = _mm512_setzero_ps();
+        for (int b = 0; b < blocks; b++) {
+            const int t = 4 * b;
+            const __m512 block = _mm512_add_ps(_mm512_add_ps(PV(t), PV(t + 2)), _mm512_add_ps(PV(t + 1), PV(t + 3)));
+            total = b ? _mm512_add_ps(total, block) : block;
+        }
+        int t = length - 1;
+        if (!blocks) total = PV(t), t--; /* not 0 + x: that would turn -0 into +0 */
+        for (; t >= 4 * blocks; t--) total = _mm512_add_ps(total, PV(t));
+#undef PV
+        _mm256_storeu_si256((__m256i *)(out + d), float_to_bf16x16(_mm512_mul_ps(total, _mm512_set1_ps(reciprocal))));
+    }
+}
+
+/* As attend_one, for bfloat16 caches: the new keys and values are written, then each head
+   attends as SDPA would (above). starts[j] < 512; dim a multiple of 16, at most 512. */
+void attend_one_bf16(const uint16_t *qk, const uint16_t *v, long v_stride, uint16_t *keys, uint16_t *values,
+                     long capacity, const int *rows, const int *starts, int n, int heads, int kv_heads, int dim,
+                     float scale, uint16_t *out) {
+    const int group = heads / kv_heads;
+    for (int j = 0; j < n; j++) {
+        const uint16_t *q = qk + (long)j * (heads + kv_heads) * dim;
+        for (int g = 0; g < kv_heads; g++) {
+            uint16_t *k_cache = keys + ((long)rows[j] * kv_heads + g) * capacity * dim;
+            uint16_t *v_cache = values + ((long)rows[j] * kv_heads + g) * capacity * dim;
+            for (int i = 0; i < dim; i++) {
+                k_cache[(long)starts[j] * dim + i] = q[(heads + g) * dim + i];
+                v_cache[(long)starts[j] * dim + i] = v[j * v_stride + (long)g * dim + i];
+            }
+            for (int h = g * group; h < (g + 1) * group; h++)
+                attend_head_bf16(q + h * dim, k_cache, v_cache, starts[j] + 1, dim, scale, out + ((long)j * heads + h) * dim);
+        }
+    }
 }
 
 /* Whether this CPU has every instruction set this file is compiled for (cpu_kernels.py asks

@@ -10,8 +10,9 @@ layouts come back None and callers keep PyTorch's kernels:
 * ``int8_layout`` / ``int8_linear``: int8 weights with a float32 scale per row (``weights: int8``);
 * ``rms_norm``: the decoder layers' RMS norms (and the rotation of q and k) in one call instead of
   a dozen PyTorch ops, each op rounded as PyTorch rounds it;
-* ``attend_one``: int8 models' attention for one new position, float32 (cache write included),
-  in one call instead of SDPA's per-head set-up and the half-dozen ops around it.
+* ``attend_one``: attention for one new position (cache write included) in one call instead of
+  SDPA's per-head set-up and the half-dozen ops around it: in float32 for int8 models, and in
+  bfloat16 rounded as SDPA's kernel rounds (checked at load) for the others.
 
 A product shares its rows among ``use_cores`` threads (one core alone does not draw all the memory
 bandwidth there is); a decoder working ``with reserved(cores)`` keeps that many cores for itself.
@@ -35,6 +36,8 @@ import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
+
+MAX_EXACT_POSITIONS = 512  # SDPA's CPU kernel takes keys in blocks of 512: beyond one, attend_one leaves it to SDPA
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-math-errno", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi")
@@ -116,26 +119,31 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tenso
 
 def attend_one(qk: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: list[int],
                starts: list[int], scale: float) -> torch.Tensor:
-    """Attention for one new position per sequence in float32, grouped-query heads: ``rows[j]``'s
-    new key (the last kv heads of ``qk`` [n, 1, heads + kv_heads, dim], normed and rotated) and
-    value (``v`` [n, 1, kv_heads, dim]), bfloat16, are written at position ``starts[j]`` of cache
-    row ``rows[j]`` of ``keys`` / ``values`` (float32 [cache rows, kv_heads, capacity, dim]), then
-    its query heads attend over positions 0..starts[j]. Returns [n, 1, heads * dim] bfloat16.
-    SDPA's float32 arithmetic, not its rounding; dim a multiple of 16, at most 512."""
+    """Attention for one new position per sequence, grouped-query heads: ``rows[j]``'s new key
+    (the last kv heads of ``qk`` [n, 1, heads + kv_heads, dim], normed and rotated) and value
+    (``v`` [n, 1, kv_heads, dim]), bfloat16, are written at position ``starts[j]`` of cache row
+    ``rows[j]`` of ``keys`` / ``values`` ([cache rows, kv_heads, capacity, dim]), then its query
+    heads attend over positions 0..starts[j]. Returns [n, 1, heads * dim] bfloat16.
+
+    float32 caches: SDPA's float32 arithmetic, not its rounding. bfloat16 caches: SDPA's bfloat16
+    kernel's rounding, bit for bit where ``decoder_stack`` has checked it, for starts[j] <
+    ``MAX_EXACT_POSITIONS``. dim a multiple of 16, at most 512."""
     n, _, all_heads, dim = qk.shape
     cache_rows, kv_heads, capacity, _ = keys.shape
     heads = all_heads - kv_heads
+    exact = keys.dtype == torch.bfloat16
     shapes = (heads > 0 and heads % kv_heads == 0 and dim % 16 == 0 and dim <= 512 and keys.shape == values.shape
               and keys.shape[3] == dim and v.shape == (n, 1, kv_heads, dim) and len(rows) == len(starts) == n
-              and 0 <= min(rows) <= max(rows) < cache_rows and 0 <= min(starts) <= max(starts) < capacity)
-    layouts = (qk.dtype == v.dtype == torch.bfloat16 and keys.dtype == values.dtype == torch.float32
+              and 0 <= min(rows) <= max(rows) < cache_rows and 0 <= min(starts) <= max(starts) < capacity
+              and (not exact or max(starts) < MAX_EXACT_POSITIONS))
+    layouts = (qk.dtype == v.dtype == torch.bfloat16 and keys.dtype == values.dtype in (torch.float32, torch.bfloat16)
                and qk.is_contiguous() and v[0].is_contiguous() and keys.is_contiguous() and values.is_contiguous())
     if not (shapes and layouts):
         raise ValueError("attend_one: see its docstring for the shapes and dtypes it takes")
     out = torch.empty(n, 1, heads * dim, dtype=torch.bfloat16)
-    _library().attend_one(qk.data_ptr(), v.data_ptr(), v.stride(0), keys.data_ptr(), values.data_ptr(), capacity,
-                          (ctypes.c_int * n)(*rows), (ctypes.c_int * n)(*starts), n, heads, kv_heads, dim, scale,
-                          out.data_ptr())
+    kernel = _library().attend_one_bf16 if exact else _library().attend_one
+    kernel(qk.data_ptr(), v.data_ptr(), v.stride(0), keys.data_ptr(), values.data_ptr(), capacity,
+           (ctypes.c_int * n)(*rows), (ctypes.c_int * n)(*starts), n, heads, kv_heads, dim, scale, out.data_ptr())
     return out
 
 
@@ -226,10 +234,10 @@ def _library() -> Any:
                                  ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
     library.rms_norm.restype = library.row_sums.restype = None
     library.row_sums.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-    library.attend_one.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
-                                   ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_float,
-                                                                                                        ctypes.c_void_p]
-    library.attend_one.restype = None
+    for attend in (library.attend_one, library.attend_one_bf16):
+        attend.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
+                           ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_void_p]
+        attend.restype = None
     library.bf16_linear.restype = library.q8_linear.restype = library.reserve_cores.restype = None
     return library
 

@@ -14,26 +14,25 @@ are the same numbers (the generation tests compare codes with qwen-tts' frame fo
 Keys and values go into one preallocated buffer per stack that grows by doubling, so a step
 writes in place instead of concatenating the whole history. Attention is PyTorch's SDPA with
 grouped-query heads, as transformers calls it (causal over a fresh prompt, plain for one new
-position); with int8 weights, in float32, and one new position in one C call
-(``cpu_kernels.attend_one``: the cache write and every head, for all rows). The talker's
-multimodal rope gives text positions the same angle in all three sections, so it is the
-ordinary rope here.
+position). One new position, the common case, is one C call for all rows and heads, cache write
+included (``cpu_kernels.attend_one``): in bfloat16 it reproduces SDPA's CPU kernel bit for bit
+(its approximate exp, its sums and those of the MKL GEMM under it, found by probing them; checked
+against SDPA at load for every length up to 512, beyond which SDPA does it), ~4x less time per
+call than SDPA's per-head set-up. With int8 weights, whose numbers are off qwen-tts' anyway,
+attention is in float32. The talker's multimodal rope gives text positions the same angle in
+all three sections, so it is the ordinary rope here.
 
 The layers come prepared (``packing.prepare_for_generation``): q/k/v and gate/up fused into one
 product each, bfloat16 weights packed for oneDNN. q and k heads are normalised and rotated in one
 go (one weight row per head), which is the same arithmetic element by element. In bfloat16 the
 norms (and that rotation) are one C call each (``cpu_kernels.rms_norm``, ~2.4 against ~14 us for
 the torch ops, 309 per frame), which rounds as the ops do; checked per size at load.
-
-Left to SDPA in bfloat16: an attention of our own for one query (as int8 models use) cannot
-round like SDPA's kernel, which uses an approximate exp, so codes would drift from qwen-tts'.
-SDPA's bfloat16 CPU kernel is slow for one query (about 0.17 us per head and cached position,
-10x its float32 kernel), which long utterances feel.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Sequence
 
 import torch
@@ -41,6 +40,8 @@ import torch.nn.functional as F
 
 from . import cpu_kernels
 from .int8 import Int8Linear
+
+log = logging.getLogger(__name__)
 
 
 class DecoderStack:
@@ -61,13 +62,13 @@ class DecoderStack:
         self.fused = self.dtype == torch.bfloat16 and all(map(_fused_norm_rounds_alike, {cfg.hidden_size, self.head_dim}))
         self._norm = cpu_kernels.rms_norm if self.fused else _rms_norm
         # int8 weights already move the numbers off qwen-tts', so attention need not round as
-        # its bfloat16 SDPA does: keys and values are kept in float32 and SDPA runs in float32,
-        # whose CPU kernel sets up far faster for one query (about 13 against 51 us per call at
-        # the code predictor's 17 positions, 37 against 260 us at 100).
+        # its bfloat16 SDPA does: keys and values are kept in float32, attended in float32.
         exact = not any(isinstance(layer.qkv, Int8Linear) for layer in self.layers)
         self.attention_dtype = self.dtype if exact else torch.float32
-        # ... and one new position attends in one C call (cache write included), where it runs.
-        self.attend_in_c = not exact and self.fused and self.head_dim % 16 == 0 and self.head_dim <= 512
+        # One new position attends in one C call (cache write included): in float32 for int8
+        # models; in bfloat16 where the call rounds as SDPA does here (checked once per size).
+        self.attend_in_c = self.fused and self.head_dim % 16 == 0 and self.head_dim <= 512 and (
+            not exact or _c_attention_rounds_alike(self.head_dim))
         self.lengths = [0] * batch  # positions cached so far, per row
         shape = (len(self.layers), batch, self.n_kv_heads, max(capacity, 1), self.head_dim)
         self.keys = torch.zeros(shape, dtype=self.attention_dtype)
@@ -98,12 +99,13 @@ class DecoderStack:
                 sin: torch.Tensor) -> torch.Tensor:
         n, steps, _ = h.shape
         heads, kv_heads, dim = self.n_heads, self.n_kv_heads, self.head_dim
+        as_sdpa = self.attention_dtype == torch.bfloat16  # the C call then rounds as SDPA, up to its limit
         qkv = layer.qkv(h).unflatten(-1, (heads + 2 * kv_heads, dim))
         # q and k heads side by side, each with its own norm weight: one norm and one rotation
         # for both, the same arithmetic element by element.
         if self.fused:
             qk = cpu_kernels.rms_norm(qkv[:, :, : heads + kv_heads], *layer.qk_norm, cos, sin)
-            if self.attend_in_c and steps == 1:
+            if self.attend_in_c and steps == 1 and (not as_sdpa or max(starts) < cpu_kernels.MAX_EXACT_POSITIONS):
                 v = qkv[:, :, heads + kv_heads :]
                 return layer.o(cpu_kernels.attend_one(qk, v, self.keys[i], self.values[i], rows, starts, layer.scaling))
             qk = qk.transpose(1, 2)
@@ -197,6 +199,39 @@ def _fused_norm_rounds_alike(dim: int) -> bool:
         return False
     weight = (torch.randn(dim, generator=generator) * 0.5 + 1).to(torch.bfloat16)
     return torch.equal(cpu_kernels.rms_norm(x, weight, 1e-6), _rms_norm(x, weight, 1e-6))
+
+
+@functools.cache
+def _c_attention_rounds_alike(dim: int) -> bool:
+    """Whether ``cpu_kernels.attend_one`` on bfloat16 caches gives SDPA's numbers bit for bit here,
+    at every length it takes. It copies the sums of PyTorch's CPU kernel and of the MKL GEMM under
+    it, which another build or CPU may order otherwise; so three sequences are attended step by
+    step as in generation (between them every length up to the limit), on ordinary values and on
+    values of wide exponents and signs, each order of summation leaving its own rounding."""
+    if not cpu_kernels.available():
+        return False
+    generator = torch.Generator().manual_seed(dim)
+    heads, firsts = 8, [0, 100, 300]  # query heads share a kv head, as in the models; more sums to compare
+    steps = cpu_kernels.MAX_EXACT_POSITIONS - firsts[-1]
+    exponents = torch.randint(0, 8, (steps, 3, 1, heads + 2, dim), generator=generator).float()
+    signs = torch.randint(0, 2, exponents.shape, generator=generator) * 2 - 1
+    wide = ((torch.rand(exponents.shape, generator=generator) + 1) * 2**exponents * signs).to(torch.bfloat16)
+    ordinary = (torch.randn(exponents.shape, generator=generator) * 2).to(torch.bfloat16)
+    for qkv, scale in ((wide, 1e-4), (ordinary, dim**-0.5)):
+        keys, values = (torch.randn(3, 1, cpu_kernels.MAX_EXACT_POSITIONS, dim, generator=generator).to(torch.bfloat16)
+                        for _ in range(2))
+        for t in range(steps):
+            starts = [first + t for first in firsts]
+            got = cpu_kernels.attend_one(qkv[t, :, :, : heads + 1].contiguous(), qkv[t, :, :, heads + 1 :], keys, values,
+                                         [0, 1, 2], starts, scale)
+            for row, start in enumerate(starts):
+                want = F.scaled_dot_product_attention(qkv[t, row : row + 1, :, :heads].transpose(1, 2),
+                                                      keys[row : row + 1, :, : start + 1], values[row : row + 1, :, : start + 1],
+                                                      scale=scale, enable_gqa=True)
+                if not torch.equal(got[row], want.transpose(1, 2).reshape(1, -1)):
+                    log.info("attention stays with SDPA: the C call rounds otherwise here (length %d)", start + 1)
+                    return False
+    return True
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

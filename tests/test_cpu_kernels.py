@@ -153,7 +153,39 @@ def test_attend_one_refuses_what_it_cannot_read():
     with pytest.raises(ValueError):
         cpu_kernels.attend_one(qk.float(), v, keys, values, [0], [0], 1.0)
     with pytest.raises(ValueError):
-        cpu_kernels.attend_one(qk, v, keys.bfloat16(), values.bfloat16(), [0], [0], 1.0)
+        cpu_kernels.attend_one(qk, v, keys.half(), values.half(), [0], [0], 1.0)
+    long = torch.zeros(1, 1, cpu_kernels.MAX_EXACT_POSITIONS + 1, 32, dtype=torch.bfloat16)
+    cpu_kernels.attend_one(qk, v, long, long.clone(), [0], [cpu_kernels.MAX_EXACT_POSITIONS - 1], 1.0)
+    with pytest.raises(ValueError):  # past SDPA's first block of keys: SDPA's to do
+        cpu_kernels.attend_one(qk, v, long, long.clone(), [0], [cpu_kernels.MAX_EXACT_POSITIONS], 1.0)
     kv2 = torch.zeros(1, 2, 8, 32)
     with pytest.raises(ValueError):  # 1 query head cannot share 2 kv heads
         cpu_kernels.attend_one(qk, qkv[:, :, 2:], kv2, kv2, [0], [0], 1.0)
+
+
+@pytest.mark.parametrize("heads, kv_heads, dim", [(16, 8, 128), (2, 1, 32)])
+@pytest.mark.parametrize("values", ["ordinary", "wide"])
+def test_attend_one_in_bf16_is_sdpa_bit_for_bit(heads, kv_heads, dim, values):
+    """On bfloat16 caches, three sequences at different lengths attended step by step up to SDPA's
+    first block of keys (512) get exactly what bfloat16 SDPA gives each (grouped-query heads):
+    on ordinary values, and on values of wide exponents and signs, whose sums show their order."""
+    generator = torch.Generator().manual_seed(heads + dim)
+    steps, starts0, scale = cpu_kernels.MAX_EXACT_POSITIONS, [0, 100, 300], dim**-0.5
+    if values == "wide":
+        exponents = torch.randint(0, 8, (steps, 3, heads + 2 * kv_heads, dim), generator=generator).float()
+        signs = torch.randint(0, 2, exponents.shape, generator=generator) * 2 - 1
+        qkv = ((torch.rand(exponents.shape, generator=generator) + 1) * 2**exponents * signs).to(torch.bfloat16)
+        scale = 1e-4
+    else:
+        qkv = (torch.randn(steps, 3, heads + 2 * kv_heads, dim, generator=generator) * 2).to(torch.bfloat16)
+    keys, values_ = (torch.randn(3, kv_heads, steps, dim, generator=generator).to(torch.bfloat16) for _ in range(2))
+    for t in range(0, steps - max(starts0)):
+        starts = [s + t for s in starts0]
+        step = qkv[t][:, None]  # [3 rows, 1, heads + 2 kv, dim]
+        got = cpu_kernels.attend_one(step[:, :, : heads + kv_heads].contiguous(), step[:, :, heads + kv_heads :], keys, values_,
+                                     [2, 0, 1], starts, scale)
+        for j, (row, start) in enumerate(zip([2, 0, 1], starts)):
+            assert torch.equal(keys[row, :, start], step[j, 0, heads : heads + kv_heads])
+            want = F.scaled_dot_product_attention(step[j : j + 1, :, :heads].transpose(1, 2), keys[row : row + 1, :, : start + 1],
+                                                  values_[row : row + 1, :, : start + 1], scale=scale, enable_gqa=True)
+            assert torch.equal(got[j], want.transpose(1, 2).reshape(1, -1)), (t, j)

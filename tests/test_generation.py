@@ -188,11 +188,36 @@ def test_c_norm_with_rotation_rounds_as_the_torch_ops():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_bf16_stacks_norm_in_c_where_it_runs(load, dtype):
-    """So the equivalence tests below cover the C norms wherever they run."""
+def test_bf16_stacks_norm_and_attend_in_c_where_it_runs(load, dtype):
+    """So the equivalence tests below cover the C norms and the C attention (one new position,
+    rounded as SDPA) wherever they run."""
     batch = FrameBatch(load("custom_voice", dtype, prepared=True).model)
     fused = dtype == torch.bfloat16 and cpu_kernels.available()
     assert batch.talker.fused == batch.predictor.fused == fused
+    assert batch.talker.attend_in_c == batch.predictor.attend_in_c == fused
+    assert batch.talker.keys.dtype == dtype  # bf16 caches: SDPA's inputs, and the C call's
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="cpu_kernels.c needs AVX-512 BF16 and VBMI and a C compiler")
+def test_c_attention_hands_long_sequences_to_sdpa(load):
+    """A bf16 talker stack stepping two rows past SDPA's first block of keys (512 positions) gives
+    bit for bit what the stack attending through SDPA alone gives: the C call up to 511, SDPA after."""
+    from local_node.decoder_stack import DecoderStack
+
+    model = load("custom_voice", torch.bfloat16, prepared=True).model
+    stacks = [DecoderStack(model.talker.model, capacity=64, batch=2) for _ in range(2)]
+    stacks[1].attend_in_c = False
+    hidden = model.config.talker_config.hidden_size
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randn(1, length, hidden, generator=generator).bfloat16() for length in (500, 480)]
+    steps = torch.randn(40, 2, 1, hidden, generator=generator).bfloat16()
+    outs = []
+    for stack in stacks:
+        for row, prompt in enumerate(prompts):
+            stack.forward(prompt, rows=[row])
+        outs.append(torch.cat([stack.forward(step) for step in steps]))
+    assert stacks[0].lengths == [540, 520]
+    assert torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
