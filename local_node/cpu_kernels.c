@@ -353,63 +353,37 @@ static inline __m512 exp_nonpositive(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* Scaled dot-product attention of one new position per sequence, grouped-query heads, float32.
-   For each of the n sequences j: its new key and value (qk's last kv_heads heads, v's row) go into
-   position starts[j] of cache row rows[j], then each of its query heads attends over positions
-   0..starts[j] of its kv head (q head h reads kv head h / (heads / kv_heads)).
-   qk [n][heads + kv_heads][dim] and v (row j at v + j * v_stride, [kv_heads][dim]): bfloat16.
-   keys, values: [cache rows][kv_heads][capacity][dim] float32. out: [n][heads][dim] bfloat16.
-   dim a multiple of 16, at most 512. Each thread of the caller's uses its own scores. */
-void attend_one(const uint16_t *qk, const uint16_t *v, long v_stride, float *keys, float *values, long capacity,
-                const int *rows, const int *starts, int n, int heads, int kv_heads, int dim, float scale, uint16_t *out) {
-    const int group = heads / kv_heads, vectors = dim / 16;
-    int longest = 0;
-    for (int j = 0; j < n; j++) longest = starts[j] + 1 > longest ? starts[j] + 1 : longest;
-    float *scores = malloc(sizeof(float) * ((size_t)longest + 16)), sums[512];
-    for (int j = 0; j < n; j++) {
-        const int length = starts[j] + 1;
-        const uint16_t *q = qk + (long)j * (heads + kv_heads) * dim;
-        for (int g = 0; g < kv_heads; g++) {
-            float *k_cache = keys + ((long)rows[j] * kv_heads + g) * capacity * dim;
-            float *v_cache = values + ((long)rows[j] * kv_heads + g) * capacity * dim;
-            for (int i = 0; i < dim; i++) {
-                k_cache[(long)starts[j] * dim + i] = bf16_to_float(q[(heads + g) * dim + i]);
-                v_cache[(long)starts[j] * dim + i] = bf16_to_float(v[j * v_stride + (long)g * dim + i]);
-            }
-            for (int h = g * group; h < (g + 1) * group; h++) {
-                __m512 query[32];
-                for (int d = 0; d < vectors; d++)
-                    query[d] = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(q + h * dim + d * 16)));
-                float top = -INFINITY;
-                for (int t = 0; t < length; t++) {
-                    __m512 dot = _mm512_setzero_ps();
-                    for (int d = 0; d < vectors; d++) dot = _mm512_fmadd_ps(query[d], _mm512_loadu_ps(k_cache + (long)t * dim + d * 16), dot);
-                    scores[t] = _mm512_reduce_add_ps(dot) * scale;
-                    top = scores[t] > top ? scores[t] : top;
-                }
-                __m512 total = _mm512_setzero_ps();
-                int t = 0;
-                for (; t + 16 <= length; t += 16) {
-                    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores + t), _mm512_set1_ps(top)));
-                    _mm512_storeu_ps(scores + t, e);
-                    total = _mm512_add_ps(total, e);
-                }
-                const __mmask16 rest = (__mmask16)((1u << (length - t)) - 1);
-                const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(rest, scores + t), _mm512_set1_ps(top)));
-                _mm512_mask_storeu_ps(scores + t, rest, e);
-                const float denominator = _mm512_reduce_add_ps(_mm512_mask_add_ps(total, rest, total, e));
-                for (int d = 0; d < dim; d++) sums[d] = 0;
-                for (int u = 0; u < length; u++) {
-                    const __m512 p = _mm512_set1_ps(scores[u]);
-                    for (int d = 0; d < vectors; d++)
-                        _mm512_storeu_ps(sums + d * 16, _mm512_fmadd_ps(p, _mm512_loadu_ps(v_cache + (long)u * dim + d * 16), _mm512_loadu_ps(sums + d * 16)));
-                }
-                uint16_t *o = out + ((long)j * heads + h) * dim;
-                for (int d = 0; d < dim; d++) o[d] = float_to_bf16(sums[d] / denominator);
-            }
-        }
+/* One query head (bfloat16 q) against `length` float32 keys and values: SDPA's arithmetic in
+   float32, not its rounding. scores holds length + 16 floats. */
+static void attend_head_f32(const uint16_t *q, const float *k, const float *v, int length, int dim, float scale,
+                            float *scores, uint16_t *out) {
+    const int vectors = dim / 16;
+    __m512 query[32], sums[32];
+    for (int d = 0; d < vectors; d++) query[d] = bf16x16_to_float(q + d * 16);
+    float top = -INFINITY;
+    for (int t = 0; t < length; t++) {
+        __m512 dot = _mm512_setzero_ps();
+        for (int d = 0; d < vectors; d++) dot = _mm512_fmadd_ps(query[d], _mm512_loadu_ps(k + (long)t * dim + d * 16), dot);
+        scores[t] = _mm512_reduce_add_ps(dot) * scale;
+        top = scores[t] > top ? scores[t] : top;
     }
-    free(scores);
+    __m512 total = _mm512_setzero_ps();
+    int t = 0;
+    for (; t + 16 <= length; t += 16) {
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores + t), _mm512_set1_ps(top)));
+        _mm512_storeu_ps(scores + t, e);
+        total = _mm512_add_ps(total, e);
+    }
+    const __mmask16 rest = (__mmask16)((1u << (length - t)) - 1);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(rest, scores + t), _mm512_set1_ps(top)));
+    _mm512_mask_storeu_ps(scores + t, rest, e);
+    const __m512 denominator = _mm512_set1_ps(_mm512_reduce_add_ps(_mm512_mask_add_ps(total, rest, total, e)));
+    for (int d = 0; d < vectors; d++) sums[d] = _mm512_setzero_ps();
+    for (int u = 0; u < length; u++) {
+        const __m512 p = _mm512_set1_ps(scores[u]);
+        for (int d = 0; d < vectors; d++) sums[d] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + (long)u * dim + d * 16), sums[d]);
+    }
+    for (int d = 0; d < vectors; d++) _mm256_storeu_si256((__m256i *)(out + d * 16), float_to_bf16x16(_mm512_div_ps(sums[d], denominator)));
 }
 
 /* --- attention for one new position in bfloat16, rounded as PyTorch's SDPA ------------------ */
@@ -449,9 +423,11 @@ static inline float fold_lanes(__m512 v) { /* at::vec::vec_reduce_all's order */
     return _mm512_cvtss_f32(v);
 }
 
+/* One query head against `length` <= 512 bfloat16 keys and values, as SDPA (above). s holds
+   length + 16 floats. */
 static void attend_head_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, int length, int dim, float scale,
-                             uint16_t *out) {
-    float query[512], s[512 + 16], e[16];
+                             float *s, uint16_t *out) {
+    float query[512], e[16];
     uint16_t p[512];
     for (int d = 0; d < dim; d++) query[d] = bf16_to_float(q[d]);
     float top = -INFINITY;
@@ -495,25 +471,39 @@ static void attend_head_bf16(const uint16_t *q, const uint16_t *k, const uint16_
     }
 }
 
-/* As attend_one, for bfloat16 caches: the new keys and values are written, then each head
-   attends as SDPA would (above). starts[j] < 512; dim a multiple of 16, at most 512. */
-void attend_one_bf16(const uint16_t *qk, const uint16_t *v, long v_stride, uint16_t *keys, uint16_t *values,
-                     long capacity, const int *rows, const int *starts, int n, int heads, int kv_heads, int dim,
-                     float scale, uint16_t *out) {
+/* Attention of one new position per sequence, grouped-query heads. For each of the n sequences j:
+   its new key and value (qk's last kv_heads heads, v's row) go into position starts[j] of cache
+   row rows[j], then each of its query heads attends over positions 0..starts[j] of its kv head
+   (q head h reads kv head h / (heads / kv_heads)). qk [n][heads + kv_heads][dim] and v (row j at
+   v + j * v_stride, [kv_heads][dim]): bfloat16. keys, values: [cache rows][kv_heads][capacity][dim],
+   bfloat16 when as_sdpa (rounded as SDPA, starts[j] < 512), else float32. out: [n][heads][dim]
+   bfloat16. dim a multiple of 16, at most 512. */
+void attend_one(const uint16_t *qk, const uint16_t *v, long v_stride, void *keys, void *values, long capacity,
+                const int *rows, const int *starts, int n, int heads, int kv_heads, int dim, float scale, int as_sdpa,
+                uint16_t *out) {
     const int group = heads / kv_heads;
+    int longest = 0;
+    for (int j = 0; j < n; j++) longest = starts[j] + 1 > longest ? starts[j] + 1 : longest;
+    float *scores = malloc(sizeof(float) * ((size_t)longest + 16));
     for (int j = 0; j < n; j++) {
         const uint16_t *q = qk + (long)j * (heads + kv_heads) * dim;
         for (int g = 0; g < kv_heads; g++) {
-            uint16_t *k_cache = keys + ((long)rows[j] * kv_heads + g) * capacity * dim;
-            uint16_t *v_cache = values + ((long)rows[j] * kv_heads + g) * capacity * dim;
+            const long cache = ((long)rows[j] * kv_heads + g) * capacity * dim, at = cache + (long)starts[j] * dim;
             for (int i = 0; i < dim; i++) {
-                k_cache[(long)starts[j] * dim + i] = q[(heads + g) * dim + i];
-                v_cache[(long)starts[j] * dim + i] = v[j * v_stride + (long)g * dim + i];
+                const uint16_t key = q[(heads + g) * dim + i], value = v[j * v_stride + (long)g * dim + i];
+                if (as_sdpa) ((uint16_t *)keys)[at + i] = key, ((uint16_t *)values)[at + i] = value;
+                else ((float *)keys)[at + i] = bf16_to_float(key), ((float *)values)[at + i] = bf16_to_float(value);
             }
-            for (int h = g * group; h < (g + 1) * group; h++)
-                attend_head_bf16(q + h * dim, k_cache, v_cache, starts[j] + 1, dim, scale, out + ((long)j * heads + h) * dim);
+            for (int h = g * group; h < (g + 1) * group; h++) {
+                uint16_t *o = out + ((long)j * heads + h) * dim;
+                if (as_sdpa)
+                    attend_head_bf16(q + h * dim, (uint16_t *)keys + cache, (uint16_t *)values + cache, starts[j] + 1, dim, scale, scores, o);
+                else
+                    attend_head_f32(q + h * dim, (float *)keys + cache, (float *)values + cache, starts[j] + 1, dim, scale, scores, o);
+            }
         }
     }
+    free(scores);
 }
 
 /* Whether this CPU has every instruction set this file is compiled for (cpu_kernels.py asks

@@ -131,19 +131,19 @@ def attend_one(qk: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: to
     n, _, all_heads, dim = qk.shape
     cache_rows, kv_heads, capacity, _ = keys.shape
     heads = all_heads - kv_heads
-    exact = keys.dtype == torch.bfloat16
+    as_sdpa = keys.dtype == torch.bfloat16  # else float32
     shapes = (heads > 0 and heads % kv_heads == 0 and dim % 16 == 0 and dim <= 512 and keys.shape == values.shape
               and keys.shape[3] == dim and v.shape == (n, 1, kv_heads, dim) and len(rows) == len(starts) == n
               and 0 <= min(rows) <= max(rows) < cache_rows and 0 <= min(starts) <= max(starts) < capacity
-              and (not exact or max(starts) < MAX_EXACT_POSITIONS))
+              and (not as_sdpa or max(starts) < MAX_EXACT_POSITIONS))
     layouts = (qk.dtype == v.dtype == torch.bfloat16 and keys.dtype == values.dtype in (torch.float32, torch.bfloat16)
                and qk.is_contiguous() and v[0].is_contiguous() and keys.is_contiguous() and values.is_contiguous())
     if not (shapes and layouts):
         raise ValueError("attend_one: see its docstring for the shapes and dtypes it takes")
     out = torch.empty(n, 1, heads * dim, dtype=torch.bfloat16)
-    kernel = _library().attend_one_bf16 if exact else _library().attend_one
-    kernel(qk.data_ptr(), v.data_ptr(), v.stride(0), keys.data_ptr(), values.data_ptr(), capacity,
-           (ctypes.c_int * n)(*rows), (ctypes.c_int * n)(*starts), n, heads, kv_heads, dim, scale, out.data_ptr())
+    _library().attend_one(qk.data_ptr(), v.data_ptr(), v.stride(0), keys.data_ptr(), values.data_ptr(), capacity,
+                          (ctypes.c_int * n)(*rows), (ctypes.c_int * n)(*starts), n, heads, kv_heads, dim, scale, as_sdpa,
+                          out.data_ptr())
     return out
 
 
@@ -234,10 +234,10 @@ def _library() -> Any:
                                  ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
     library.rms_norm.restype = library.row_sums.restype = None
     library.row_sums.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-    for attend in (library.attend_one, library.attend_one_bf16):
-        attend.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
-                           ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_void_p]
-        attend.restype = None
+    library.attend_one.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
+                                   ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 4 + [
+                                   ctypes.c_float, ctypes.c_int, ctypes.c_void_p]
+    library.attend_one.restype = None
     library.bf16_linear.restype = library.q8_linear.restype = library.reserve_cores.restype = None
     return library
 
