@@ -15,6 +15,7 @@ from relay.auth import RedactCredentials
 try:
     from .config import ConfigError, NodeConfig, config_path, load_config
     from .metrics import MetricsListener, NodeMetrics
+    from .tiers import TierError, cap_vendor_libraries, requested
     from .worker import ModelWorker
 except ImportError as missing:  # a relay-only install (`pip install .`) has no node dependencies
     sys.exit(f"local_node: {missing.name} is not installed; the node needs its extra: pip install 'qwen3-tts-relay[node]'")
@@ -46,12 +47,23 @@ def torch_threads(config: NodeConfig) -> int:
 
 
 def use_product_cores(threads: int) -> int:
-    """Let cpu_kernels' products run on the generation and decoding threads' cores together (the
-    decoder's while it is idle: cpu_kernels.reserved); never more threads than physical cores, as
+    """Let the node's kernels run products on the generation and decoding threads' cores together
+    (the decoder's while it is idle: Kernels.reserved); never more threads than physical cores, as
     helpers spin between products. Returns how many they may use."""
     from . import cpu_kernels
 
-    return cpu_kernels.use_cores(min(2 * threads, physical_cores()))
+    kernels = cpu_kernels.active()
+    return 1 if kernels is None else kernels.use_cores(min(2 * threads, physical_cores()))
+
+
+def log_kernel_tier() -> None:
+    """Say which kernel tier runs and why, and what the vendor libraries are capped to."""
+    from . import cpu_kernels
+
+    kernels, why = cpu_kernels.choice()
+    caps = ", ".join(f"{name}={os.environ[name]}" for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+                     if name in os.environ)
+    log.info("kernels: %s (%s)%s", "portable" if kernels is None else kernels.tier, why, f"; {caps}" if caps else "")
 
 
 def build_workers(config: NodeConfig, metrics: NodeMetrics | None = None) -> dict[str, ModelWorker]:
@@ -80,6 +92,7 @@ def run(config: NodeConfig) -> int:
 
         threads = torch_threads(config)
         torch.set_num_threads(threads)
+        log_kernel_tier()
         product_threads = use_product_cores(threads)
         log.info("torch %s on %s, %s, %d torch threads each for generation and decoding, products on up to %d",
                  torch.__version__, config.device, config.dtype, threads, product_threads)
@@ -121,6 +134,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("websockets.client").addFilter(RedactCredentials())
+    try:
+        capped = cap_vendor_libraries()  # before anything imports torch
+    except TierError as exc:
+        sys.exit(f"local_node: {exc}")
+    if capped:
+        log.info("QWEN3_TTS_ISA=%s: set %s", requested(), ", ".join(f"{k}={v}" for k, v in capped.items()))
     if argv[:1] == ["tiny-model"]:
         parser = argparse.ArgumentParser(prog="python -m local_node tiny-model",
                                          description="Write a tiny randomly initialised Qwen3-TTS checkpoint (for tests and pipeline checks; it speaks noise).")

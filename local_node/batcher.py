@@ -14,7 +14,7 @@ machine, one torch thread each on its own core overlaps the two, where two torch
 sequential loop left a core idle at every small op and stalled at every product whenever anything
 else (the encoder, the event loop) ran. ``threads`` is each thread's torch thread count. The
 products of cpu_kernels.c also use the decoding thread's cores, but only while it is idle: it
-reserves them for each piece of work (``cpu_kernels.reserved``).
+reserves them for each piece of work (``Kernels.reserved``).
 
 What the callbacks return is queued per utterance without bound; an utterance has a frame
 budget, and it is PCM on its way out.
@@ -22,6 +22,7 @@ budget, and it is PCM on its way out.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -31,7 +32,6 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from . import cpu_kernels
 from .generation import FrameBatch, Prompt, SamplingConfig, Utterance
 
 log = logging.getLogger("local_node.batcher")
@@ -137,7 +137,8 @@ class Batcher:
             if idle:
                 torch.set_num_threads(threads)
             try:
-                with torch.inference_mode(), cpu_kernels.reserved(threads):
+                kernels = self._batch.kernels
+                with torch.inference_mode(), kernels.reserved(threads) if kernels else contextlib.nullcontext():
                     result = request.on_end() if item is _FLUSH else request.on_frame(item)
             except Exception as exc:
                 request.failed = True

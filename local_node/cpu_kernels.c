@@ -1,37 +1,34 @@
-/* Matrix products for generation on CPUs with AVX-512 BF16 (local_node/cpu_kernels.py builds this).
+/* The node's hot kernels for generation (local_node/cpu_kernels.py builds this once per tier).
+
+   One source for every CPU: the compiler flags of a tier (cpu_kernels.py: TIERS) decide the vector
+   width and the instructions. The portable parts are written with GCC's vector extensions, which
+   the compiler maps onto AVX-512, AVX2 or NEON; the AVX-512 BF16 tier adds a bfloat16 dot-product
+   and an int8 widening by table lookup (VBMI) where those instructions exist.
+
+   These kernels define the node's numbers: float32 sums rounded once to bfloat16. They do not try
+   to reproduce a vendor library's rounding; tests hold them to PyTorch's results by stated
+   tolerances, and the tiers to each other.
 
    At batch 1 a frame is a few hundred matrix-vector products whose weights come from memory once
-   each, so the pace is how fast the weights stream in. Both products read their weights in a
+   each, so the pace is how fast the weights stream in. The products read their weights in a
    layout written for them (cpu_kernels.py), in exactly the order the loop uses them: one
    sequential stream the hardware prefetcher follows, no per-call set-up.
 
-   Layout: blocks of 16 g output rows; within a block, for each pair of columns k, k + 1, the
-   block's rows' two values, 16 rows at a time: [N / 16g][K / 2][g][16][2]. One vdpbf16ps takes a
-   pair of x (broadcast) against 16 rows, each lane summing its own output in float32; g = 4 (2 or
-   1 where N is not a multiple of 64) keeps that many sums in flight. Up to 4 rows of x share each
-   weight read (batches, prefills).
+   Layout: blocks of R output rows (R = 16, 32 or 64: up to 4 vectors of the tier's width); within
+   a block, for each pair of columns k, k + 1, the block's rows' two values: [N / R][K / 2][R][2].
+   A 32-bit word then holds one row's weights for two columns, which a bfloat16 dot-product takes
+   as it is and other tiers split into two float vectors with a shift and a mask. int8 weights
+   keep each pair's two columns apart instead ([N / R][K / 2][2][R]), widened a vector at a time;
+   the AVX-512 BF16 tier has a layout of its own for them (load_int8_pair). Up to TILE rows of x
+   share each weight read (batches, prefills).
 
-   bf16_linear  y = bf16(x @ w.T), bfloat16 weights. It reproduces oneDNN's inner product bit for
-                bit (what PyTorch runs for a bfloat16 nn.Linear on such CPUs, and so what qwen-tts
-                computes): each output a float32 sum of vdpbf16ps steps over k in order, in blocks
-                of kblock columns, the blocks' sums added in order. oneDNN picks the block size by
-                shape and row count; cpu_kernels.py finds it per shape by comparing with oneDNN
-                and uses this kernel only where one matches.
-   q8_linear    y = bf16(scale * (x @ w.T)), int8 weights (weights: int8), the same loop with each
-                int8 widened to bfloat16 as it is read (exact: |w| <= 127 fits bfloat16's 8-bit
-                significand), by table lookup (AVX-512 VBMI). PyTorch's own weight-only int8
-                kernel is compute-bound on such CPUs and reads int8 no faster than oneDNN reads
-                bfloat16.
+   Cores: a product's blocks of rows are shared with helper threads, in chunks claimed one at a
+   time (a helper that the system preempts holds up one chunk, not a fixed half). A helper spins a
+   while after each product, since the next comes within microseconds and waking a sleeping thread
+   costs about as much as a small product; then it sleeps. A busy decoder reserves its cores
+   (reserve_cores): products then run on the cores left, so decoding, which the audio waits for,
+   is not slowed. Which thread computes an output row changes nothing in it. */
 
-   Cores: one core draws ~35-40 GB/s from memory here, two ~48, so a product's blocks of rows are
-   shared with helper threads, in chunks claimed one at a time (a helper that the system preempts
-   holds up one chunk, not a fixed half). A helper spins a while after each product, since the
-   next comes within microseconds and waking a sleeping thread costs about as much as a small
-   product; then it sleeps. A busy decoder reserves its cores (reserve_cores): products then run
-   on the cores left, and helpers not needed sleep at once, so decoding, which the audio waits
-   for, is not slowed. Which thread computes an output row changes nothing in it. */
-
-#include <immintrin.h>
 #include <linux/futex.h>
 #include <math.h>
 #include <pthread.h>
@@ -39,16 +36,87 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define PAUSE() _mm_pause()
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#define PAUSE() __asm__ __volatile__("yield")
+#else
+#error "cpu_kernels.c: x86-64 or aarch64"
+#endif
+
+#if defined(__AVX512F__)
+#define W 16
+#elif defined(__AVX2__)
+#define W 8
+#elif defined(__ARM_NEON)
+#define W 4
+#else
+#error "cpu_kernels.c: build with a tier's flags (cpu_kernels.py)"
+#endif
+
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+#define DOT_BF16 1 /* vdpbf16ps for products, table lookup for int8 (its own int8 layout) */
+#else
+#define DOT_BF16 0
+#endif
+
 #define TILE 4 /* rows of x per pass over the weights */
+#define MAX_DIM 4096 /* rms_norm's rows, attention's head size */
 
-/* 32 weights (16 rows x a pair of columns) as bfloat16. */
-static inline __m512bh load_bf16(const uint16_t *w) { return (__m512bh)_mm512_loadu_si512(w); }
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef uint32_t vu __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
+typedef uint16_t vh __attribute__((vector_size(2 * W)));
 
-/* The bytes of bfloat16(m) for m = 0..127, low and high: m = 1.f * 2^e with e = 0..6. */
+static inline vf load_f(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline vu load_u(const void *p) { vu v; memcpy(&v, p, sizeof v); return v; }
+static inline void store_f(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vf splat(float x) { const vf v = {x}; return __builtin_shuffle(v, (vi){0}); }
+static inline float lane_sum(vf v) {
+    float s = 0;
+    for (int i = 0; i < W; i++) s += v[i];
+    return s;
+}
+static inline vf vmax(vf a, vf b) { vi m = a > b; return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+
+static inline float bf16_to_float(uint16_t v) {
+    union { uint32_t u; float f; } c = {.u = (uint32_t)v << 16};
+    return c.f;
+}
+
+static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as PyTorch (no NaNs here) */
+    union { float f; uint32_t u; } c = {.f = f};
+    return (uint16_t)((c.u + 0x7fff + ((c.u >> 16) & 1)) >> 16);
+}
+
+static inline vf load_bf16(const uint16_t *p) { /* W bfloat16 as floats */
+    vh h;
+    memcpy(&h, p, sizeof h);
+    return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+
+static inline void store_bf16(uint16_t *p, vf v) { /* rounded to nearest even */
+    const vu u = (vu)v;
+    const vh h = __builtin_convertvector((u + 0x7fff + ((u >> 16) & 1)) >> 16, vh);
+    memcpy(p, &h, sizeof h);
+}
+
+/* --- products -------------------------------------------------------------------------------- */
+
+#if DOT_BF16
+/* 64 int8 weights (two groups of 16 rows x a pair of columns) as two vectors of 32 bfloat16, by
+   table lookup: 7 instructions where converting through int32 and float32 takes about 16. Each
+   byte is sign | magnitude (|w| <= 127); the tables give the low and high byte of
+   bfloat16(magnitude), the sign goes into the high byte, and interleaving the bytes makes 16-bit
+   words. The interleave works within 128-bit lanes, so this tier's int8 layout stores each lane
+   as the first group's 8 weights then the second's (cpu_kernels.py). */
 #define EXP(m) ((m) >= 64 ? 6 : (m) >= 32 ? 5 : (m) >= 16 ? 4 : (m) >= 8 ? 3 : (m) >= 4 ? 2 : (m) >= 2 ? 1 : 0)
 #define BF16(m) ((m) ? ((127 + EXP(m)) << 7) | (((m) << (7 - EXP(m))) & 0x7f) : 0)
 #define LO(m) (BF16(m) & 0xff)
@@ -59,13 +127,7 @@ static inline __m512bh load_bf16(const uint16_t *w) { return (__m512bh)_mm512_lo
 static const uint8_t BF16_LO[128] __attribute__((aligned(64))) = {X128(LO)};
 static const uint8_t BF16_HI[128] __attribute__((aligned(64))) = {X128(HI)};
 
-/* 64 int8 weights (two blocks of 16 rows x a pair of columns) as two vectors of 32 bfloat16, by
-   table lookup: 7 instructions where converting through int32 and float32 takes about 16, which
-   made the loop compute-bound. Each byte is sign | magnitude (|w| <= 127); the tables give the
-   low and high byte of bfloat16(magnitude), the sign goes into the high byte, and interleaving
-   the bytes makes 16-bit words. The interleave works within 128-bit lanes, so the layout stores
-   each lane as the first block's 8 weights then the second's (cpu_kernels.py). */
-static inline void load_int8(const int8_t *w, __m512bh *first, __m512bh *second) {
+static inline void load_int8_pair(const int8_t *w, __m512bh *first, __m512bh *second) {
     const __m512i src = _mm512_loadu_si512(w);
     const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(BF16_LO), src, _mm512_load_si512(BF16_LO + 64));
     __m512i hi = _mm512_permutex2var_epi8(_mm512_load_si512(BF16_HI), src, _mm512_load_si512(BF16_HI + 64));
@@ -74,59 +136,103 @@ static inline void load_int8(const int8_t *w, __m512bh *first, __m512bh *second)
     *second = (__m512bh)_mm512_unpackhi_epi8(lo, hi);
 }
 
-/* rows (<= TILE) rows of x [., K] against one block of 16 g outputs, k in blocks of kblock.
-   int8 weights when scale is given (their per-row scales), else bfloat16. */
+/* rows (<= TILE) rows of x against one block of V vectors of 16 outputs. */
 static inline __attribute__((always_inline)) void tile(const uint32_t *x, const void *w, const float *scale,
-                                                       uint16_t *y, const int rows, const int g, int N, int K,
-                                                       int kblock) {
-    __m512 total[TILE][4];
+                                                       uint16_t *y, const int rows, const int V, int N, int K) {
+    __m512 acc[TILE][4];
     for (int m = 0; m < rows; m++)
-        for (int b = 0; b < g; b++) total[m][b] = _mm512_setzero_ps();
-    for (int k0 = 0; k0 < K / 2; k0 += kblock / 2) {
-        int k1 = k0 + kblock / 2 < K / 2 ? k0 + kblock / 2 : K / 2;
-        __m512 acc[TILE][4];
-        for (int m = 0; m < rows; m++)
-            for (int b = 0; b < g; b++) acc[m][b] = _mm512_setzero_ps();
-        for (int k = k0; k < k1; k++) {
-            __m512bh wv[4];
-            if (scale)
-                for (int b = 0; b < g; b += 2) load_int8((const int8_t *)w + ((long)k * g + b) * 32, &wv[b], &wv[b + 1]);
-            else
-                for (int b = 0; b < g; b++) wv[b] = load_bf16((const uint16_t *)w + ((long)k * g + b) * 32);
-            for (int m = 0; m < rows; m++) {
-                __m512bh xv = (__m512bh)_mm512_set1_epi32((int)x[(long)m * K / 2 + k]);
-                for (int b = 0; b < g; b++) acc[m][b] = _mm512_dpbf16_ps(acc[m][b], xv, wv[b]);
-            }
+        for (int b = 0; b < V; b++) acc[m][b] = _mm512_setzero_ps();
+    for (int k = 0; k < K / 2; k++) {
+        __m512bh wv[4];
+        if (scale)
+            for (int b = 0; b < V; b += 2) load_int8_pair((const int8_t *)w + ((long)k * V + b) * 32, &wv[b], &wv[b + 1]);
+        else
+            for (int b = 0; b < V; b++) wv[b] = (__m512bh)_mm512_loadu_si512((const uint16_t *)w + ((long)k * V + b) * 32);
+        for (int m = 0; m < rows; m++) {
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32((int)x[(long)m * K / 2 + k]);
+            for (int b = 0; b < V; b++) acc[m][b] = _mm512_dpbf16_ps(acc[m][b], xv, wv[b]);
         }
-        for (int m = 0; m < rows; m++)
-            for (int b = 0; b < g; b++) total[m][b] = _mm512_add_ps(total[m][b], acc[m][b]);
     }
     for (int m = 0; m < rows; m++)
-        for (int b = 0; b < g; b++) {
-            __m512 out = scale ? _mm512_mul_ps(total[m][b], _mm512_loadu_ps(scale + 16 * b)) : total[m][b];
-            _mm256_storeu_si256((__m256i *)(y + (long)m * N + 16 * b), (__m256i)_mm512_cvtneps_pbh(out));
+        for (int b = 0; b < V; b++) {
+            vf out = (vf)acc[m][b];
+            if (scale) out *= load_f(scale + W * b);
+            store_bf16(y + (long)m * N + W * b, out);
         }
 }
+#else
+/* Two columns' weights of W rows as floats. bfloat16: pairs, one 32-bit word per row, the even
+   column in the low half. int8: the even column's W rows, then (`apart` bytes on) the odd's. */
+static inline void split_bf16(const void *w, vf *even, vf *odd) {
+    const vu u = load_u(w);
+    *even = (vf)(u << 16);
+    *odd = (vf)(u & 0xffff0000u);
+}
 
-#define TILES(G)                                                                                   \
-    for (int n = n0; n < n1; n += 16 * G) {                                                          \
+static inline vf load_int8(const int8_t *w) { /* GCC's generic conversion goes a byte at a time */
+#if W == 16
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w)));
+#elif W == 8
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)w)));
+#else
+    int8x8_t q;
+    memcpy(&q, w, 4);
+    return (vf)vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(q))));
+#endif
+}
+
+/* rows (<= TILE) rows of x against one block of V vectors of W outputs; int8 weights (and their
+   per-row scales) when scale is given, else bfloat16. */
+static inline __attribute__((always_inline)) void tile(const uint32_t *x, const void *w, const float *scale,
+                                                       uint16_t *y, const int rows, const int V, int N, int K) {
+    vf acc[TILE][4];
+    for (int m = 0; m < rows; m++)
+        for (int b = 0; b < V; b++) acc[m][b] = (vf){0};
+    for (int k = 0; k < K / 2; k++) {
+        vf even[4], odd[4];
+        for (int b = 0; b < V; b++) {
+            if (scale) {
+                const int8_t *wk = (const int8_t *)w + (long)k * 2 * V * W + b * W;
+                even[b] = load_int8(wk), odd[b] = load_int8(wk + V * W);
+            } else {
+                split_bf16((const uint16_t *)w + ((long)k * V + b) * 2 * W, &even[b], &odd[b]);
+            }
+        }
+        for (int m = 0; m < rows; m++) {
+            const uint32_t pair = x[(long)m * K / 2 + k];
+            const vf x0 = splat(bf16_to_float((uint16_t)pair)), x1 = splat(bf16_to_float((uint16_t)(pair >> 16)));
+            for (int b = 0; b < V; b++) acc[m][b] += x0 * even[b] + x1 * odd[b];
+        }
+    }
+    for (int m = 0; m < rows; m++)
+        for (int b = 0; b < V; b++) {
+            vf out = acc[m][b];
+            if (scale) out *= load_f(scale + W * b);
+            store_bf16(y + (long)m * N + W * b, out);
+        }
+}
+#endif
+
+#define TILES(V)                                                                                   \
+    for (int n = n0; n < n1; n += (V) * W) {                                                       \
         const char *wn = (const char *)w + (long)n * K * width;                                    \
         const float *sn = scale ? scale + n : 0;                                                   \
         int m = 0;                                                                                 \
-        for (; m + TILE <= M; m += TILE) tile(x + (long)m * K / 2, wn, sn, y + (long)m * N + n, TILE, G, N, K, kblock); \
+        for (; m + TILE <= M; m += TILE) tile(x + (long)m * K / 2, wn, sn, y + (long)m * N + n, TILE, V, N, K); \
         switch (M - m) {                                                                           \
-        case 3: tile(x + (long)m * K / 2, wn, sn, y + (long)m * N + n, 3, G, N, K, kblock); break; \
-        case 2: tile(x + (long)m * K / 2, wn, sn, y + (long)m * N + n, 2, G, N, K, kblock); break; \
-        case 1: tile(x + (long)m * K / 2, wn, sn, y + (long)m * N + n, 1, G, N, K, kblock); break; \
+        case 3: tile(x + (long)m * K / 2, wn, sn, y + (long)m * N + n, 3, V, N, K); break;        \
+        case 2: tile(x + (long)m * K / 2, wn, sn, y + (long)m * N + n, 2, V, N, K); break;        \
+        case 1: tile(x + (long)m * K / 2, wn, sn, y + (long)m * N + n, 1, V, N, K); break;        \
         }                                                                                          \
     }
 
-/* Outputs n0..n1 of x [M, K] and y [M, N] bfloat16, x read as pairs of columns (K even); N, n0
-   and n1 multiples of 16 g. */
-static inline __attribute__((always_inline)) void linear(const uint32_t *x, const void *w, const float *scale, int width, uint16_t *y, int M, int N,
-                   int K, int g, int kblock, int n0, int n1) {
-    if (g == 4) { TILES(4) }
-    else if (g == 2) { TILES(2) }
+/* Outputs n0..n1 of x [M, K] and y [M, N] bfloat16, x read as pairs of columns (K even), weights
+   in blocks of V vectors; N, n0 and n1 multiples of V * W. */
+static void linear(const uint32_t *x, const void *w, const float *scale, uint16_t *y, int M, int N, int K, int V,
+                   int n0, int n1) {
+    const int width = scale ? 1 : 2; /* bytes per weight */
+    if (V == 4) { TILES(4) }
+    else if (V == 2) { TILES(2) }
     else { TILES(1) }
 }
 
@@ -135,7 +241,7 @@ static inline __attribute__((always_inline)) void linear(const uint32_t *x, cons
 #define MAX_HELPERS 31 /* each sleeps on its own bit of the futex */
 #define SPIN_NS 200000 /* a frame's products come microseconds apart; between frames, longer */
 
-struct job { const uint32_t *x; const void *w; const float *scale; uint16_t *y; int M, N, K, g, kblock; };
+struct job { const uint32_t *x; const void *w; const float *scale; uint16_t *y; int M, N, K, V; };
 
 /* A job is cut into chunks of its blocks of rows, claimed one at a time, so a helper that the
    system preempts (a busy box: the relay, the encoder) holds up at most the chunk it is on while
@@ -153,8 +259,9 @@ static struct {
 } pool;
 
 static void linear_part(const struct job *j, int part, int parts) {
-    const int blocks = j->N / (16 * j->g), n0 = blocks * part / parts * 16 * j->g, n1 = blocks * (part + 1) / parts * 16 * j->g;
-    linear(j->x, j->w, j->scale, j->scale ? 1 : 2, j->y, j->M, j->N, j->K, j->g, j->kblock, n0, n1);
+    const int block = j->V * W, blocks = j->N / block;
+    const int n0 = blocks * part / parts * block, n1 = blocks * (part + 1) / parts * block;
+    linear(j->x, j->w, j->scale, j->y, j->M, j->N, j->K, j->V, n0, n1);
 }
 
 /* Claim and run chunks of the current job until none is left. */
@@ -184,7 +291,7 @@ static void *helper(void *arg) {
         long since = now_ns();
         for (int spins = 0; (seq = atomic_load_explicit(&pool.seq, memory_order_acquire)) == seen; spins++) {
             if (needed(id) && (spins & 63 || now_ns() - since < SPIN_NS)) {
-                _mm_pause();
+                PAUSE();
                 continue;
             }
             atomic_fetch_add(&pool.sleeping, 1);
@@ -214,7 +321,7 @@ void reserve_cores(int cores) { atomic_fetch_add(&pool.reserved, cores); }
 
 static void run(const struct job *job) {
     const int threads = pool.helpers + 1 - atomic_load_explicit(&pool.reserved, memory_order_relaxed);
-    const int blocks = job->N / (16 * job->g), chunks = blocks < 4 * threads ? blocks : 4 * threads;
+    const int blocks = job->N / (job->V * W), chunks = blocks < 4 * threads ? blocks : 4 * threads;
     if (threads <= 1 || chunks <= 1 || atomic_exchange(&pool.taken, 1)) {
         linear_part(job, 0, 1);
         return;
@@ -228,247 +335,112 @@ static void run(const struct job *job) {
     work();
     /* A helper preempted on its chunk: after ~100 us, let the system run it here if it will. */
     for (int spins = 0; atomic_load_explicit(&pool.done, memory_order_acquire) < chunks; spins++)
-        if (spins < 4096) _mm_pause();
+        if (spins < 4096) PAUSE();
         else sched_yield();
     atomic_store(&pool.taken, 0);
 }
 
-void bf16_linear(const uint32_t *x, const uint16_t *w, uint16_t *y, int M, int N, int K, int g, int kblock) {
-    run(&(struct job){x, w, NULL, y, M, N, K, g, kblock});
+/* y = bf16(x @ w.T): x [M, K] bfloat16, w [N, K] bfloat16 in the layout above with blocks of
+   V vectors, y [M, N]. */
+void bf16_linear(const uint32_t *x, const uint16_t *w, uint16_t *y, int M, int N, int K, int V) {
+    run(&(struct job){x, w, NULL, y, M, N, K, V});
 }
 
-void q8_linear(const uint32_t *x, const int8_t *w, const float *scale, uint16_t *y, int M, int N, int K, int g) {
-    run(&(struct job){x, w, scale, y, M, N, K, g, K});
+/* y = bf16(scale * (x @ w.T)), int8 weights (sign | magnitude, lane-interleaved, on the BF16 tier;
+   two's complement, columns apart, elsewhere) with a float32 scale per row. */
+void q8_linear(const uint32_t *x, const int8_t *w, const float *scale, uint16_t *y, int M, int N, int K, int V) {
+    run(&(struct job){x, w, scale, y, M, N, K, V});
 }
 
-/* --- RMS norm and rotary embedding, rounded as PyTorch's ops round them -------------------- */
+/* Facts cpu_kernels.py lays weights out by. */
+int lanes(void) { return W; }
+int int8_sign_magnitude(void) { return DOT_BF16; }
 
-static inline float bf16_to_float(uint16_t v) {
-    union { uint32_t u; float f; } c = {.u = (uint32_t)v << 16};
-    return c.f;
-}
-
-static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as PyTorch (no NaNs here) */
-    union { float f; uint32_t u; } c = {.f = f};
-    return (uint16_t)((c.u + 0x7fff + ((c.u >> 16) & 1)) >> 16);
-}
-
-static inline __m512 bf16x16_to_float(const uint16_t *v) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)v)), 16));
-}
-
-static inline __m256i float_to_bf16x16(__m512 f) { /* round to nearest even, as float_to_bf16 */
-    const __m512i u = _mm512_castps_si512(f);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16));
-}
-
-/* sum(v[0..n)) in the order of PyTorch's CPU sum over a contiguous last dimension (SumKernel.cpp,
-   vectorized_inner_sum with 8-float vectors, n >= 8): 4 interleaved chains of vectors, each
-   summed in blocks of 16 whose sums cascade up 4 levels, the chains added, then the lanes left to
-   right. decoder_stack checks it against torch.sum on each size (row_sums) before using it. */
-#define LANES 8
-static float torch_sum(const float *v, int n) {
-    const int vectors = n / LANES, rows = vectors / 4;
-    float acc[4][4][LANES] = {{{0}}}; /* [level][chain][lane] */
-    int i = 0;
-    for (; i + 16 <= rows;) {
-        for (int j = 0; j < 16; j++, i++)
-            for (int k = 0; k < 4; k++)
-                for (int l = 0; l < LANES; l++) acc[0][k][l] += v[(i * 4 + k) * LANES + l];
-        for (int level = 1; level < 4; level++) {
-            for (int k = 0; k < 4; k++)
-                for (int l = 0; l < LANES; l++) {
-                    acc[level][k][l] += acc[level - 1][k][l];
-                    acc[level - 1][k][l] = 0;
-                }
-            if (i & (15 << (4 * level))) break;
-        }
-    }
-    for (; i < rows; i++)
-        for (int k = 0; k < 4; k++)
-            for (int l = 0; l < LANES; l++) acc[0][k][l] += v[(i * 4 + k) * LANES + l];
-    for (int level = 1; level < 4; level++)
-        for (int k = 0; k < 4; k++)
-            for (int l = 0; l < LANES; l++) acc[0][k][l] += acc[level][k][l];
-    for (int r = rows * 4; r < vectors; r++)
-        for (int l = 0; l < LANES; l++) acc[0][0][l] += v[r * LANES + l];
-    for (int k = 1; k < 4; k++)
-        for (int l = 0; l < LANES; l++) acc[0][0][l] += acc[0][k][l];
-    float total = 0;
-    for (int r = vectors * LANES; r < n; r++) total += v[r];
-    for (int l = 0; l < LANES; l++) total += acc[0][0][l];
-    return total;
-}
-
-/* The sums of `rows` rows of `dim` floats, as rms_norm sums them (for the check above). */
-void row_sums(const float *v, float *out, int rows, int dim) {
-    for (int r = 0; r < rows; r++) out[r] = torch_sum(v + (long)r * dim, dim);
-}
+/* --- RMS norm and rotary embedding ------------------------------------------------------------ */
 
 /* y = Qwen3TTSRMSNorm(x) for `rows` rows of `dim` bfloat16 (row r at x + r / per * stride +
    r % per * dim: heads inside positions), weight row r % per; y contiguous. With cos and sin
-   ([rows / per][dim] bfloat16), then rotated: y * cos + rotate_half(y) * sin, each op rounded to
-   bfloat16 as PyTorch's. dim <= 4096. */
+   ([rows / per][dim] bfloat16), then rotated: y * cos + rotate_half(y) * sin. Rounded to bfloat16
+   where the module's ops round (after the scaling, the weight, and each term of the rotation);
+   the sum of squares in float32. dim <= MAX_DIM. */
 void rms_norm(const uint16_t *x, long stride, int per, const uint16_t *weight, uint16_t *y, int rows, int dim,
               float eps, const uint16_t *cos, const uint16_t *sin) {
-    float h[4096], sq[4096];
-    uint16_t normed[4096];
+    uint16_t normed[MAX_DIM];
     for (int r = 0; r < rows; r++) {
         const uint16_t *xr = x + (long)(r / per) * stride + (long)(r % per) * dim, *w = weight + (long)(r % per) * dim;
-        uint16_t *yr = y + (long)r * dim;
-        for (int i = 0; i < dim; i++) {
-            h[i] = bf16_to_float(xr[i]);
-            sq[i] = h[i] * h[i];
+        uint16_t *yr = cos ? normed : y + (long)r * dim;
+        vf squares = {0};
+        int i = 0;
+        for (; i + W <= dim; i += W) {
+            const vf h = load_bf16(xr + i);
+            squares += h * h;
         }
-        const float scale = 1.0f / sqrtf(torch_sum(sq, dim) / (float)dim + eps);
-        for (int i = 0; i < dim; i++)
-            normed[i] = float_to_bf16(bf16_to_float(w[i]) * bf16_to_float(float_to_bf16(h[i] * scale)));
-        if (!cos) {
-            for (int i = 0; i < dim; i++) yr[i] = normed[i];
-            continue;
-        }
+        float sum = lane_sum(squares);
+        for (; i < dim; i++) sum += bf16_to_float(xr[i]) * bf16_to_float(xr[i]);
+        const float scale = 1.0f / sqrtf(sum / (float)dim + eps);
+        for (i = 0; i < dim; i++)
+            yr[i] = float_to_bf16(bf16_to_float(w[i]) * bf16_to_float(float_to_bf16(bf16_to_float(xr[i]) * scale)));
+        if (!cos) continue;
         const uint16_t *c = cos + (long)(r / per) * dim, *s = sin + (long)(r / per) * dim;
-        for (int i = 0, half = dim / 2; i < dim; i++) {
-            const float rotated = i < half ? -bf16_to_float(normed[i + half]) : bf16_to_float(normed[i - half]);
-            const float a = bf16_to_float(float_to_bf16(bf16_to_float(normed[i]) * bf16_to_float(c[i])));
-            const float b = bf16_to_float(float_to_bf16(rotated * bf16_to_float(s[i])));
-            yr[i] = float_to_bf16(a + b);
+        uint16_t *out = y + (long)r * dim;
+        for (int j = 0, half = dim / 2; j < dim; j++) {
+            const float rotated = j < half ? -bf16_to_float(normed[j + half]) : bf16_to_float(normed[j - half]);
+            const float a = bf16_to_float(float_to_bf16(bf16_to_float(normed[j]) * bf16_to_float(c[j])));
+            const float b = bf16_to_float(float_to_bf16(rotated * bf16_to_float(s[j])));
+            out[j] = float_to_bf16(a + b);
         }
     }
 }
 
-/* --- attention for one new position, in float32 (int8 models) ------------------------------ */
+/* --- attention for one new position ----------------------------------------------------------- */
 
 /* e^x for x <= 0: x = n ln2 + r, |r| <= ln2 / 2, a degree-7 Taylor polynomial in r (error ~1e-8,
    below float32's rounding), times 2^n. */
-static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x); /* ln2 in two parts */
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+static inline vf exp_nonpositive(vf x) {
+    x = vmax(x, splat(-87.0f));
+    const vf magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    const vf n = (x * 1.44269504f + magic) - magic;
+    vf r = x - n * 0.693145751953125f; /* ln2 in two parts */
+    r = r - n * 1.428606765330187e-06f;
     static const float taylor[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
-    __m512 p = _mm512_set1_ps(taylor[0]);
-    for (int i = 1; i < 8; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(taylor[i]));
-    return _mm512_scalef_ps(p, n);
+    vf p = splat(taylor[0]);
+    for (int i = 1; i < 8; i++) p = p * r + taylor[i];
+    return (vf)((vu)p + (vu)(__builtin_convertvector(n, vi) << 23));
 }
 
-/* One query head (bfloat16 q) against `length` float32 keys and values: SDPA's arithmetic in
-   float32, not its rounding. scores holds length + 16 floats. */
-static void attend_head_f32(const uint16_t *q, const float *k, const float *v, int length, int dim, float scale,
-                            float *scores, uint16_t *out) {
-    const int vectors = dim / 16;
-    __m512 query[32], sums[32];
-    for (int d = 0; d < vectors; d++) query[d] = bf16x16_to_float(q + d * 16);
+/* W cache entries of a key or value as floats: bfloat16 or float32 caches. */
+static inline vf load_cache(const void *p, long at, int bf16) {
+    return bf16 ? load_bf16((const uint16_t *)p + at) : load_f((const float *)p + at);
+}
+
+/* One query head (bfloat16 q) against `length` cached keys and values, in float32: softmax(q.k *
+   scale) @ v. scores holds length + W floats. */
+static void attend_head(const uint16_t *q, const void *k, const void *v, int bf16, int length, int dim, float scale,
+                        float *scores, uint16_t *out) {
+    const int vectors = dim / W;
+    vf query[MAX_DIM / W], sums[MAX_DIM / W];
+    for (int d = 0; d < vectors; d++) query[d] = load_bf16(q + d * W);
     float top = -INFINITY;
     for (int t = 0; t < length; t++) {
-        __m512 dot = _mm512_setzero_ps();
-        for (int d = 0; d < vectors; d++) dot = _mm512_fmadd_ps(query[d], _mm512_loadu_ps(k + (long)t * dim + d * 16), dot);
-        scores[t] = _mm512_reduce_add_ps(dot) * scale;
+        vf dot = {0};
+        for (int d = 0; d < vectors; d++) dot += query[d] * load_cache(k, (long)t * dim + d * W, bf16);
+        scores[t] = lane_sum(dot) * scale;
         top = scores[t] > top ? scores[t] : top;
     }
-    __m512 total = _mm512_setzero_ps();
-    int t = 0;
-    for (; t + 16 <= length; t += 16) {
-        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores + t), _mm512_set1_ps(top)));
-        _mm512_storeu_ps(scores + t, e);
-        total = _mm512_add_ps(total, e);
+    for (int t = length; t < (length + W - 1) / W * W; t++) scores[t] = -INFINITY; /* e = 0 */
+    vf total = {0};
+    for (int t = 0; t < length; t += W) {
+        const vf e = exp_nonpositive(load_f(scores + t) - top);
+        store_f(scores + t, e);
+        total += e;
     }
-    const __mmask16 rest = (__mmask16)((1u << (length - t)) - 1);
-    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(rest, scores + t), _mm512_set1_ps(top)));
-    _mm512_mask_storeu_ps(scores + t, rest, e);
-    const __m512 denominator = _mm512_set1_ps(_mm512_reduce_add_ps(_mm512_mask_add_ps(total, rest, total, e)));
-    for (int d = 0; d < vectors; d++) sums[d] = _mm512_setzero_ps();
-    for (int u = 0; u < length; u++) {
-        const __m512 p = _mm512_set1_ps(scores[u]);
-        for (int d = 0; d < vectors; d++) sums[d] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + (long)u * dim + d * 16), sums[d]);
-    }
-    for (int d = 0; d < vectors; d++) _mm256_storeu_si256((__m256i *)(out + d * 16), float_to_bf16x16(_mm512_div_ps(sums[d], denominator)));
-}
-
-/* --- attention for one new position in bfloat16, rounded as PyTorch's SDPA ------------------ */
-
-/* For one query, PyTorch's CPU flash attention (bfloat16, one block of at most 512 keys) computes
-   s = (q . k) * scale; e = exp(s - max(s)), by its fexp_u20 for the first L / 16 * 16 positions
-   (summed 16 at a time into two vectors in turn, added, then folded: halves, quarters, pairs,
-   neighbours) and by expf for the rest (added one by one); p = bf16(e);
-   out = bf16((p @ v) * (1 / sum(e))). Its two products go to MKL's bfloat16 GEMM, whose sums were
-   found by probing it with values that cancel: q . k in 4 chains (d mod 4), each in order, then
-   (c0 + c2) + (c1 + c3); p @ v per output in blocks of 4 positions ((0 + 2) + (1 + 3)), the
-   blocks added in turn, then the positions left over from the last back. Every product of two
-   bfloat16 is exact in float32. decoder_stack checks all of this against SDPA for every length
-   at load and keeps SDPA where it differs. */
-
-/* PyTorch's Vectorized<float>::fexp_u20 (AVX-512). */
-static inline __m512 fexp_u20(__m512 x) {
-    const __mmask16 low = _mm512_cmp_ps_mask(x, _mm512_castsi512_ps(_mm512_set1_epi32(0xc2aeac50)), _CMP_LT_OS);
-    const __mmask16 high = _mm512_cmp_ps_mask(x, _mm512_castsi512_ps(_mm512_set1_epi32(0x42b17218)), _CMP_GT_OS);
-    __m512 src = _mm512_mul_ps(x, _mm512_castsi512_ps(_mm512_set1_epi32(0x3fb8aa3b))); /* x log2(e) */
-    const __m512 fraction = _mm512_sub_ps(src, _mm512_floor_ps(src));
-    __m512 poly = _mm512_fmadd_ps(fraction, _mm512_set1_ps(-0.079204240219773236f), _mm512_set1_ps(-0.22433836478672356f));
-    poly = _mm512_fmadd_ps(fraction, poly, _mm512_set1_ps(0.30354260500649682f));
-    poly = _mm512_fmadd_ps(fraction, poly, _mm512_set1_ps(0.00010703434948458272f));
-    src = _mm512_sub_ps(src, poly);
-    __m512i bits = _mm512_cvttps_epi32(_mm512_fmadd_ps(_mm512_set1_ps(8388608.0f), src, _mm512_set1_ps(8388608.0f * 127)));
-    bits = _mm512_mask_mov_epi32(bits, low, _mm512_setzero_si512());
-    bits = _mm512_mask_mov_epi32(bits, high, _mm512_set1_epi32(0x7F800000));
-    return _mm512_castsi512_ps(bits);
-}
-
-static inline float fold_lanes(__m512 v) { /* at::vec::vec_reduce_all's order */
-    v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0x4E));
-    v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1));
-    v = _mm512_add_ps(v, _mm512_shuffle_ps(v, v, 0x4E));
-    v = _mm512_add_ps(v, _mm512_shuffle_ps(v, v, 0xB1));
-    return _mm512_cvtss_f32(v);
-}
-
-/* One query head against `length` <= 512 bfloat16 keys and values, as SDPA (above). s holds
-   length + 16 floats. */
-static void attend_head_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, int length, int dim, float scale,
-                             float *s, uint16_t *out) {
-    float query[512], e[16];
-    uint16_t p[512];
-    for (int d = 0; d < dim; d++) query[d] = bf16_to_float(q[d]);
-    float top = -INFINITY;
+    const float reciprocal = 1.0f / lane_sum(total);
+    for (int d = 0; d < vectors; d++) sums[d] = (vf){0};
     for (int t = 0; t < length; t++) {
-        const uint16_t *key = k + (long)t * dim;
-        float chain[4] = {0, 0, 0, 0};
-        for (int d = 0; d < dim; d += 4)
-            for (int r = 0; r < 4; r++) chain[r] = fmaf(query[d + r], bf16_to_float(key[d + r]), chain[r]);
-        s[t] = ((chain[0] + chain[2]) + (chain[1] + chain[3])) * scale;
-        top = s[t] > top ? s[t] : top;
+        const vf p = splat(scores[t]);
+        for (int d = 0; d < vectors; d++) sums[d] += p * load_cache(v, (long)t * dim + d * W, bf16);
     }
-    const int vectors = length / 16 * 16;
-    __m512 lanes[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int t = 0; t < vectors; t += 16) {
-        const __m512 x = fexp_u20(_mm512_sub_ps(_mm512_loadu_ps(s + t), _mm512_set1_ps(top)));
-        lanes[t / 16 % 2] = _mm512_add_ps(lanes[t / 16 % 2], x);
-        _mm512_storeu_ps(e, x);
-        for (int i = 0; i < 16; i++) p[t + i] = float_to_bf16(e[i]);
-    }
-    float sum = fold_lanes(_mm512_add_ps(lanes[0], lanes[1]));
-    for (int t = vectors; t < length; t++) {
-        const float x = expf(s[t] - top);
-        sum += x;
-        p[t] = float_to_bf16(x);
-    }
-    const float reciprocal = 1 / sum;
-    const int blocks = length / 4;
-    for (int d = 0; d < dim; d += 16) {
-#define PV(t) _mm512_mul_ps(_mm512_set1_ps(bf16_to_float(p[t])), bf16x16_to_float(v + (long)(t) * dim + d))
-        __m512 total = _mm512_setzero_ps();
-        for (int b = 0; b < blocks; b++) {
-            const int t = 4 * b;
-            const __m512 block = _mm512_add_ps(_mm512_add_ps(PV(t), PV(t + 2)), _mm512_add_ps(PV(t + 1), PV(t + 3)));
-            total = b ? _mm512_add_ps(total, block) : block;
-        }
-        int t = length - 1;
-        if (!blocks) total = PV(t), t--; /* not 0 + x: that would turn -0 into +0 */
-        for (; t >= 4 * blocks; t--) total = _mm512_add_ps(total, PV(t));
-#undef PV
-        _mm256_storeu_si256((__m256i *)(out + d), float_to_bf16x16(_mm512_mul_ps(total, _mm512_set1_ps(reciprocal))));
-    }
+    for (int d = 0; d < vectors; d++) store_bf16(out + d * W, sums[d] * reciprocal);
 }
 
 /* Attention of one new position per sequence, grouped-query heads. For each of the n sequences j:
@@ -476,39 +448,164 @@ static void attend_head_bf16(const uint16_t *q, const uint16_t *k, const uint16_
    row rows[j], then each of its query heads attends over positions 0..starts[j] of its kv head
    (q head h reads kv head h / (heads / kv_heads)). qk [n][heads + kv_heads][dim] and v (row j at
    v + j * v_stride, [kv_heads][dim]): bfloat16. keys, values: [cache rows][kv_heads][capacity][dim],
-   bfloat16 when as_sdpa (rounded as SDPA, starts[j] < 512), else float32. out: [n][heads][dim]
-   bfloat16. dim a multiple of 16, at most 512. */
+   bfloat16 when bf16, else float32. out: [n][heads][dim] bfloat16. dim a multiple of 16, at most
+   MAX_DIM. */
 void attend_one(const uint16_t *qk, const uint16_t *v, long v_stride, void *keys, void *values, long capacity,
-                const int *rows, const int *starts, int n, int heads, int kv_heads, int dim, float scale, int as_sdpa,
+                const int *rows, const int *starts, int n, int heads, int kv_heads, int dim, float scale, int bf16,
                 uint16_t *out) {
     const int group = heads / kv_heads;
     int longest = 0;
     for (int j = 0; j < n; j++) longest = starts[j] + 1 > longest ? starts[j] + 1 : longest;
-    float *scores = malloc(sizeof(float) * ((size_t)longest + 16));
+    float *scores = malloc(sizeof(float) * ((size_t)longest + W));
     for (int j = 0; j < n; j++) {
         const uint16_t *q = qk + (long)j * (heads + kv_heads) * dim;
         for (int g = 0; g < kv_heads; g++) {
             const long cache = ((long)rows[j] * kv_heads + g) * capacity * dim, at = cache + (long)starts[j] * dim;
             for (int i = 0; i < dim; i++) {
                 const uint16_t key = q[(heads + g) * dim + i], value = v[j * v_stride + (long)g * dim + i];
-                if (as_sdpa) ((uint16_t *)keys)[at + i] = key, ((uint16_t *)values)[at + i] = value;
+                if (bf16) ((uint16_t *)keys)[at + i] = key, ((uint16_t *)values)[at + i] = value;
                 else ((float *)keys)[at + i] = bf16_to_float(key), ((float *)values)[at + i] = bf16_to_float(value);
             }
-            for (int h = g * group; h < (g + 1) * group; h++) {
-                uint16_t *o = out + ((long)j * heads + h) * dim;
-                if (as_sdpa)
-                    attend_head_bf16(q + h * dim, (uint16_t *)keys + cache, (uint16_t *)values + cache, starts[j] + 1, dim, scale, scores, o);
-                else
-                    attend_head_f32(q + h * dim, (float *)keys + cache, (float *)values + cache, starts[j] + 1, dim, scale, scores, o);
-            }
+            const int size = bf16 ? 2 : 4;
+            for (int h = g * group; h < (g + 1) * group; h++)
+                attend_head(q + h * dim, (char *)keys + cache * size, (char *)values + cache * size, bf16, starts[j] + 1,
+                            dim, scale, scores, out + ((long)j * heads + h) * dim);
         }
     }
     free(scores);
 }
 
-/* Whether this CPU has every instruction set this file is compiled for (cpu_kernels.py asks
-   before any product): Intel's first AVX-512 BF16 parts (Cooper Lake) lack VBMI. */
-int supported(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi");
+/* --- the machine ------------------------------------------------------------------------------ */
+
+struct reader { const vf *data; long vectors; vf sum; };
+
+static void *read_part(void *arg) {
+    struct reader *r = arg;
+    vf a = {0}, b = {0}, c = {0}, d = {0};
+    for (long i = 0; i + 4 <= r->vectors; i += 4) a += r->data[i], b += r->data[i + 1], c += r->data[i + 2], d += r->data[i + 3];
+    r->sum = a + b + c + d;
+    return NULL;
 }
+
+/* Seconds to read `bytes` (a multiple of 256) at p, 64-byte aligned, shared among `threads`
+   threads: the streaming read bandwidth the products are bound by (bench). */
+double read_seconds(const void *p, long bytes, int threads) {
+    struct reader parts[64];
+    pthread_t ids[64];
+    threads = threads < 1 ? 1 : threads > 64 ? 64 : threads;
+    const long vectors = bytes / sizeof(vf), share = vectors / threads / 4 * 4;
+    const long start = now_ns();
+    for (int t = 0; t < threads; t++) {
+        parts[t] = (struct reader){.data = (const vf *)p + t * share, .vectors = share};
+        if (t) pthread_create(&ids[t], NULL, read_part, &parts[t]);
+    }
+    read_part(&parts[0]);
+    for (int t = 1; t < threads; t++) pthread_join(ids[t], NULL);
+    const double seconds = (now_ns() - start) * 1e-9;
+    volatile float sink = 0;
+    for (int t = 0; t < threads; t++) sink += lane_sum(parts[t].sum);
+    (void)sink;
+    return seconds;
+}
+
+/* Whether this CPU has every instruction set this build was compiled for (cpu_kernels.py asks
+   before anything else). */
+int supported(void) {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    int ok = __builtin_cpu_supports("fma");
+#if defined(__AVX512F__)
+    ok = ok && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+#else
+    ok = ok && __builtin_cpu_supports("avx2");
+#endif
+#if DOT_BF16
+    ok = ok && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi");
+#endif
+    return ok;
+#else
+    return 1; /* NEON is part of every aarch64 CPU */
+#endif
+}
+
+#ifdef SELF_TEST
+/* A standalone check of the kernels against plain double-precision sums, for builds that cannot
+   be loaded into this Python (another architecture, under qemu-user): cc <tier flags> -DSELF_TEST
+   cpu_kernels.c -o self_test && ./self_test. Prints what it checked; exits 1 on a mismatch. */
+#include <stdio.h>
+
+static uint32_t seed = 12345;
+static float uniform(void) { seed = seed * 1664525u + 1013904223u; return (float)(seed >> 8) / (1 << 24) * 2 - 1; }
+
+static void layout_bf16(const uint16_t *w, uint16_t *out, int N, int K, int V) {
+    const int R = V * W; /* [N / R][K / 2][R][2] */
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) out[(((long)(n / R) * (K / 2) + k / 2) * R + n % R) * 2 + k % 2] = w[(long)n * K + k];
+}
+
+static int check_products(int M, int N, int K, int V) {
+    uint16_t *w = malloc(2L * N * K), *laid = malloc(2L * N * K), *x = malloc(2L * M * K), *y = malloc(2L * M * N);
+    for (long i = 0; i < (long)N * K; i++) w[i] = float_to_bf16(uniform() * 0.05f);
+    for (long i = 0; i < (long)M * K; i++) x[i] = float_to_bf16(uniform());
+    layout_bf16(w, laid, N, K, V);
+    bf16_linear((const uint32_t *)x, laid, y, M, N, K, V);
+    int bad = 0;
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++) {
+            double want = 0, size = 0;
+            for (int k = 0; k < K; k++) {
+                const double term = (double)bf16_to_float(x[(long)m * K + k]) * bf16_to_float(w[(long)n * K + k]);
+                want += term, size += fabs(term);
+            }
+            const double got = bf16_to_float(y[(long)m * N + n]);
+            bad += fabs(got - want) > fabs(want) * 0x1p-8 + size * 0x1p-20;
+        }
+    printf("bf16_linear M=%d N=%d K=%d: %s\n", M, N, K, bad ? "MISMATCH" : "ok");
+    free(w), free(laid), free(x), free(y);
+    return bad;
+}
+
+static int check_attention(int length, int dim) {
+    const int heads = 2, kv_heads = 1;
+    float *keys = calloc((size_t)length * dim, 4), *values = calloc((size_t)length * dim, 4);
+    uint16_t qk[3 * MAX_DIM], v[MAX_DIM], out[2 * MAX_DIM];
+    for (long i = 0; i < (long)length * dim; i++) keys[i] = uniform(), values[i] = uniform();
+    for (int i = 0; i < 3 * dim; i++) qk[i] = float_to_bf16(uniform() * 2);
+    for (int i = 0; i < dim; i++) v[i] = float_to_bf16(uniform());
+    const int row = 0, start = length - 1;
+    attend_one(qk, v, dim, keys, values, length, &row, &start, 1, heads, kv_heads, dim, 1.0f / sqrtf(dim), 0, out);
+    int bad = 0;
+    for (int h = 0; h < heads; h++) {
+        double s[4096], top = -1e30, total = 0;
+        for (int t = 0; t < length; t++) {
+            s[t] = 0;
+            for (int d = 0; d < dim; d++) s[t] += (double)bf16_to_float(qk[h * dim + d]) * keys[(long)t * dim + d];
+            s[t] /= sqrt(dim);
+            top = s[t] > top ? s[t] : top;
+        }
+        for (int t = 0; t < length; t++) total += s[t] = exp(s[t] - top);
+        for (int d = 0; d < dim; d++) {
+            double want = 0;
+            for (int t = 0; t < length; t++) want += s[t] / total * values[(long)t * dim + d];
+            bad += fabs(bf16_to_float(out[h * dim + d]) - want) > fabs(want) * 0x1p-7 + 1e-5;
+        }
+    }
+    printf("attend_one length=%d dim=%d: %s\n", length, dim, bad ? "MISMATCH" : "ok");
+    free(keys), free(values);
+    return bad;
+}
+
+int main(void) {
+    printf("cpu_kernels self-test: %d float lanes%s, CPU %s\n", W, DOT_BF16 ? ", bf16 dot-products" : "",
+           supported() ? "supported" : "NOT supported");
+    if (!supported()) return 1;
+    use_cores(2);
+    int bad = 0;
+    for (int V = 1; V <= 4; V *= 2)
+        if (V * W <= 64) bad += check_products(1, 64 * 3, 256, V) + check_products(5, 128, 96, V);
+    bad += check_products(3, 1024, 1024, 64 / W < 4 ? 64 / W : 4);
+    bad += check_attention(1, 64) + check_attention(37, 128) + check_attention(600, 64);
+    printf("%s\n", bad ? "FAILED" : "passed");
+    return bad != 0;
+}
+#endif

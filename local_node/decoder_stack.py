@@ -4,52 +4,46 @@ Per generated frame the model runs 1 talker step and 15 code-predictor steps: 28
 layers of matrix-vector products, where every microsecond outside the matmuls is paid 100 times.
 Through the Hugging Face modules each step also builds masks, rotary tables for all positions,
 a ``DynamicCache`` that concatenates keys and values, and several layers of keyword plumbing.
-``DecoderStack`` keeps only the arithmetic, in the modules' own order and dtypes, so the results
-are the same numbers (the generation tests compare codes with qwen-tts' frame for frame):
+``DecoderStack`` keeps only the arithmetic, in the modules' own order and dtypes (the generation
+tests compare its codes with qwen-tts' frame for frame in float32, and its logits in bfloat16):
 
     per layer:  x + o_proj(attention(rope(q_norm(q)), rope(k_norm(k)), v))  on input_layernorm(x)
                 x + down(silu(gate(h)) * up(h))                             on post_attention_layernorm(x)
     then the final norm
 
 Keys and values go into one preallocated buffer per stack that grows by doubling, so a step
-writes in place instead of concatenating the whole history. Attention is PyTorch's SDPA with
-grouped-query heads, as transformers calls it (causal over a fresh prompt, plain for one new
-position). One new position, the common case, is one C call for all rows and heads, cache write
-included (``cpu_kernels.attend_one``): in bfloat16 it reproduces SDPA's CPU kernel bit for bit
-(its approximate exp, its sums and those of the MKL GEMM under it, found by probing them; checked
-against SDPA at load for every length up to 512, beyond which SDPA does it), ~4x less time per
-call than SDPA's per-head set-up. With int8 weights, whose numbers are off qwen-tts' anyway,
-attention is in float32. The talker's multimodal rope gives text positions the same angle in
-all three sections, so it is the ordinary rope here.
+writes in place instead of concatenating the whole history.
+
+Where the node's kernels run (``cpu_kernels``; the stack uses the ones its weights were laid out
+for, so a bfloat16 model), the norms and the q/k rotation are one C call each instead of a dozen
+ops, and one new position, the common case, attends in one C call for all rows and heads, cache
+write included, in float32 over the bfloat16 cache. Prompts (several new positions) attend through
+PyTorch's SDPA with grouped-query heads, as transformers calls it (causal); so does everything
+where our kernels do not run (float32 models, ``portable``). The talker's multimodal rope gives
+text positions the same angle in all three sections, so it is the ordinary rope here.
 
 The layers come prepared (``packing.prepare_for_generation``): q/k/v and gate/up fused into one
-product each, bfloat16 weights packed for oneDNN. q and k heads are normalised and rotated in one
-go (one weight row per head), which is the same arithmetic element by element. In bfloat16 the
-norms (and that rotation) are one C call each (``cpu_kernels.rms_norm``, ~2.4 against ~14 us for
-the torch ops, 309 per frame), which rounds as the ops do; checked per size at load.
+product each. q and k heads are normalised and rotated in one go (one weight row per head), which
+is the same arithmetic element by element.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import cpu_kernels
-from .int8 import Int8Linear
-
-log = logging.getLogger(__name__)
 
 
 class DecoderStack:
     """The decoder layers and final norm of ``model`` (``talker.model`` or
     ``talker.code_predictor.model``, prepared by ``packing.prepare_for_generation``) with a KV
-    cache of ``batch`` rows, one sequence per row."""
+    cache of ``batch`` rows, one sequence per row. ``own_ops=False`` keeps PyTorch's ops for the
+    norms and attention even where the kernels run (for comparing the two)."""
 
-    def __init__(self, model: Any, capacity: int, batch: int = 1) -> None:
+    def __init__(self, model: Any, capacity: int, batch: int = 1, own_ops: bool = True) -> None:
         cfg = model.config
         self.layers = [_Layer(layer, cfg) for layer in model.layers[: cfg.num_hidden_layers]]
         self.final_norm = _norm_args(model.norm)
@@ -58,21 +52,16 @@ class DecoderStack:
         self.inv_freq = model.rotary_emb.inv_freq.float()
         self.rope_scaling = model.rotary_emb.attention_scaling
         self.dtype = model.norm.weight.dtype
-        # The norms (and q and k's rotation) in one C call each where it rounds as PyTorch's ops.
-        self.fused = self.dtype == torch.bfloat16 and all(map(_fused_norm_rounds_alike, {cfg.hidden_size, self.head_dim}))
-        self._norm = cpu_kernels.rms_norm if self.fused else _rms_norm
-        # int8 weights already move the numbers off qwen-tts', so attention need not round as
-        # its bfloat16 SDPA does: keys and values are kept in float32, attended in float32.
-        exact = not any(isinstance(layer.qkv, Int8Linear) for layer in self.layers)
-        self.attention_dtype = self.dtype if exact else torch.float32
-        # One new position attends in one C call (cache write included): in float32 for int8
-        # models; in bfloat16 where the call rounds as SDPA does here (checked once per size).
-        self.attend_in_c = self.fused and self.head_dim % 16 == 0 and self.head_dim <= 512 and (
-            not exact or _c_attention_rounds_alike(self.head_dim))
+        # The kernels the weights were laid out for: norms and one-position attention too.
+        self.kernels: cpu_kernels.Kernels | None = getattr(self.layers[0].qkv, "kernels", None)
+        if self.kernels is not None and (not own_ops or self.dtype != torch.bfloat16 or self.head_dim % 16
+                                         or max(self.head_dim, cfg.hidden_size) > cpu_kernels.MAX_DIM):
+            self.kernels = None
+        self._norm = _rms_norm if self.kernels is None else self.kernels.rms_norm
         self.lengths = [0] * batch  # positions cached so far, per row
         shape = (len(self.layers), batch, self.n_kv_heads, max(capacity, 1), self.head_dim)
-        self.keys = torch.zeros(shape, dtype=self.attention_dtype)
-        self.values = torch.zeros(shape, dtype=self.attention_dtype)
+        self.keys = torch.zeros(shape, dtype=self.dtype)
+        self.values = torch.zeros(shape, dtype=self.dtype)
 
     def reset(self, row: int | None = None) -> None:
         """Forget the sequence in ``row`` (all rows if None)."""
@@ -97,25 +86,28 @@ class DecoderStack:
 
     def _attend(self, layer: _Layer, h: torch.Tensor, i: int, rows: list[int], starts: list[int], cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
-        n, steps, _ = h.shape
         heads, kv_heads, dim = self.n_heads, self.n_kv_heads, self.head_dim
-        as_sdpa = self.attention_dtype == torch.bfloat16  # the C call then rounds as SDPA, up to its limit
         qkv = layer.qkv(h).unflatten(-1, (heads + 2 * kv_heads, dim))
         # q and k heads side by side, each with its own norm weight: one norm and one rotation
         # for both, the same arithmetic element by element.
-        if self.fused:
-            qk = cpu_kernels.rms_norm(qkv[:, :, : heads + kv_heads], *layer.qk_norm, cos, sin)
-            if self.attend_in_c and steps == 1 and (not as_sdpa or max(starts) < cpu_kernels.MAX_EXACT_POSITIONS):
+        if self.kernels is not None:
+            qk = self.kernels.rms_norm(qkv[:, :, : heads + kv_heads], *layer.qk_norm, cos, sin)
+            if h.shape[1] == 1:
                 v = qkv[:, :, heads + kv_heads :]
-                return layer.o(cpu_kernels.attend_one(qk, v, self.keys[i], self.values[i], rows, starts, layer.scaling))
+                return layer.o(self.kernels.attend_one(qk, v, self.keys[i], self.values[i], rows, starts, layer.scaling))
             qk = qk.transpose(1, 2)
         else:
             qk = _rms_norm(qkv[:, :, : heads + kv_heads], *layer.qk_norm).transpose(1, 2)
             qk = qk * cos + _rotate_half(qk) * sin
-        q, k = qk[:, :heads].to(self.attention_dtype), qk[:, heads:]
-        v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
-        # SDPA as transformers calls it: its CPU kernel's rounding (an approximate exp, bf16
-        # probabilities) is part of what the equivalence with qwen-tts rests on.
+        return layer.o(self._sdpa(layer, i, qk, qkv[:, :, heads + kv_heads :].transpose(1, 2), rows, starts))
+
+    def _sdpa(self, layer: _Layer, i: int, qk: torch.Tensor, v: torch.Tensor, rows: list[int],
+              starts: list[int]) -> torch.Tensor:
+        """PyTorch's SDPA as transformers calls it: write the new keys and values ([n, heads,
+        steps, dim]) into the cache, attend (causally over several new positions); [n, steps,
+        heads * dim]."""
+        n, _, steps, _ = qk.shape
+        q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
         if rows == list(range(rows[0], rows[0] + n)) and len(set(starts)) == 1:  # one block: one call
             first, start, end = rows[0], starts[0], starts[0] + steps
             self.keys[i, first : first + n, :, start:end] = k
@@ -135,7 +127,7 @@ class DecoderStack:
                     is_causal=steps > 1, scale=layer.scaling, enable_gqa=True,
                 ))
             out = torch.cat(outs)
-        return layer.o(out.transpose(1, 2).reshape(n, steps, -1).to(h.dtype))
+        return out.transpose(1, 2).reshape(n, steps, -1)
 
     def _rope(self, starts: list[int], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [n, 1, T, head_dim] for each row's next T positions. As transformers
@@ -182,56 +174,6 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
-
-
-@functools.cache
-def _fused_norm_rounds_alike(dim: int) -> bool:
-    """Whether ``cpu_kernels.rms_norm`` gives ``_rms_norm``'s numbers bit for bit on rows of
-    ``dim``. Its sum copies the order of PyTorch's CPU kernel (8-float vectors on this build),
-    which another build or CPU may change, so that order is checked once per size on the float
-    sums themselves (a sum one ulp off rarely shows after rounding to bfloat16), then the norm."""
-    if not cpu_kernels.available() or not 8 <= dim <= 4096:
-        return False
-    generator = torch.Generator().manual_seed(dim)
-    x = (torch.randn(64, dim, generator=generator) * torch.rand(64, 1, generator=generator) * 30).to(torch.bfloat16)
-    squares = x.float().pow(2)
-    if not torch.equal(cpu_kernels.row_sums(squares), squares.sum(-1)):
-        return False
-    weight = (torch.randn(dim, generator=generator) * 0.5 + 1).to(torch.bfloat16)
-    return torch.equal(cpu_kernels.rms_norm(x, weight, 1e-6), _rms_norm(x, weight, 1e-6))
-
-
-@functools.cache
-def _c_attention_rounds_alike(dim: int) -> bool:
-    """Whether ``cpu_kernels.attend_one`` on bfloat16 caches gives SDPA's numbers bit for bit here,
-    at every length it takes. It copies the sums of PyTorch's CPU kernel and of the MKL GEMM under
-    it, which another build or CPU may order otherwise; so three sequences are attended step by
-    step as in generation (between them every length up to the limit), on ordinary values and on
-    values of wide exponents and signs, each order of summation leaving its own rounding."""
-    if not cpu_kernels.available():
-        return False
-    generator = torch.Generator().manual_seed(dim)
-    heads, firsts = 8, [0, 100, 300]  # query heads share a kv head, as in the models; more sums to compare
-    steps = cpu_kernels.MAX_EXACT_POSITIONS - firsts[-1]
-    exponents = torch.randint(0, 8, (steps, 3, 1, heads + 2, dim), generator=generator).float()
-    signs = torch.randint(0, 2, exponents.shape, generator=generator) * 2 - 1
-    wide = ((torch.rand(exponents.shape, generator=generator) + 1) * 2**exponents * signs).to(torch.bfloat16)
-    ordinary = (torch.randn(exponents.shape, generator=generator) * 2).to(torch.bfloat16)
-    for qkv, scale in ((wide, 1e-4), (ordinary, dim**-0.5)):
-        keys, values = (torch.randn(3, 1, cpu_kernels.MAX_EXACT_POSITIONS, dim, generator=generator).to(torch.bfloat16)
-                        for _ in range(2))
-        for t in range(steps):
-            starts = [first + t for first in firsts]
-            got = cpu_kernels.attend_one(qkv[t, :, :, : heads + 1].contiguous(), qkv[t, :, :, heads + 1 :], keys, values,
-                                         [0, 1, 2], starts, scale)
-            for row, start in enumerate(starts):
-                want = F.scaled_dot_product_attention(qkv[t, row : row + 1, :, :heads].transpose(1, 2),
-                                                      keys[row : row + 1, :, : start + 1], values[row : row + 1, :, : start + 1],
-                                                      scale=scale, enable_gqa=True)
-                if not torch.equal(got[row], want.transpose(1, 2).reshape(1, -1)):
-                    log.info("attention stays with SDPA: the C call rounds otherwise here (length %d)", start + 1)
-                    return False
-    return True
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,11 @@ without Hugging Face's per-step bookkeeping, preallocated KV caches):
 ``FrameBatch`` runs that loop for several utterances at once, joining and leaving between frames
 (continuous batching); ``generate_frames`` is its batch of one.
 
-Given the same inputs it reproduces ``tts.model.generate`` exactly, which the tests check frame
-for frame: greedily, and also when sampling from the same global torch seed (same logits, same
-processors in the same order, random numbers drawn in the same order). The points where that
+Given the same inputs and PyTorch's kernels (float32) it reproduces ``tts.model.generate``
+exactly, which the tests check frame for frame: greedily, and also when sampling from the same
+global torch seed (same logits, same processors in the same order, random numbers drawn in the
+same order). With the node's kernels (bfloat16) the logits are its own sums' and the tests hold
+them to qwen-tts' by tolerance, teacher-forced frame by frame. The points where the equivalence
 takes care:
 
 * ``max_new_tokens`` counts codebook-0 tokens as HF does: the token sampled after the prefill is
@@ -256,7 +258,7 @@ class FrameBatch:
     Each step runs every projection once for all utterances (at batch n a weight read from memory
     serves n rows); attention, logits processing and sampling stay per utterance, in the order one
     utterance alone would do them, so a batch of one computes exactly what the single-utterance
-    loop computed (and so what qwen-tts computes). A new utterance's prompt is prefilled on its own
+    loop computed. A new utterance's prompt is prefilled on its own
     in the step after it joins, as its length differs from everyone else's.
     """
 
@@ -266,6 +268,7 @@ class FrameBatch:
         self.cfg = model.config.talker_config
         self.talker = DecoderStack(talker.model, capacity=256, batch=rows)
         self.predictor = DecoderStack(talker.code_predictor.model, capacity=self.cfg.num_code_groups + 1, batch=rows)
+        self.kernels = self.talker.kernels  # the node's kernels the weights were laid out for, if any
         self.free_rows = list(range(rows))
         self.utterances: list[Utterance] = []
 

@@ -1,8 +1,44 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 # tests/harness.py is imported by name from the test modules.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Kernel tiers this run exercised or skipped, told at the end: an all-skipped kernel suite must show.
+TIERS_RUN: set[str] = set()
+TIERS_SKIPPED: dict[str, str] = {}
+
+
+def kernel_tiers() -> list[str]:
+    """Every tier with a build of its own on this architecture (amx runs avx512_bf16's build)."""
+    from local_node import cpu_kernels
+
+    return [t for t in cpu_kernels.ARCHITECTURE_TIERS.get(cpu_kernels._machine(), ("avx2",)) if t != "amx"]
+
+
+@pytest.fixture(scope="session", params=kernel_tiers())
+def kernels(request):
+    """One tier's kernels; tests using it run once per tier and skip the tiers this CPU lacks."""
+    from local_node import cpu_kernels
+
+    found = cpu_kernels.kernels(request.param)
+    if found is None:
+        TIERS_SKIPPED[request.param] = "this CPU or compiler cannot run it"
+        pytest.skip(f"the {request.param} kernels do not run here")
+    TIERS_RUN.add(request.param)
+    return found
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TIERS_RUN or TIERS_SKIPPED:
+        from local_node import cpu_kernels
+
+        ran = ", ".join(sorted(TIERS_RUN)) or "NONE"
+        skipped = "; ".join(f"{t} ({why})" for t, why in sorted(TIERS_SKIPPED.items())) or "none"
+        terminalreporter.write_line(f"kernel tiers exercised: {ran}; skipped: {skipped}; the node's: "
+                                    f"{cpu_kernels.active_tier()}")
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -232,3 +232,38 @@ def test_a_newcomer_streams_while_another_stream_is_still_generating(stack, clie
     for response in (first, second):
         _, frames = _done_line(node, response.headers["x-request-id"])
         assert 1 <= frames < 4000
+
+
+@pytest.mark.parametrize("tier", ["avx2", "portable"])
+def test_every_format_on_a_lower_tier(tmp_path, tier):
+    """The node on a CPU with less: QWEN3_TTS_ISA caps our kernels, and the node caps oneDNN and
+    ATen to match (avx2); portable runs no compiled code of ours, here under oneDNN and ATen capped
+    at AVX2 too: an AVX2 box without a C compiler. The log names the tier; every format decodes."""
+    from local_node import cpu_kernels
+
+    if tier != "portable" and cpu_kernels.kernels(tier) is None:
+        pytest.skip(f"the {tier} kernels do not run on this CPU")
+    env = {"QWEN3_TTS_ISA": tier}
+    if tier == "portable":
+        env.update(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+    write_tiny_checkpoint(tmp_path / "custom_voice", "custom_voice")
+    relay = Relay(tmp_path)
+    node = Node(tmp_path, relay, {"custom_voice": {"source": str(tmp_path / "custom_voice"), "aliases": ["tts-1"],
+                                                   "max_new_frames": MAX_FRAMES, "voices": {"alloy": {"speaker": "vivian"}}}},
+                env=env)
+    try:
+        relay.wait_for_models({"tts-1"}, node=node, timeout=600)
+        assert f"kernels: {tier} (" in node.log()
+        if tier == "avx2":
+            assert "ONEDNN_MAX_CPU_ISA=AVX2" in node.log() and "ATEN_CPU_CAPABILITY=avx2" in node.log()
+        client = openai.OpenAI(base_url=f"{relay.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        for response_format in ("mp3", "opus", "aac", "flac", "wav", "pcm"):
+            response = client.audio.speech.create(model="tts-1", voice="alloy", input="Hello there.",
+                                                  response_format=response_format)
+            samples, rate, channels = decode(response.content, response_format)
+            assert (rate, channels) == (RATE.get(response_format, 24000), 1), response_format
+            assert len(samples) / rate >= 2 * FRAME / 24000 - 0.001 and np.isfinite(samples).all(), response_format
+            assert np.abs(samples).max() > 0, response_format
+    finally:
+        node.stop()
+        relay.stop()

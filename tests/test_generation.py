@@ -24,6 +24,7 @@ from local_node.generation import FrameBatch, Prompt, SamplingConfig, generate_f
 from local_node.packing import PackedLinear, prepare_for_generation
 from local_node.qwen_import import import_qwen_tts
 from local_node.tiny_model import write_random_checkpoint, write_tiny_checkpoint
+from conftest import kernel_tiers as conftest_kernel_tiers
 
 qwen_tts = import_qwen_tts()
 
@@ -48,8 +49,8 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def load(tmp_path_factory):
-    """(checkpoint, dtype, prepared) -> a loaded Qwen3TTSModel; ``prepared``: its projections fused
-    and packed as the node prepares them, for our loop. Checkpoints: the three tiny kinds, and
+    """(checkpoint, dtype, prepared, tier) -> a loaded Qwen3TTSModel; ``prepared``: its projections
+    fused and packed as the node prepares them, for our loop (for ``tier``'s kernels if given). Checkpoints: the three tiny kinds, and
     custom_voice_1b7, a CustomVoice model of the 1.7B layout (the 0.6B one ignores instruct)."""
 
     @functools.cache
@@ -59,10 +60,10 @@ def load(tmp_path_factory):
         return write_tiny_checkpoint(tmp_path_factory.mktemp(name), name)
 
     @functools.cache
-    def load(name: str, dtype: torch.dtype = torch.float32, prepared: bool = False):
+    def load(name: str, dtype: torch.dtype = torch.float32, prepared: bool = False, tier: str | None = None):
         tts = qwen_tts.Qwen3TTSModel.from_pretrained(str(folder(name)), dtype=dtype, device_map="cpu")
-        if prepared:  # as the node runs it; qwen-tts' reference runs on a separate, untouched load
-            prepare_for_generation(tts.model)
+        if prepared:  # as the node runs it (its tier, or ``tier``'s); qwen-tts' reference runs on an untouched load
+            prepare_for_generation(tts.model, tier=tier)
         return tts
 
     return load
@@ -150,9 +151,10 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 1, 1024), (3, 7, 2048), (4, 1, 24, 128), (1, 40, 48, 128)])
-def test_our_rms_norm_rounds_as_qwen_tts_module(shape, dtype):
-    """DecoderStack's norm, without the module call, equals Qwen3TTSRMSNorm bit for bit, over
-    magnitudes from 1e-3 to 1e3 and with outliers."""
+def test_our_torch_rms_norm_rounds_as_qwen_tts_module(shape, dtype):
+    """DecoderStack's norm where the kernels do not run, without the module call, equals
+    Qwen3TTSRMSNorm bit for bit, over magnitudes from 1e-3 to 1e3 and with outliers (the C norm
+    is held to it in test_cpu_kernels.py)."""
     from local_node.decoder_stack import _rms_norm
     from qwen_tts.core.models.modeling_qwen3_tts import Qwen3TTSRMSNorm
 
@@ -164,49 +166,26 @@ def test_our_rms_norm_rounds_as_qwen_tts_module(shape, dtype):
         outliers = 1 + 20 * (torch.rand(shape, generator=generator) < 0.01)
         x = (torch.randn(shape, generator=generator) * scale * outliers).to(dtype)
         assert torch.equal(_rms_norm(x, module.weight, module.variance_epsilon), module(x))
-        if dtype == torch.bfloat16 and cpu_kernels.available():  # and the C norm bf16 stacks use
-            assert torch.equal(cpu_kernels.rms_norm(x, module.weight, module.variance_epsilon), module(x))
-
-
-@pytest.mark.skipif(not cpu_kernels.available(), reason="cpu_kernels.c needs AVX-512 BF16 and VBMI and a C compiler")
-def test_c_norm_with_rotation_rounds_as_the_torch_ops():
-    """q and k heads of a fused q/k/v output (strided), a norm weight per head, then the rotary
-    embedding: cpu_kernels.rms_norm in one call equals DecoderStack's torch ops bit for bit."""
-    from local_node.decoder_stack import _rms_norm, _rotate_half
-
-    generator = torch.Generator().manual_seed(5)
-    n, steps, heads, kv_heads, dim = 2, 5, 16, 8, 128
-    for trial in range(10):
-        qkv = (torch.randn(n, steps, heads + 2 * kv_heads, dim, generator=generator) * 10 ** (trial % 5 - 2)).to(torch.bfloat16)
-        weight = (torch.randn(heads + kv_heads, dim, generator=generator) * 0.2 + 1).to(torch.bfloat16)
-        angles = torch.rand(n, 1, steps, dim, generator=generator) * 50
-        cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
-        want = _rms_norm(qkv[:, :, : heads + kv_heads], weight, 1e-6).transpose(1, 2)
-        want = want * cos + _rotate_half(want) * sin
-        got = cpu_kernels.rms_norm(qkv[:, :, : heads + kv_heads], weight, 1e-6, cos, sin).transpose(1, 2)
-        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_bf16_stacks_norm_and_attend_in_c_where_it_runs(load, dtype):
-    """So the equivalence tests below cover the C norms and the C attention (one new position,
-    rounded as SDPA) wherever they run."""
+def test_bf16_stacks_use_the_nodes_kernels_where_they_run(load, dtype):
+    """So the equivalence tests below cover the node's products, norms and attention wherever
+    they run; float32 models keep PyTorch's."""
     batch = FrameBatch(load("custom_voice", dtype, prepared=True).model)
-    fused = dtype == torch.bfloat16 and cpu_kernels.available()
-    assert batch.talker.fused == batch.predictor.fused == fused
-    assert batch.talker.attend_in_c == batch.predictor.attend_in_c == fused
-    assert batch.talker.keys.dtype == dtype  # bf16 caches: SDPA's inputs, and the C call's
+    expected = cpu_kernels.active() if dtype == torch.bfloat16 else None
+    assert batch.talker.kernels is batch.predictor.kernels is batch.kernels is expected
+    assert batch.talker.keys.dtype == dtype
 
 
-@pytest.mark.skipif(not cpu_kernels.available(), reason="cpu_kernels.c needs AVX-512 BF16 and VBMI and a C compiler")
-def test_c_attention_hands_long_sequences_to_sdpa(load):
-    """A bf16 talker stack stepping two rows past SDPA's first block of keys (512 positions) gives
-    bit for bit what the stack attending through SDPA alone gives: the C call up to 511, SDPA after."""
+def test_c_norms_and_attention_follow_the_torch_ops_over_long_sequences(load, kernels):
+    """A bf16 talker stack stepping two rows past 512 positions with the C norms and attention
+    stays within bfloat16 rounding of the same stack on PyTorch's ops (SDPA)."""
     from local_node.decoder_stack import DecoderStack
 
-    model = load("custom_voice", torch.bfloat16, prepared=True).model
-    stacks = [DecoderStack(model.talker.model, capacity=64, batch=2) for _ in range(2)]
-    stacks[1].attend_in_c = False
+    model = load("custom_voice", torch.bfloat16, prepared=True, tier=kernels.tier).model
+    stacks = [DecoderStack(model.talker.model, capacity=64, batch=2, own_ops=own) for own in (True, False)]
+    assert stacks[0].kernels is kernels and stacks[1].kernels is None
     hidden = model.config.talker_config.hidden_size
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randn(1, length, hidden, generator=generator).bfloat16() for length in (500, 480)]
@@ -215,128 +194,123 @@ def test_c_attention_hands_long_sequences_to_sdpa(load):
     for stack in stacks:
         for row, prompt in enumerate(prompts):
             stack.forward(prompt, rows=[row])
-        outs.append(torch.cat([stack.forward(step) for step in steps]))
+        outs.append(torch.cat([stack.forward(step) for step in steps]).float())
     assert stacks[0].lengths == [540, 520]
-    assert torch.equal(outs[0], outs[1])
+    relative = (outs[0] - outs[1]).norm(dim=-1) / outs[1].norm(dim=-1)
+    assert relative.max() < 0.03, relative.max()
+
+
+# --- equivalence with qwen-tts ------------------------------------------------------------------
+
+
+def _recording(model, into: dict[str, list]) -> list:
+    """Hooks appending the talker's and the code predictor's last-position logits to ``into``."""
+    heads = [(model.talker.codec_head, "talker"), *[(h, "predictor") for h in model.talker.code_predictor.lm_head]]
+    return [head.register_forward_hook(lambda m, i, out, name=name: into[name].append(out.reshape(-1, out.shape[-1])[-1:].float()))
+            for head, name in heads]
+
+
+def reference_logits(tts, kind: str, voice: dict, frames: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """qwen-tts' greedy codes for ``frames`` frames and the logits its generate computed on the way:
+    {"talker": [frames, vocab], "predictor": [frames * 15, vocab]}, float32."""
+    recorded: dict[str, list] = {"talker": [], "predictor": []}
+    hooks = _recording(tts.model, recorded)
+    try:
+        codes = reference_codes(tts, kind, **voice, max_new_tokens=frames + 1, **GREEDY)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    counts = {"talker": frames, "predictor": frames * 15}
+    return codes, {name: torch.cat(recorded[name][:n]) for name, n in counts.items()}
+
+
+def forced_logits(prepared, kind: str, voice: dict, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Our loop's logits, fed ``codes`` instead of its own picks (teacher forcing)."""
+    recorded: dict[str, list] = {"talker": [], "predictor": []}
+    forced = iter(torch.tensor([code]) for code in codes.reshape(-1).tolist())
+    hooks = _recording(prepared.model, recorded)
+    try:
+        with mock.patch.object(generation, "_pick", lambda scores, do_sample, generator: next(forced)):
+            assert len(our_codes(prepared, kind, voice, max_new_tokens=len(codes) + 1, **GREEDY)) == len(codes)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: torch.cat(logits) for name, logits in recorded.items()}
+
+
+def teacher_forced_logits(tts, prepared, kind: str, voice: dict, frames: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{"talker" | "predictor": (qwen-tts' logits, ours)} over qwen-tts' greedy codes."""
+    codes, ref = reference_logits(tts, kind, voice, frames)
+    ours = forced_logits(prepared, kind, voice, codes)
+    return {name: (ref[name], ours[name]) for name in ref}
+
+
+def logit_drift(ref: torch.Tensor, ours: torch.Tensor) -> tuple[float, float, float]:
+    """Per step of ``ref`` / ``ours`` logits [steps, vocab]: (the largest KL(ref || ours), the
+    largest error relative to ref's spread, ||ours - ref|| / ||ref - mean(ref)||, and the share of
+    steps whose top choice agrees). In float64, so the measure adds no rounding of its own."""
+    ref, ours = ref.double(), ours.double()
+    ref_log, our_log = ref.log_softmax(-1), ours.log_softmax(-1)
+    kl = (ref_log.exp() * (ref_log - our_log)).sum(-1)
+    relative = (ours - ref).norm(dim=-1) / (ref - ref.mean(-1, keepdim=True)).norm(dim=-1)
+    return kl.max().item(), relative.max().item(), (ref.argmax(-1) == ours.argmax(-1)).double().mean().item()
+
+
+# Bounds per step, teacher-forced, on the tiny random checkpoints: (KL, relative error, top-1
+# agreement). float32: PyTorch's kernels on both sides; the loop's fused projections and its own
+# ops leave float32 rounding. bfloat16: our kernels (float32 sums rounded once) against oneDNN's,
+# both off the exact sums by bfloat16 rounding: measured up to KL 6e-7, relative 0.006, agreement
+# 12 of 13 talker steps; bounds at about twice that. The tiny models' logits are nearly flat, so
+# near-ties are common and a top-1 miss there flips between almost equal logits; the relative
+# error tells that from a wrong computation, which moves whole rows: a product that drops its last
+# column reaches 0.28-0.62, one 1 % off reaches 0.017.
+DRIFT = {torch.float32: (1e-10, 1e-5, 1.0), torch.bfloat16: (1e-5, 0.012, 0.9)}
+
+
+def assert_follows(logits: dict[str, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> None:
+    most_kl, most_relative, fewest_agreeing = DRIFT[dtype]
+    for name, (ref, ours) in logits.items():
+        kl, relative, agreeing = logit_drift(ref, ours)
+        assert kl <= most_kl and relative <= most_relative and agreeing >= fewest_agreeing, (name, kl, relative, agreeing)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CASES)
-def test_greedy_codes_equal_qwen_tts(load, clone_prompts, case, dtype):
+def test_teacher_forced_logits_follow_qwen_tts(load, clone_prompts, case, dtype):
+    """Talker and code predictor logits of our loop (the node's kernels in bfloat16) against
+    qwen-tts' generate on the same codes."""
     checkpoint, kind, voice = case_inputs(case, dtype, clone_prompts)
-    tts = load(checkpoint, dtype)
-    ref = reference_codes(tts, kind, **voice, max_new_tokens=14, **GREEDY)
-    prepared = load(checkpoint, dtype, prepared=True)
-    assert any(isinstance(m, PackedLinear) for m in prepared.model.talker.modules()) == (dtype == torch.bfloat16)
-    ours = our_codes(prepared, kind, voice, max_new_tokens=14, **GREEDY)
-    assert ref.shape == (13, 16)  # random weights: no EOS, so max_new_tokens - 1 frames
-    assert torch.equal(ours, ref)
+    assert_follows(teacher_forced_logits(load(checkpoint, dtype), load(checkpoint, dtype, prepared=True), kind, voice, 13),
+                   dtype)
 
 
-@pytest.mark.parametrize(
-    "case, dtype, sampling",
-    [
-        ("custom_voice", torch.float32, {}),  # generation_config.json: T 0.9, top-k 50, penalty 1.05
-        ("base_icl", torch.bfloat16, {}),
-        ("voice_design", torch.float32, dict(top_p=0.8, top_k=0, temperature=1.3, repetition_penalty=1.5,
-                                             subtalker_top_p=0.7, subtalker_temperature=0.6, subtalker_top_k=20)),
-    ],
-    ids=["custom_voice-defaults", "base_icl-bf16", "voice_design-top_p"],
-)
-def test_sampled_codes_equal_qwen_tts_from_the_same_global_seed(load, clone_prompts, case, dtype, sampling):
-    # Same logits, same processors in the same order, random numbers drawn in the same order
-    # (codebook 0, then 1..15, frame after frame): sampling reproduces qwen-tts too.
-    checkpoint, kind, voice = case_inputs(case, dtype, clone_prompts)
-    tts = load(checkpoint, dtype)
-    torch.manual_seed(1234)
-    ref = reference_codes(tts, kind, **voice, max_new_tokens=12, **sampling)
-    torch.manual_seed(1234)
-    ours = our_codes(load(checkpoint, dtype, prepared=True), kind, voice, max_new_tokens=12, **sampling)
-    assert torch.equal(ours, ref)
+@pytest.mark.parametrize("tier", [*conftest_kernel_tiers(), "portable"])
+def test_teacher_forced_logits_follow_qwen_tts_on_every_tier(load, clone_prompts, tier):
+    if tier != "portable" and cpu_kernels.kernels(tier) is None:
+        pytest.skip(f"the {tier} kernels do not run here")
+    checkpoint, kind, voice = case_inputs("base_icl", torch.bfloat16, clone_prompts)
+    prepared = load(checkpoint, torch.bfloat16, prepared=True, tier=tier)
+    assert FrameBatch(prepared.model).kernels is cpu_kernels.kernels(tier)
+    assert_follows(teacher_forced_logits(load(checkpoint, torch.bfloat16), prepared, kind, voice, 13), torch.bfloat16)
 
 
-def test_repetition_penalty_counts_only_generated_codebook_0(load, clone_prompts):
-    # A strong penalty changes greedy codes; ours changes them exactly as qwen-tts does.
-    checkpoint, kind, voice = case_inputs("custom_voice", torch.float32, clone_prompts)
-    tts, prepared = load(checkpoint), load(checkpoint, prepared=True)
-    penalised = our_codes(prepared, kind, voice, max_new_tokens=30, repetition_penalty=3.0, **GREEDY)
-    assert not torch.equal(penalised, our_codes(prepared, kind, voice, max_new_tokens=30, repetition_penalty=1.0, **GREEDY))
-    assert torch.equal(penalised, reference_codes(tts, kind, **voice, max_new_tokens=30, repetition_penalty=3.0, **GREEDY))
+def test_a_wrong_product_shows_in_the_drift(load, clone_prompts):
+    """The bounds catch a real error: products that drop their last column break all three."""
+    checkpoint, kind, voice = case_inputs("custom_voice", torch.bfloat16, clone_prompts)
+    prepared = load(checkpoint, torch.bfloat16, prepared=True, tier="portable")  # a load of its own
+    real = PackedLinear.forward
 
+    def dropping(self, x):
+        x = x.clone()
+        x[..., -1] = 0
+        return real(self, x)
 
-@pytest.mark.parametrize("max_new_tokens", [2, 3, 5])
-def test_frame_count_is_max_new_tokens_minus_one(load, clone_prompts, max_new_tokens):
-    checkpoint, kind, voice = case_inputs("voice_design", torch.float32, clone_prompts)
-    tts = load(checkpoint)
-    ref = reference_codes(tts, kind, **voice, max_new_tokens=max_new_tokens, **GREEDY)
-    ours = our_codes(load(checkpoint, prepared=True), kind, voice, max_new_tokens=max_new_tokens, **GREEDY)
-    assert len(ours) == max_new_tokens - 1
-    assert torch.equal(ours, ref)
-
-
-def test_one_new_token_is_no_frame(load, clone_prompts):
-    # qwen-tts fails here (torch.stack of no frames); we yield nothing.
-    checkpoint, kind, voice = case_inputs("voice_design", torch.float32, clone_prompts)
-    assert len(our_codes(load(checkpoint, prepared=True), kind, voice, max_new_tokens=1)) == 0
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("eos_at", [5, 0, 1])
-def test_eos_stops_like_qwen_tts(load, clone_prompts, monkeypatch, dtype, eos_at):
-    """Random weights never say EOS, so make EOS a code greedy decoding does produce: the
-    codebook-0 code of frame ``eos_at``. At 5 generation stops there (that frame is not
-    emitted); at 0 and 1 min_new_tokens=2 bars it and the utterance runs on differently."""
-    checkpoint, kind, voice = case_inputs("custom_voice", dtype, clone_prompts)
-    tts, prepared = load(checkpoint, dtype), load(checkpoint, dtype, prepared=True)
-    free_run = our_codes(prepared, kind, voice, max_new_tokens=20, **GREEDY)
-    eos = int(free_run[eos_at, 0])
-    assert eos not in free_run[:eos_at, 0].tolist()
-    for model in (tts, prepared):
-        monkeypatch.setattr(model.model.config.talker_config, "codec_eos_token_id", eos)
-
-    ref = reference_codes(tts, kind, **voice, max_new_tokens=20, **GREEDY)
-    ours = our_codes(prepared, kind, voice, max_new_tokens=20, **GREEDY)
-    assert torch.equal(ours, ref)
-    assert len(ours) >= 2 and eos not in ours[:, 0].tolist()
-    if eos_at >= 2:
-        assert torch.equal(ours, free_run[:eos_at])
-    else:
-        assert not torch.equal(ours[:2], free_run[:2])
-
-
-def test_logits_processors_are_the_ones_hf_generate_builds(load, clone_prompts, monkeypatch):
-    """Record the processor lists HF generate builds for the talker and the code predictor
-    inside qwen-tts, and compare them, in order and with their settings, to ours."""
-    from transformers.generation.utils import GenerationMixin
-
-    built: dict[str, list] = {}
-    real = GenerationMixin._get_logits_processor
-
-    def recording(self, *args, **kwargs):
-        processors = real(self, *args, **kwargs)
-        built.setdefault(type(self).__name__, describe(processors))
-        return processors
-
-    monkeypatch.setattr(GenerationMixin, "_get_logits_processor", recording)
-    checkpoint, kind, voice = case_inputs("voice_design", torch.float32, clone_prompts)
-    tts = load(checkpoint)
-    sampling = dict(top_p=0.8, temperature=1.3, repetition_penalty=1.5, subtalker_top_p=0.7, subtalker_top_k=20)
-    reference_codes(tts, kind, **voice, max_new_tokens=3, **sampling)
-    ours = SamplingConfig.from_tts(tts, **sampling)
-    cfg = tts.model.config.talker_config
-    assert built["Qwen3TTSTalkerForConditionalGeneration"] == describe(generation._talker_processors(ours, cfg))
-    assert built["Qwen3TTSTalkerCodePredictorModelForConditionalGeneration"] == describe(generation._predictor_processors(ours))
-    assert [name for name, _ in built["Qwen3TTSTalkerForConditionalGeneration"]] == [
-        "RepetitionPenaltyLogitsProcessor", "MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor",
-        "SuppressTokensLogitsProcessor", "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper",
-    ]
-
-
-def describe(processors) -> list:
-    def plain(value):
-        return value.tolist() if isinstance(value, torch.Tensor) else value
-
-    return [(type(p).__name__, {k: plain(v) for k, v in vars(p).items()}) for p in processors]
+    with mock.patch.object(PackedLinear, "forward", dropping):
+        logits = teacher_forced_logits(load(checkpoint, torch.bfloat16), prepared, kind, voice, 13)
+    most_kl, most_relative, fewest_agreeing = DRIFT[torch.bfloat16]
+    for name, (ref, ours) in logits.items():
+        kl, relative, agreeing = logit_drift(ref, ours)
+        assert kl > most_kl and relative > most_relative and agreeing < fewest_agreeing, (name, kl, relative, agreeing)
 
 
 # --- prompt, sampling settings -------------------------------------------------------------
@@ -471,7 +445,7 @@ def test_batcher_decodes_the_last_chunk_on_generations_cores_too(load):
 
 
 @pytest.mark.skipif(not SLOW, reason="set QWEN3_TTS_SLOW_TESTS=1 (about 1 GB of RAM, a minute on 2 cores)")
-def test_real_shape_0_6b_greedy_equal_and_timing(load):
+def test_real_shape_0_6b_teacher_forced_logits_and_timing(load):
     from qwen_tts.core.models import Qwen3TTSConfig, Qwen3TTSForConditionalGeneration
     from qwen_tts.inference.qwen3_tts_model import VoiceClonePromptItem
 
@@ -494,12 +468,15 @@ def test_real_shape_0_6b_greedy_equal_and_timing(load):
     frames = 6
 
     started = time.perf_counter()
-    ref = reference_codes(tts, "base", **voice, max_new_tokens=frames + 1, **GREEDY)
+    codes, ref = reference_logits(tts, "base", voice, frames)
     ref_time = time.perf_counter() - started
     prepare_for_generation(model)  # as the node runs it
     started = time.perf_counter()
-    ours = our_codes(tts, "base", voice, max_new_tokens=frames + 1, **GREEDY)
+    ours = forced_logits(tts, "base", voice, codes)
     our_time = time.perf_counter() - started
     print(f"\n0.6B bf16, {frames} frames incl. prefill: qwen-tts {ref_time / frames * 1000:.0f} ms/frame, "
           f"ours {our_time / frames * 1000:.0f} ms/frame")
-    assert torch.equal(ours, ref)
+    for name in ref:
+        kl, relative, agreeing = logit_drift(ref[name], ours[name])
+        print(f"{name}: largest KL {kl:.2e}, relative error {relative:.3f}, top-1 agreement {agreeing:.0%}")
+    assert_follows({name: (ref[name], ours[name]) for name in ref}, torch.bfloat16)
