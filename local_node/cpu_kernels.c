@@ -565,6 +565,34 @@ static int check_products(int M, int N, int K, int V) {
     return bad;
 }
 
+#if !DOT_BF16
+static int check_int8(int M, int N, int K, int V) {
+    const int R = V * W; /* [N / R][K / 2][2][R] */
+    int8_t *w = malloc((long)N * K), *laid = malloc((long)N * K);
+    float *scale = malloc(4L * N);
+    uint16_t *x = malloc(2L * M * K), *y = malloc(2L * M * N);
+    for (long i = 0; i < (long)N * K; i++) w[i] = (int8_t)(uniform() * 127);
+    for (int n = 0; n < N; n++) scale[n] = 0.01f + uniform() * uniform() * 0.01f;
+    for (long i = 0; i < (long)M * K; i++) x[i] = float_to_bf16(uniform());
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) laid[(((long)(n / R) * (K / 2) + k / 2) * 2 + k % 2) * R + n % R] = w[(long)n * K + k];
+    q8_linear((const uint32_t *)x, laid, scale, y, M, N, K, V);
+    int bad = 0;
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++) {
+            double want = 0, size = 0;
+            for (int k = 0; k < K; k++) {
+                const double term = (double)bf16_to_float(x[(long)m * K + k]) * w[(long)n * K + k] * scale[n];
+                want += term, size += fabs(term);
+            }
+            bad += fabs(bf16_to_float(y[(long)m * N + n]) - want) > fabs(want) * 0x1p-8 + size * 0x1p-20;
+        }
+    printf("q8_linear M=%d N=%d K=%d: %s\n", M, N, K, bad ? "MISMATCH" : "ok");
+    free(w), free(laid), free(scale), free(x), free(y);
+    return bad;
+}
+#endif
+
 static int check_attention(int length, int dim) {
     const int heads = 2, kv_heads = 1;
     float *keys = calloc((size_t)length * dim, 4), *values = calloc((size_t)length * dim, 4);
@@ -604,6 +632,9 @@ int main(void) {
     for (int V = 1; V <= 4; V *= 2)
         if (V * W <= 64) bad += check_products(1, 64 * 3, 256, V) + check_products(5, 128, 96, V);
     bad += check_products(3, 1024, 1024, 64 / W < 4 ? 64 / W : 4);
+#if !DOT_BF16
+    bad += check_int8(1, 256, 512, 64 / W < 4 ? 64 / W : 4) + check_int8(5, 64, 96, 1);
+#endif
     bad += check_attention(1, 64) + check_attention(37, 128) + check_attention(600, 64);
     printf("%s\n", bad ? "FAILED" : "passed");
     return bad != 0;

@@ -28,6 +28,7 @@ from local_node import cpu_kernels
 from local_node.decoder_stack import _rms_norm, _rotate_half
 from local_node.packing import PackedLinear
 from local_node.qwen_import import import_qwen_tts
+from conftest import TIERS_RUN, TIERS_SKIPPED
 
 # (out, in) of the 0.6B and 1.7B talkers' fused projections and heads, and tiny ones.
 SHAPES = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (3072, 1024), (2048, 1024),
@@ -260,3 +261,24 @@ def test_the_node_runs_the_best_tier_this_cpu_has(monkeypatch):
     finally:
         monkeypatch.undo()
         cpu_kernels.choice.cache_clear()
+
+
+def test_the_aarch64_build_passes_its_self_test_under_qemu(tmp_path):
+    """The neon tier from the same source, cross-compiled and run under qemu-user: its products,
+    int8 products and attention against double-precision sums (cpu_kernels.c: SELF_TEST).
+    Debian's gcc-aarch64-linux-gnu and qemu-user provide the tools."""
+    import shutil
+    import subprocess
+
+    compiler, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+    if not (compiler and qemu):
+        TIERS_SKIPPED["neon (qemu)"] = "no aarch64-linux-gnu-gcc or qemu-aarch64"
+        pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64 (apt-get install gcc-aarch64-linux-gnu qemu-user)")
+    binary = tmp_path / "self_test"
+    flags = [f for f in cpu_kernels.COMMON_FLAGS if f not in ("-shared", "-fPIC")] + list(cpu_kernels.BUILDS["neon"])
+    subprocess.run([compiler, *flags, "-static", "-DSELF_TEST", str(cpu_kernels.SOURCE), "-o", str(binary), "-lm"],
+                   check=True, capture_output=True, timeout=300)
+    run = subprocess.run([qemu, str(binary)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("passed"), run.stdout + run.stderr
+    assert "4 float lanes" in run.stdout and "MISMATCH" not in run.stdout
+    TIERS_RUN.add("neon (qemu)")
