@@ -15,8 +15,15 @@ in ``local_node/qwen_files``, cached in ``.cache/bench``), bfloat16, all cores. 
             per frame is measured against the same runs without decoding.
   batched   the same through a ``FrameBatch`` of 1, 2 and 4 utterances (continuous batching),
             ms per step: a frame for every row, each row's codec decoding included.
-  int8      ours with ``weights: int8`` (local_node/int8.py), and how far its logits move from
-            bf16: KL divergence per frame, teacher-forced on the bf16 model's codes.
+  int8      ours with ``weights: int8`` (local_node/int8.py).
+  drift     how far ours (bf16, int8) moves the logits from qwen-tts' numbers: KL divergence per
+            frame and top-1 agreement, teacher-forced on greedy codes, against the model prepared
+            with PyTorch's kernels (``portable``: oneDNN's products, which qwen-tts' own forward
+            runs; the tests find no difference between the two on tiny checkpoints).
+  roofline  the machine's streaming read bandwidth, measured in the same run (one core, all
+            cores), and each configuration's bytes read per frame (every talker weight once, the
+            code predictor's 16 times): the floor is bytes / bandwidth, and efficiency is the floor
+            over the measured ms/frame without decoding.
   served    a real relay and node (subprocesses on loopback) and the openai SDK streaming
             ``response_format="pcm"``: what a client sees, tunnel included; then 1, 2 and 4
             streams at once (``max_batch`` 4) for aggregate throughput, with bf16 weights and with
@@ -48,10 +55,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
+from local_node import tiers
 
-from local_node.__main__ import physical_cores, use_product_cores
-from local_node.qwen_engine import resolve_codec_dtype
+tiers.cap_vendor_libraries()  # QWEN3_TTS_ISA caps oneDNN and ATen too, for both paths: before torch loads
+
+import torch  # noqa: E402
+
+from local_node import cpu_kernels  # noqa: E402
+from local_node.__main__ import physical_cores, use_product_cores  # noqa: E402
+from local_node.qwen_engine import resolve_codec_dtype  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "bench"
@@ -93,7 +105,10 @@ class SizeResult:
     official: Run
     ours: Run
     int8: Run | None = None
-    int8_drift: dict = field(default_factory=dict)
+    ours_bare: Run | None = None  # ours without decoding: what the roofline bounds
+    int8_bare: Run | None = None
+    bytes_per_frame: dict = field(default_factory=dict)  # weights -> bytes read per frame
+    drift: dict = field(default_factory=dict)  # weights -> part -> KL and agreement against qwen-tts' numbers
     batch_scaling: dict = field(default_factory=dict)  # weights -> utterances at once -> frames/s
     served: Run | None = None  # bf16 weights, one stream
     served_streaming_text: Run | None = None  # the same with text_input: streaming
@@ -166,11 +181,11 @@ class Ours:
         seconds = time.perf_counter() - started
         return Run(count[0], seconds, first if first is not None else seconds, decoding[0])
 
-    def best_of(self, frames: int, repeats: int) -> Run:
-        """The best of ``repeats`` runs, with what decoding added: less the best of as many
-        runs without decoding, interleaved with them."""
+    def best_of(self, frames: int, repeats: int) -> tuple[Run, Run]:
+        """The best of ``repeats`` runs, with what decoding added (less the best of as many runs
+        without decoding, interleaved with them), and that best run without decoding."""
         runs, bare = zip(*[(self.run(frames), self.run(frames, decode=False)) for _ in range(repeats)])
-        return with_decode_added(list(runs), list(bare))
+        return with_decode_added(list(runs), list(bare)), best(list(bare))
 
     def concurrent(self, frames: int, n: int) -> float:
         """Frames per second, all told, with ``n`` utterances generated together."""
@@ -204,21 +219,53 @@ def teacher_forced_logprobs(model, prompt, frames: list[torch.Tensor]) -> tuple[
     return torch.cat(talker_lp), torch.cat(predictor_lp)
 
 
-def int8_drift(tts, quantized, frames: int) -> dict:
-    """KL(bf16 || int8) per frame, and how often the most likely code is the same, on the bf16
-    model's greedy codes."""
+def drift(reference, tts, frames: int) -> dict:
+    """KL(reference || tts) per frame, and how often the most likely code is the same, on the
+    reference model's greedy codes."""
     from local_node.generation import SamplingConfig, generate_frames, prepare_prompt
 
-    prompt = prepare_prompt(tts, kind="custom_voice", text=TEXT, language="English", speaker=SPEAKER)
-    greedy = SamplingConfig.from_tts(tts, max_new_tokens=frames + 1, do_sample=False, subtalker_dosample=False)
-    codes = list(generate_frames(tts.model, prompt, greedy))
-    drift = {}
-    for name, ref, got in zip(("talker", "code_predictor"), teacher_forced_logprobs(tts.model, prompt, codes),
-                              teacher_forced_logprobs(quantized.model, prompt, codes)):
+    prompt = prepare_prompt(reference, kind="custom_voice", text=TEXT, language="English", speaker=SPEAKER)
+    greedy = SamplingConfig.from_tts(reference, max_new_tokens=frames + 1, do_sample=False, subtalker_dosample=False)
+    codes = list(generate_frames(reference.model, prompt, greedy))
+    result = {}
+    for name, ref, got in zip(("talker", "code_predictor"), teacher_forced_logprobs(reference.model, prompt, codes),
+                              teacher_forced_logprobs(tts.model, prompt, codes)):
+        ref, got = ref.double(), got.double()
         kl = (ref.exp() * (ref - got)).sum(-1)
-        drift[name] = {"kl_mean": kl.mean().item(), "kl_max": kl.max().item(),
-                       "top1_agreement": (ref.argmax(-1) == got.argmax(-1)).float().mean().item()}
-    return drift
+        result[name] = {"kl_mean": kl.mean().item(), "kl_max": kl.max().item(),
+                        "top1_agreement": (ref.argmax(-1) == got.argmax(-1)).float().mean().item()}
+    return result
+
+
+def bytes_per_frame(model) -> int:
+    """Weight bytes one frame reads at batch 1: the talker's once, the code predictor's decoder
+    layers and input projection 16 times (a position for the talker's hidden state, then one per
+    code), each of its 15 heads once."""
+    talker = model.talker
+    predictor = talker.code_predictor
+
+    def size(module) -> int:
+        return sum(b.nbytes for b in (*module.parameters(), *module.buffers()) if b.dim() >= 2 or b.dtype == torch.int8)
+
+    def linears(module) -> int:  # the products' weights (and int8 scales); embeddings are looked up, not read whole
+        return sum(size(m) + sum(b.nbytes for b in m.buffers() if b.dim() == 1)
+                   for m in module.modules() if hasattr(m, "in_features") and hasattr(m, "out_features"))
+
+    once = linears(talker.model) + linears(talker.codec_head)
+    per_position = linears(predictor.model) + linears(predictor.small_to_mtp_projection)
+    return once + 16 * per_position + linears(predictor.lm_head)
+
+
+def read_bandwidth() -> dict[str, float]:
+    """Streaming read bandwidth, GB/s, on one core and on all physical cores: the best of 5 reads
+    of 2 GiB (well past any cache)."""
+    kernels = next((k for k in map(cpu_kernels.kernels, cpu_kernels.ARCHITECTURE_TIERS.get(cpu_kernels._machine(), ())) if k is not None), None)
+    if kernels is None:
+        return {}
+    buffer = torch.ones(2 << 30, dtype=torch.uint8)
+    aligned = buffer[(-buffer.data_ptr()) % 64:][: (2 << 30) - 256]
+    return {f"{n} core{'s' * (n > 1)}": aligned.nbytes / min(kernels.read_seconds(aligned, n) for _ in range(5)) / 1e9
+            for n in sorted({1, physical_cores()})}
 
 
 def batch_scaling(ours: Ours, frames: int, rows: tuple[int, ...] = (1, 2, 4)) -> dict[int, float]:
@@ -373,11 +420,11 @@ def bench_size(size: str, args: argparse.Namespace) -> SizeResult:
     weights_gb = sum(f.stat().st_size for f in folder.rglob("*.safetensors")) / 1e9
     schedule = ModelConfig.chunk_frames if args.schedule is None else tuple(args.schedule)
 
-    def load(weights: str = "official"):
+    def load(weights: str = "official", tier: str | None = None):
         tts = import_qwen_tts().Qwen3TTSModel.from_pretrained(str(folder), dtype=torch.bfloat16)
         tts.model.speech_tokenizer.model.to(CODEC_DTYPE)
         if weights != "official":  # as the node prepares it
-            prepare_for_generation(tts.model, int8=weights == "int8")
+            prepare_for_generation(tts.model, int8=weights == "int8", tier=tier)
         return tts
 
     started = time.perf_counter()
@@ -397,20 +444,25 @@ def bench_size(size: str, args: argparse.Namespace) -> SizeResult:
               f"({bare[-1].ms_per_frame:.0f} without decoding)", flush=True)
     del official
     result = SizeResult(model, weights_gb, load_seconds, best(officials), with_decode_added(ours, bare))
+    result.ours_bare, result.bytes_per_frame["bf16"] = best(bare), bytes_per_frame(tts.model)
     result.batch_scaling["bf16"] = batch_scaling(ours_path, args.frames)
     print(f"  frames/s by utterances at once: {result.batch_scaling['bf16']}", flush=True)
+    reference = load("bf16", tier="portable")  # qwen-tts' numbers (oneDNN's products), for the drift
+    result.drift["bf16"] = drift(reference, tts, min(args.frames, 20))
+    print(f"  drift from qwen-tts' numbers: {result.drift['bf16']}", flush=True)
     del ours_path, tts
 
     if args.int8:
         quantized = Ours(load("int8"), schedule)
         quantized.run(warm)
-        result.int8 = quantized.best_of(args.frames, args.repeats)
+        result.int8, result.int8_bare = quantized.best_of(args.frames, args.repeats)
+        result.bytes_per_frame["int8"] = bytes_per_frame(quantized.tts.model)
         result.batch_scaling["int8"] = batch_scaling(quantized, args.frames)
-        reference = load("bf16")
-        result.int8_drift = int8_drift(reference, quantized.tts, min(args.frames, 20))
-        print(f"  int8 {result.int8.ms_per_frame:.0f} ms/frame, drift {result.int8_drift}, "
+        result.drift["int8"] = drift(reference, quantized.tts, min(args.frames, 20))
+        print(f"  int8 {result.int8.ms_per_frame:.0f} ms/frame, drift {result.drift['int8']}, "
               f"frames/s by utterances at once {result.batch_scaling['int8']}", flush=True)
-        del quantized, reference
+        del quantized
+    del reference
 
     if args.streams:
         from openai import OpenAI
@@ -447,7 +499,7 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores ({simd}{bf16}), {memory:.0f} GiB, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def report(results: list[SizeResult]) -> str:
+def report(results: list[SizeResult], bandwidth: dict[str, float]) -> str:
     lines = [
         "| model | path | ms/frame | decoding: added per frame | decoding: its thread's time per frame | RTF | first audio | vs official |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -479,10 +531,25 @@ def report(results: list[SizeResult]) -> str:
     for r in results:
         for weights, fps in r.batch_scaling.items():
             lines.append(f"| {r.model} | {weights} | {fps[1]:.1f} | {fps[2]:.1f} | {fps[4]:.1f} | {fps[4] / fps[1]:.2f}x |")
-    drifts = [(r.model, part, d) for r in results for part, d in r.int8_drift.items()]
+    drifts = [(r.model, weights, part, d) for r in results for weights, parts in r.drift.items() for part, d in parts.items()]
     if drifts:
-        lines += ["", "| model | int8 vs bf16 logits | KL mean | KL max | same top code |", "|---|---|---:|---:|---:|"]
-        lines += [f"| {m} | {part} | {d['kl_mean']:.4f} | {d['kl_max']:.4f} | {100 * d['top1_agreement']:.0f} % |" for m, part, d in drifts]
+        lines += ["", "| model | weights | logits vs qwen-tts' numbers | KL mean | KL max | same top code |",
+                  "|---|---|---|---:|---:|---:|"]
+        lines += [f"| {m} | {w} | {part} | {d['kl_mean']:.2e} | {d['kl_max']:.2e} | {100 * d['top1_agreement']:.0f} % |"
+                  for m, w, part, d in drifts]
+    if bandwidth:
+        full = max(bandwidth.values())
+        lines += ["", "read bandwidth: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bandwidth.items()), "",
+                  "| model | weights | bytes read per frame | floor (at all cores' bandwidth) | ms/frame without decoding | efficiency | with decoding | vs official |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in results:
+            for weights, bare, run in (("bf16", r.ours_bare, r.ours), ("int8", r.int8_bare, r.int8)):
+                if bare is None or weights not in r.bytes_per_frame:
+                    continue
+                floor = r.bytes_per_frame[weights] / full / 1e6  # ms
+                lines.append(f"| {r.model} | {weights} | {r.bytes_per_frame[weights] / 1e9:.2f} GB | {floor:.0f} ms | "
+                             f"{bare.ms_per_frame:.0f} | {100 * floor / bare.ms_per_frame:.0f} % | {run.ms_per_frame:.0f} | "
+                             f"{r.official.ms_per_frame / run.ms_per_frame:.2f}x |")
     return "\n".join(lines)
 
 
@@ -523,15 +590,20 @@ def main(argv: list[str] | None = None) -> None:
 
     use_product_cores(NODE_THREADS)  # as the node does
     print(f"machine: {machine()}", flush=True)
+    kernels, why = cpu_kernels.choice()
+    print(f"kernels: {cpu_kernels.active_tier()} ({why}); " + ", ".join(
+        f"{name}={os.environ[name]}" for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if name in os.environ), flush=True)
+    bandwidth = read_bandwidth()
+    print("read bandwidth: " + (", ".join(f"{k} {v:.1f} GB/s" for k, v in bandwidth.items()) or "not measured (no kernels build here)"), flush=True)
     results = []
     for size in args.models:
         print(f"{size}:", flush=True)
         results.append(bench_size(size, args))
-    table = report(results)
+    table = report(results, bandwidth)
     print("\n" + table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "speed.json").write_text(json.dumps(
-        {"machine": machine(), "args": vars(args), "peak_rss_gb_bench_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        {"machine": machine(), "kernels": cpu_kernels.active_tier(), "read_bandwidth_gb_s": bandwidth, "args": vars(args), "peak_rss_gb_bench_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
          "results": [asdict(r) for r in results]}, indent=2) + "\n")
     plot(results, RESULTS / "speed.png")
     print(f"\nwrote {RESULTS / 'speed.json'} and {RESULTS / 'speed.png'}")
