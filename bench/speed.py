@@ -244,12 +244,9 @@ def bytes_per_frame(model) -> int:
     talker = model.talker
     predictor = talker.code_predictor
 
-    def size(module) -> int:
-        return sum(b.nbytes for b in (*module.parameters(), *module.buffers()) if b.dim() >= 2 or b.dtype == torch.int8)
-
     def linears(module) -> int:  # the products' weights (and int8 scales); embeddings are looked up, not read whole
-        return sum(size(m) + sum(b.nbytes for b in m.buffers() if b.dim() == 1)
-                   for m in module.modules() if hasattr(m, "in_features") and hasattr(m, "out_features"))
+        return sum(m.weight.nbytes + (m.scale.nbytes if isinstance(getattr(m, "scale", None), torch.Tensor) else 0)
+                   for m in module.modules() if hasattr(m, "in_features") and isinstance(getattr(m, "weight", None), torch.Tensor))
 
     once = linears(talker.model) + linears(talker.codec_head)
     per_position = linears(predictor.model) + linears(predictor.small_to_mtp_projection)

@@ -14,6 +14,7 @@ import torch
 
 from relay.protocol import ModelInfo
 
+from . import tiers
 from .config import ConfigError, ModelConfig
 from .codec_stream import StreamingDecoder
 from .packing import prepare_for_generation
@@ -177,11 +178,13 @@ def resolve_codec_dtype(codec_dtype: str) -> torch.dtype:
     """``codec_dtype`` from the config; "auto" is bfloat16 only where the CPU has bfloat16
     arithmetic (AVX-512 BF16 or AMX): there the codec's convolutions run about 3x faster than in
     float32, elsewhere they are emulated and many times slower. qwen-tts itself runs the codec in
-    the model's dtype."""
+    the model's dtype. A tier below AVX-512 BF16 asked for by ``QWEN3_TTS_ISA`` counts as a CPU
+    without it."""
     if codec_dtype != "auto":
         return _DTYPES[codec_dtype]
+    capped = tiers.requested() in ("avx512", "avx2", "neon")
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return torch.bfloat16 if native else torch.float32
+    return torch.bfloat16 if native and not capped else torch.float32
 
 
 def _frame_budget(text: str) -> int:
