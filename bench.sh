@@ -6,9 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/setup.sh
 .venv/bin/python -c "import matplotlib" 2>/dev/null || .venv/bin/pip install --quiet -e ".[bench]"
-# `./bench.sh tunnel ...`: the relay and tunnel benchmark (bench/tunnel.py) instead.
-if [ "${1:-}" = "tunnel" ]; then
+# `./bench.sh tunnel ...`: the relay and tunnel benchmark (bench/tunnel.py) instead;
+# `./bench.sh kernels ...`: the products alone, every kernel tier (bench/kernels.py).
+if [ "${1:-}" = "tunnel" ] || [ "${1:-}" = "kernels" ]; then
+    bench=$1
     shift
-    exec .venv/bin/python -m bench.tunnel "$@"
+    exec .venv/bin/python -m "bench.$bench" "$@"
 fi
 exec .venv/bin/python -m bench.speed "$@"

@@ -136,15 +136,17 @@ static inline void load_int8_pair(const int8_t *w, __m512bh *first, __m512bh *se
     *second = (__m512bh)_mm512_unpackhi_epi8(lo, hi);
 }
 
-/* rows (<= TILE) rows of x against one block of V vectors of 16 outputs. */
+/* rows (<= TILE) rows of x against one block of V vectors of 16 outputs; int8 or bfloat16
+   weights, times their rows' scales where given. */
 static inline __attribute__((always_inline)) void tile(const uint32_t *x, const void *w, const float *scale,
-                                                       uint16_t *y, const int rows, const int V, int N, int K) {
+                                                       const int int8, uint16_t *y, const int rows, const int V,
+                                                       int N, int K) {
     __m512 acc[TILE][4];
     for (int m = 0; m < rows; m++)
         for (int b = 0; b < V; b++) acc[m][b] = _mm512_setzero_ps();
     for (int k = 0; k < K / 2; k++) {
         __m512bh wv[4];
-        if (scale)
+        if (int8)
             for (int b = 0; b < V; b += 2) load_int8_pair((const int8_t *)w + ((long)k * V + b) * 32, &wv[b], &wv[b + 1]);
         else
             for (int b = 0; b < V; b++) wv[b] = (__m512bh)_mm512_loadu_si512((const uint16_t *)w + ((long)k * V + b) * 32);
@@ -181,17 +183,18 @@ static inline vf load_int8(const int8_t *w) { /* GCC's generic conversion goes a
 #endif
 }
 
-/* rows (<= TILE) rows of x against one block of V vectors of W outputs; int8 weights (and their
-   per-row scales) when scale is given, else bfloat16. */
+/* rows (<= TILE) rows of x against one block of V vectors of W outputs; int8 or bfloat16
+   weights, times their rows' scales where given. */
 static inline __attribute__((always_inline)) void tile(const uint32_t *x, const void *w, const float *scale,
-                                                       uint16_t *y, const int rows, const int V, int N, int K) {
+                                                       const int int8, uint16_t *y, const int rows, const int V,
+                                                       int N, int K) {
     vf acc[TILE][4];
     for (int m = 0; m < rows; m++)
         for (int b = 0; b < V; b++) acc[m][b] = (vf){0};
     for (int k = 0; k < K / 2; k++) {
         vf even[4], odd[4];
         for (int b = 0; b < V; b++) {
-            if (scale) {
+            if (int8) {
                 const int8_t *wk = (const int8_t *)w + (long)k * 2 * V * W + b * W;
                 even[b] = load_int8(wk), odd[b] = load_int8(wk + V * W);
             } else {
@@ -213,27 +216,73 @@ static inline __attribute__((always_inline)) void tile(const uint32_t *x, const 
 }
 #endif
 
-#define TILES(V)                                                                                   \
-    for (int n = n0; n < n1; n += (V) * W) {                                                       \
-        const char *wn = (const char *)w + (long)n * K * width;                                    \
-        const float *sn = scale ? scale + n : 0;                                                   \
-        int m = 0;                                                                                 \
-        for (; m + TILE <= M; m += TILE) tile(x + (long)m * K / 2, wn, sn, y + (long)m * N + n, TILE, V, N, K); \
-        switch (M - m) {                                                                           \
-        case 3: tile(x + (long)m * K / 2, wn, sn, y + (long)m * N + n, 3, V, N, K); break;        \
-        case 2: tile(x + (long)m * K / 2, wn, sn, y + (long)m * N + n, 2, V, N, K); break;        \
-        case 1: tile(x + (long)m * K / 2, wn, sn, y + (long)m * N + n, 1, V, N, K); break;        \
-        }                                                                                          \
+/* One block's weights widened from int8 to bfloat16, in the bfloat16 layout (exact: |w| <= 127
+   fits bfloat16's significand). Several rows of x then share one widening instead of each tile
+   of them repeating it. */
+static void widen_int8(const int8_t *w, uint16_t *out, int V, int K) {
+    for (int k = 0; k < K / 2; k++)
+#if DOT_BF16
+        for (int b = 0; b < V; b += 2) {
+            __m512bh first, second;
+            load_int8_pair(w + ((long)k * V + b) * 32, &first, &second);
+            _mm512_storeu_si512(out + ((long)k * V + b) * 32, (__m512i)first);
+            _mm512_storeu_si512(out + ((long)k * V + b + 1) * 32, (__m512i)second);
+        }
+#else
+        for (int b = 0; b < V; b++) {
+            const int8_t *wk = w + (long)k * 2 * V * W + b * W;
+            const vu pairs = ((vu)load_int8(wk) >> 16) | ((vu)load_int8(wk + V * W) & 0xffff0000u);
+            memcpy(out + ((long)k * V + b) * 2 * W, &pairs, sizeof pairs);
+        }
+#endif
+}
+
+/* All M rows of x against the block of V vectors of outputs starting at n. */
+static inline __attribute__((always_inline)) void block(const uint32_t *x, const void *w, const float *scale,
+                                                        int int8, uint16_t *y, int M, int N, int K, const int V,
+                                                        int n) {
+    int m = 0;
+    for (; m + TILE <= M; m += TILE) tile(x + (long)m * K / 2, w, scale, int8, y + (long)m * N + n, TILE, V, N, K);
+    switch (M - m) {
+    case 3: tile(x + (long)m * K / 2, w, scale, int8, y + (long)m * N + n, 3, V, N, K); break;
+    case 2: tile(x + (long)m * K / 2, w, scale, int8, y + (long)m * N + n, 2, V, N, K); break;
+    case 1: tile(x + (long)m * K / 2, w, scale, int8, y + (long)m * N + n, 1, V, N, K); break;
     }
+}
+
+static __thread uint16_t *widened; /* per thread: helpers widen their own blocks */
+static __thread long widened_size;
 
 /* Outputs n0..n1 of x [M, K] and y [M, N] bfloat16, x read as pairs of columns (K even), weights
-   in blocks of V vectors; N, n0 and n1 multiples of V * W. */
+   (int8 where scale is given, else bfloat16) in blocks of V vectors; N, n0 and n1 multiples of
+   V * W. */
+static inline __attribute__((always_inline)) void blocks(const uint32_t *x, const void *w, const float *scale,
+                                                         uint16_t *y, int M, int N, int K, const int V, int n0,
+                                                         int n1) {
+    const int int8 = scale != 0, width = int8 ? 1 : 2; /* bytes per weight */
+    const long size = (long)V * W * K;
+    if (int8 && M > TILE && widened_size < size) {
+        free(widened);
+        widened = malloc(size * sizeof *widened);
+        widened_size = widened ? size : 0;
+    }
+    for (int n = n0; n < n1; n += V * W) {
+        const char *wn = (const char *)w + (long)n * K * width;
+        const float *sn = scale ? scale + n : 0;
+        if (int8 && M > TILE && widened) {
+            widen_int8((const int8_t *)wn, widened, V, K);
+            block(x, widened, sn, 0, y, M, N, K, V, n);
+        } else {
+            block(x, wn, sn, int8, y, M, N, K, V, n);
+        }
+    }
+}
+
 static void linear(const uint32_t *x, const void *w, const float *scale, uint16_t *y, int M, int N, int K, int V,
                    int n0, int n1) {
-    const int width = scale ? 1 : 2; /* bytes per weight */
-    if (V == 4) { TILES(4) }
-    else if (V == 2) { TILES(2) }
-    else { TILES(1) }
+    if (V == 4) blocks(x, w, scale, y, M, N, K, 4, n0, n1);
+    else if (V == 2) blocks(x, w, scale, y, M, N, K, 2, n0, n1);
+    else blocks(x, w, scale, y, M, N, K, 1, n0, n1);
 }
 
 /* --- helper threads ---------------------------------------------------------------------- */

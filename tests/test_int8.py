@@ -41,7 +41,7 @@ def test_int8_layout_refuses_minus_128(kernels):
         kernels.int8_layout(torch.full((32, 2), -128, dtype=torch.int8))
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 9])  # past 4 rows (a tile), int8 blocks are widened once
 @pytest.mark.parametrize("shape", [(64, 32), (96, 64), (4096, 1024), (1024, 3072)])
 def test_our_int8_kernel_computes_what_pytorchs_does(kernels, rows, shape):
     """Our int8_linear against _weight_int8pack_mm on the same int8 weights and scales: both are

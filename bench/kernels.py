@@ -1,0 +1,122 @@
+"""The products alone, every kernel tier this CPU runs, against the machine's read bandwidth.
+
+    ./bench.sh kernels                 # options: --megabytes N, --repeats N
+
+One row of x against 40 weights of [6144 x 1024] (the 0.6B talker's gate/up projection; about
+500 MB in bfloat16, far past any cache), on one core and on all physical cores, for:
+
+  ours        each tier's ``bf16_linear`` and ``int8_linear`` (local_node/cpu_kernels.c)
+  PyTorch     what the node falls back to without our kernels: oneDNN's packed bfloat16 product
+              (``portable``), ``_weight_int8pack_mm`` for int8 weights; and MKL's float32
+              matrix-vector product, the vendor's best at streaming weights, as a reference
+
+GB/s of weights read and the share of the streaming read bandwidth measured in the same run
+(``Kernels.read_seconds``). Writes ``bench/results/kernels.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from local_node import tiers
+
+tiers.cap_vendor_libraries()
+
+import torch  # noqa: E402
+
+from local_node import cpu_kernels  # noqa: E402
+from local_node.__main__ import physical_cores  # noqa: E402
+from local_node.packing import _onednn_packed  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPE = (6144, 1024)
+
+
+def best_seconds(call: Callable[[], object], repeats: int) -> float:
+    call()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="./bench.sh kernels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--megabytes", type=int, default=500, help="bfloat16 weight bytes per pass")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+
+    count = max(1, args.megabytes * 10**6 // (SHAPE[0] * SHAPE[1] * 2))
+    torch.manual_seed(0)
+    weights = [(torch.randn(SHAPE) * 0.05).to(torch.bfloat16) for _ in range(count)]
+    codes = [torch.randint(-127, 128, SHAPE, dtype=torch.int8) for _ in range(count)]
+    scale = torch.rand(SHAPE[0])
+    x = torch.randn(1, SHAPE[1], dtype=torch.bfloat16)
+    bf16_bytes, int8_bytes = sum(w.nbytes for w in weights), sum(c.nbytes for c in codes)
+    cores = sorted({1, physical_cores()})
+    runs = [k for k in map(cpu_kernels.kernels, cpu_kernels.ARCHITECTURE_TIERS.get(cpu_kernels._machine(), ())) if k]
+    runs = [k for k in runs if k.tier != "amx"]  # amx runs avx512_bf16's products
+    buffer = torch.ones(2 << 30, dtype=torch.uint8)
+    buffer = buffer[(-buffer.data_ptr()) % 64 :][: (2 << 30) - 256]
+
+    results: dict = {"shape": SHAPE, "weights": count, "cores": {}}
+    print(f"{count} weights of {SHAPE[0]} x {SHAPE[1]}: {bf16_bytes / 1e6:.0f} MB bf16, {int8_bytes / 1e6:.0f} MB int8; "
+          f"one row; kernels: {', '.join(k.tier for k in runs) or 'none'}")
+    for n in cores:
+        row: dict[str, float] = {}
+        torch.set_num_threads(n)
+        if runs:
+            row["read bandwidth"] = buffer.nbytes / min(runs[0].read_seconds(buffer, n) for _ in range(args.repeats)) / 1e9
+        for kernels in runs:
+            kernels.use_cores(max(cores))
+            with kernels.reserved(max(cores) - n):
+                laid = [kernels.bf16_layout(w) for w in weights]
+                row[f"ours {kernels.tier} bf16"] = bf16_bytes / best_seconds(
+                    lambda: [kernels.bf16_linear(x, w) for w in laid], args.repeats) / 1e9
+                quantized = [kernels.int8_layout(c) for c in codes]
+                row[f"ours {kernels.tier} int8"] = int8_bytes / best_seconds(
+                    lambda: [kernels.int8_linear(x, c, scale) for c in quantized], args.repeats) / 1e9
+                del laid, quantized
+        packed = [_onednn_packed(w) for w in weights]
+        if all(p is not None for p in packed):
+            row["oneDNN packed bf16"] = bf16_bytes / best_seconds(
+                lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed], args.repeats) / 1e9
+        del packed
+        row["PyTorch _weight_int8pack_mm"] = int8_bytes / best_seconds(
+            lambda: [torch._weight_int8pack_mm(x, c, scale.bfloat16()) for c in codes], args.repeats) / 1e9
+        floats = [w.float() for w in weights[: max(1, count // 2)]]
+        xf = x.float()
+        row["MKL float32 (reference)"] = sum(f.nbytes for f in floats) / best_seconds(
+            lambda: [torch.mv(f, xf[0]) for f in floats], args.repeats) / 1e9
+        del floats
+        results["cores"][n] = row
+    print_table(results)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "kernels.json").write_text(json.dumps({"tier": cpu_kernels.active_tier(), **results}, indent=2) + "\n")
+    print(f"\nwrote {RESULTS / 'kernels.json'}")
+
+
+def print_table(results: dict) -> None:
+    cores = list(results["cores"])
+    names = list(dict.fromkeys(name for row in results["cores"].values() for name in row))
+    print("\n| product, one row | " + " | ".join(f"{n} core{'s' * (n > 1)}: GB/s (of bandwidth)" for n in cores) + " |")
+    print("|---|" + "---:|" * len(cores))
+    for name in names:
+        cells = []
+        for n in cores:
+            row = results["cores"][n]
+            bandwidth = row.get("read bandwidth")
+            value = row.get(name)
+            cells.append("-" if value is None else f"{value:.1f}" + (f" ({100 * value / bandwidth:.0f} %)"
+                                                                    if bandwidth and name != "read bandwidth" else ""))
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
