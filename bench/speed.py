@@ -599,11 +599,12 @@ def main(argv: list[str] | None = None) -> None:
     table = report(results, bandwidth)
     print("\n" + table)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "speed.json").write_text(json.dumps(
+    name = "speed" if tiers.requested() == "native" else f"speed-{tiers.requested()}"  # an emulated CPU's apart
+    (RESULTS / f"{name}.json").write_text(json.dumps(
         {"machine": machine(), "kernels": cpu_kernels.active_tier(), "read_bandwidth_gb_s": bandwidth, "args": vars(args), "peak_rss_gb_bench_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
          "results": [asdict(r) for r in results]}, indent=2) + "\n")
-    plot(results, RESULTS / "speed.png")
-    print(f"\nwrote {RESULTS / 'speed.json'} and {RESULTS / 'speed.png'}")
+    plot(results, RESULTS / f"{name}.png")
+    print(f"\nwrote {RESULTS / f'{name}.json'} and {RESULTS / f'{name}.png'}")
 
 
 if __name__ == "__main__":

@@ -219,8 +219,10 @@ def choice() -> tuple[Kernels | None, str]:
     for tier in candidates:
         found = kernels(tier)
         if found is not None:
-            how = "the best this CPU runs" if not skipped else f"this CPU lacks {', '.join(skipped)}"
-            return found, f"{how}{f' (QWEN3_TTS_ISA={asked})' if asked != 'native' else ''}"
+            lacks = f"this CPU lacks {', '.join(skipped)}" if skipped else ""
+            if asked == "native":
+                return found, lacks or "the best this CPU runs"
+            return found, f"QWEN3_TTS_ISA={asked}" + (f"; {lacks}" if lacks else "")
         skipped.append(tier)
     if not candidates:
         return None, f"no kernels of ours for {machine}: PyTorch's kernels only"
