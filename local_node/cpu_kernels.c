@@ -524,6 +524,63 @@ void attend_one(const uint16_t *qk, const uint16_t *v, long v_stride, void *keys
     free(scores);
 }
 
+/* --- a decoder layer for one new position --------------------------------------------------- */
+
+/* One product of a layer: its weight in the layout above, int8 scales or NULL, vectors per block. */
+struct product { const void *weight; const float *scale; int vectors; };
+
+/* What a layer step needs of one decoder layer; cpu_kernels.py fills one per layer. */
+struct layer {
+    struct product qkv, o, gate_up, down;
+    const uint16_t *input_norm, *post_norm, *qk_norm; /* qk_norm: a row per q head, then per kv head */
+    float norm_eps, qk_eps, scale;
+};
+
+static void product(const struct product *p, const uint16_t *x, uint16_t *y, int M, int N, int K) {
+    run(&(struct job){(const uint32_t *)x, p->weight, p->scale, y, M, N, K, p->vectors});
+}
+
+static void add_into(uint16_t *x, const uint16_t *delta, long count) { /* x = bf16(x + delta) */
+    for (long i = 0; i < count; i++) x[i] = float_to_bf16(bf16_to_float(x[i]) + bf16_to_float(delta[i]));
+}
+
+/* x [n][hidden] bfloat16, one new position per sequence, through `count` decoder layers in place:
+   per layer  x += o(attention(rope(q_norm(q)), rope(k_norm(k)), v))  on input_norm(x)
+              x += down(silu(gate(h)) * up(h))                         on post_norm(x)
+   each op rounded to bfloat16 where the model's ops round. Sequence j's key and value go into
+   position starts[j] of cache row rows[j]; layer i's caches start layer_stride elements after
+   layer i - 1's. cos and sin: [n][dim]. The same arithmetic as the per-op calls, in one call. */
+void stack_step(const struct layer *layers, int count, uint16_t *x, int n, int hidden, int heads, int kv_heads,
+                int dim, int intermediate, void *keys, void *values, long layer_stride, long capacity, const int *rows,
+                const int *starts, const uint16_t *cos, const uint16_t *sin, int bf16_cache) {
+    const int all = heads + 2 * kv_heads, size = bf16_cache ? 2 : 4;
+    uint16_t *h = malloc(2L * n * hidden), *qkv = malloc(2L * n * all * dim), *qk = malloc(2L * n * (heads + kv_heads) * dim),
+             *attended = malloc(2L * n * heads * dim), *out = malloc(2L * n * hidden),
+             *gate_up = malloc(4L * n * intermediate), *act = malloc(2L * n * intermediate);
+    for (int i = 0; i < count; i++) {
+        const struct layer *L = &layers[i];
+        rms_norm(x, hidden, 1, L->input_norm, h, n, hidden, L->norm_eps, NULL, NULL);
+        product(&L->qkv, h, qkv, n, all * dim, hidden);
+        rms_norm(qkv, (long)all * dim, heads + kv_heads, L->qk_norm, qk, n * (heads + kv_heads), dim, L->qk_eps, cos, sin);
+        attend_one(qk, qkv + (heads + kv_heads) * dim, (long)all * dim, (char *)keys + i * layer_stride * size,
+                   (char *)values + i * layer_stride * size, capacity, rows, starts, n, heads, kv_heads, dim, L->scale,
+                   bf16_cache, attended);
+        product(&L->o, attended, out, n, hidden, heads * dim);
+        add_into(x, out, (long)n * hidden);
+        rms_norm(x, hidden, 1, L->post_norm, h, n, hidden, L->norm_eps, NULL, NULL);
+        product(&L->gate_up, h, gate_up, n, 2 * intermediate, hidden);
+        for (int r = 0; r < n; r++)
+            for (int j = 0; j < intermediate; j++) {
+                const float g = bf16_to_float(gate_up[(long)r * 2 * intermediate + j]);
+                const float up = bf16_to_float(gate_up[(long)r * 2 * intermediate + intermediate + j]);
+                act[(long)r * intermediate + j] = float_to_bf16(bf16_to_float(float_to_bf16(g / (1.0f + expf(-g)))) * up);
+            }
+        product(&L->down, act, out, n, hidden, intermediate);
+        add_into(x, out, (long)n * hidden);
+    }
+    free(h), free(qkv), free(qk), free(attended), free(out), free(gate_up), free(act);
+}
+
 /* --- the machine ------------------------------------------------------------------------------ */
 
 struct reader { const vf *data; long vectors; vf sum; };

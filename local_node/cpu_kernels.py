@@ -16,6 +16,8 @@ decoding threads still run side by side. What a ``Kernels`` offers:
   a dozen PyTorch ops, rounded to bfloat16 where those ops round;
 * ``attend_one``: attention for one new position, cache write included, in one call instead of
   SDPA's per-head set-up and the half-dozen ops around it; float32 arithmetic;
+* ``stack_step``: all of a stack's decoder layers for one new position in one call, the same
+  arithmetic as the calls above and the ops between them, without a dozen dispatches per layer;
 * ``read_seconds``: the machine's streaming read speed, which the products are bound by (bench).
 
 These define the node's numbers; ``tests/test_cpu_kernels.py`` holds every tier to PyTorch's
@@ -167,6 +169,52 @@ class Kernels:
                                  keys.dtype == torch.bfloat16, out.data_ptr())
         return out
 
+    # --- whole decoder layers --------------------------------------------------------------
+
+    def layer_table(self, layers: list[dict[str, Any]]) -> Any | None:
+        """What ``stack_step`` reads of each decoder layer, or None unless every product of every
+        layer runs on these kernels. Each layer: the modules ``qkv``, ``o``, ``gate_up`` and
+        ``down`` (PackedLinear or Int8Linear laid out for these kernels), the bfloat16 norm weights
+        ``input_norm``, ``post_norm``, ``qk_norm`` ([heads + kv_heads, dim], contiguous), and
+        ``norm_eps``, ``qk_eps``, ``scale``. The tensors must outlive the table."""
+        table = (_Layer * len(layers))()
+        for entry, layer in zip(table, layers):
+            for name in ("qkv", "o", "gate_up", "down"):
+                module = layer[name]
+                if getattr(module, "kernels", None) is not self:
+                    return None
+                scale = getattr(module, "scale", None)
+                setattr(entry, name, _Product(module.weight.data_ptr(), None if scale is None else scale.data_ptr(),
+                                              self._block_rows(module.out_features) // self.lanes))
+            for name in ("input_norm", "post_norm", "qk_norm"):
+                if layer[name].dtype != torch.bfloat16 or not layer[name].is_contiguous():
+                    return None
+                setattr(entry, name, layer[name].data_ptr())
+            entry.norm_eps, entry.qk_eps, entry.scale = layer["norm_eps"], layer["qk_eps"], layer["scale"]
+        return table
+
+    def stack_step(self, table: Any, x: torch.Tensor, heads: int, kv_heads: int, intermediate: int, keys: torch.Tensor,
+                   values: torch.Tensor, rows: list[int], starts: list[int], cos: torch.Tensor,
+                   sin: torch.Tensor) -> torch.Tensor:
+        """x [n, 1, hidden] bfloat16, one new position per sequence, through every layer of
+        ``table`` in one call (cpu_kernels.c: stack_step): the per-op path's arithmetic, each
+        sequence's key and value written at ``starts[j]`` of cache row ``rows[j]`` of ``keys`` /
+        ``values`` ([layers, cache rows, kv_heads, capacity, dim], bfloat16). Returns a new tensor."""
+        n, steps, hidden = x.shape
+        layers, cache_rows, kv, capacity, dim = keys.shape
+        if not (steps == 1 and x.dtype == keys.dtype == values.dtype == torch.bfloat16 and keys.shape == values.shape
+                and layers == len(table) and kv == kv_heads and heads % kv_heads == 0 and dim % 16 == 0
+                and max(dim, hidden) <= MAX_DIM and keys.is_contiguous() and values.is_contiguous()
+                and len(rows) == len(starts) == n and 0 <= min(rows) <= max(rows) < cache_rows
+                and 0 <= min(starts) <= max(starts) < capacity and cos.is_contiguous() and sin.is_contiguous()
+                and cos.numel() == sin.numel() == n * dim and cos.dtype == sin.dtype == torch.bfloat16):
+            raise ValueError("stack_step: see its docstring for the shapes and dtypes it takes")
+        out = x.contiguous().clone()
+        self._library.stack_step(table, len(table), out.data_ptr(), n, hidden, heads, kv_heads, dim, intermediate,
+                                 keys.data_ptr(), values.data_ptr(), keys.stride(0), capacity, (ctypes.c_int * n)(*rows),
+                                 (ctypes.c_int * n)(*starts), cos.data_ptr(), sin.data_ptr(), 1)
+        return out
+
     # --- threads and the machine ------------------------------------------------------------
 
     def use_cores(self, cores: int) -> int:
@@ -252,6 +300,16 @@ def kernels(tier: str) -> Kernels | None:
     return Kernels(tier, library)
 
 
+class _Product(ctypes.Structure):
+    _fields_ = [("weight", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("vectors", ctypes.c_int)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("qkv", _Product), ("o", _Product), ("gate_up", _Product), ("down", _Product),
+                ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("qk_norm", ctypes.c_void_p),
+                ("norm_eps", ctypes.c_float), ("qk_eps", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
 def _machine() -> str:
     return platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
 
@@ -263,9 +321,10 @@ def _declare(library: Any) -> None:
     library.use_cores.argtypes = library.reserve_cores.argtypes = [i]
     library.rms_norm.argtypes = [p, long, i, p, p, i, i, f, p, p]
     library.attend_one.argtypes = [p, p, long, p, p, long, p, p, i, i, i, i, f, i, p]
+    library.stack_step.argtypes = [p, i, p] + [i] * 6 + [p, p, long, long, p, p, p, p, i]
     library.read_seconds.argtypes = [p, long, i]
     library.read_seconds.restype = ctypes.c_double
-    for name in ("bf16_linear", "q8_linear", "reserve_cores", "rms_norm", "attend_one"):
+    for name in ("bf16_linear", "q8_linear", "reserve_cores", "rms_norm", "attend_one", "stack_step"):
         getattr(library, name).restype = None
 
 

@@ -15,11 +15,13 @@ Keys and values go into one preallocated buffer per stack that grows by doubling
 writes in place instead of concatenating the whole history.
 
 Where the node's kernels run (``cpu_kernels``; the stack uses the ones its weights were laid out
-for, so a bfloat16 model), the norms and the q/k rotation are one C call each instead of a dozen
-ops, and one new position, the common case, attends in one C call for all rows and heads, cache
-write included, in float32 over the bfloat16 cache. Prompts (several new positions) attend through
-PyTorch's SDPA with grouped-query heads, as transformers calls it (causal); so does everything
-where our kernels do not run (float32 models, ``portable``). The talker's multimodal rope gives
+for, so a bfloat16 model), one new position, the common case, goes through every layer in one C
+call (``Kernels.stack_step``): the products, norms, rotation, attention (float32 over the
+bfloat16 cache, cache write included) and the adds and SiLU between them, for all rows at once,
+instead of a dozen dispatches from Python per layer. Prompts (several new positions) go layer by
+layer: the norms and the q/k rotation in C, attention through PyTorch's SDPA with grouped-query
+heads, as transformers calls it (causal); everything does where our kernels do not run (float32
+models, ``portable``). The talker's multimodal rope gives
 text positions the same angle in all three sections, so it is the ordinary rope here.
 
 The layers come prepared (``packing.prepare_for_generation``): q/k/v and gate/up fused into one
@@ -58,6 +60,9 @@ class DecoderStack:
                                          or max(self.head_dim, cfg.hidden_size) > cpu_kernels.MAX_DIM):
             self.kernels = None
         self._norm = _rms_norm if self.kernels is None else self.kernels.rms_norm
+        # One new position through every layer in one C call, where all the products are ours.
+        self._table = None if self.kernels is None else self.kernels.layer_table([layer.parts() for layer in self.layers])
+        self.intermediate = self.layers[0].gate_up.out_features // 2
         self.lengths = [0] * batch  # positions cached so far, per row
         shape = (len(self.layers), batch, self.n_kv_heads, max(capacity, 1), self.head_dim)
         self.keys = torch.zeros(shape, dtype=self.dtype)
@@ -76,6 +81,12 @@ class DecoderStack:
         if max(starts) + steps > self.keys.shape[3]:
             self._grow(max(starts) + steps)
         cos, sin = self._rope(starts, steps)
+        if self._table is not None and steps == 1:
+            x = self.kernels.stack_step(self._table, x, self.n_heads, self.n_kv_heads, self.intermediate, self.keys,
+                                        self.values, rows, starts, cos, sin)
+            for r in rows:
+                self.lengths[r] += steps
+            return self._norm(x, *self.final_norm)
         for i, layer in enumerate(self.layers):
             x = x + self._attend(layer, self._norm(x, *layer.input_norm), i, rows, starts, cos, sin)
             gate, up = layer.gate_up(self._norm(x, *layer.post_attention_norm)).chunk(2, dim=-1)
@@ -163,6 +174,14 @@ class _Layer:
             raise NotImplementedError("q_norm and k_norm with different epsilons")
         weight = torch.cat([q_norm.weight.expand(heads, -1), k_norm.weight.expand(kv_heads, -1)])  # [heads, dim]
         self.qk_norm = (weight, q_norm.variance_epsilon)
+
+    def parts(self) -> dict[str, Any]:
+        """What ``Kernels.layer_table`` reads."""
+        if self.input_norm[1] != self.post_attention_norm[1]:
+            raise NotImplementedError("input and post-attention norms with different epsilons")
+        return dict(qkv=self.qkv, o=self.o, gate_up=self.gate_up, down=self.down, input_norm=self.input_norm[0],
+                    post_norm=self.post_attention_norm[0], qk_norm=self.qk_norm[0], norm_eps=self.input_norm[1],
+                    qk_eps=self.qk_norm[1], scale=self.scaling)
 
 
 def _norm_args(norm: Any) -> tuple[torch.Tensor, float]:

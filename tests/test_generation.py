@@ -200,6 +200,35 @@ def test_c_norms_and_attention_follow_the_torch_ops_over_long_sequences(load, ke
     assert relative.max() < 0.03, relative.max()
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
+def test_a_whole_stack_step_in_c_is_the_per_op_path(load, kernels, int8, tmp_path):
+    """One new position through every layer in one C call (Kernels.stack_step) computes what the
+    per-op calls and PyTorch's ops between them compute: the same roundings, SiLU's exp aside
+    (expf against PyTorch's vectorised exp: a rare bfloat16 step), rows at different lengths."""
+    from local_node.decoder_stack import DecoderStack
+    from qwen_tts import Qwen3TTSModel
+
+    model = Qwen3TTSModel.from_pretrained(str(write_tiny_checkpoint(tmp_path / "m", "custom_voice")),
+                                          dtype=torch.bfloat16).model
+    prepare_for_generation(model, int8=int8, tier=kernels.tier)
+    stacks = [DecoderStack(model.talker.model, capacity=8, batch=2) for _ in range(2)]
+    assert stacks[0]._table is not None
+    stacks[1]._table = None  # the per-op path
+    hidden = model.config.talker_config.hidden_size
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randn(1, length, hidden, generator=generator).bfloat16() for length in (5, 9)]
+    steps = torch.randn(6, 2, 1, hidden, generator=generator).bfloat16()
+    outs = []
+    for stack in stacks:
+        for row, prompt in enumerate(prompts):
+            stack.forward(prompt, rows=[row])
+        outs.append(torch.cat([stack.forward(step, rows=[1, 0]) for step in steps]).float())
+    assert stacks[0].lengths == stacks[1].lengths == [11, 15]
+    torch.testing.assert_close(outs[0], outs[1], rtol=2**-6, atol=2**-6)
+    assert (outs[0] != outs[1]).float().mean() < 0.01
+    torch.testing.assert_close(stacks[0].keys, stacks[1].keys, rtol=2**-6, atol=2**-6)
+
+
 # --- equivalence with qwen-tts ------------------------------------------------------------------
 
 
