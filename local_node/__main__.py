@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         capped = cap_vendor_libraries()  # before anything imports torch
     except TierError as exc:
-        sys.exit(f"local_node: {exc}")
+        print(f"local_node: {exc}", file=sys.stderr)
+        sys.exit(2)  # a setting to fix, not a model that failed to load (run.sh tells them apart)
     if capped:
         log.info("QWEN3_TTS_ISA=%s: set %s", requested(), ", ".join(f"{k}={v}" for k, v in capped.items()))
     if argv[:1] == ["tiny-model"]:

@@ -282,3 +282,19 @@ def test_the_aarch64_build_passes_its_self_test_under_qemu(tmp_path):
     assert run.returncode == 0 and run.stdout.strip().endswith("passed"), run.stdout + run.stderr
     assert "4 float lanes" in run.stdout and "MISMATCH" not in run.stdout
     TIERS_RUN.add("neon (qemu)")
+
+
+def test_a_node_asked_for_no_tier_says_so_and_stops(tmp_path):
+    """QWEN3_TTS_ISA names no tier: the node stops at once with exit code 2 and a one-line message
+    that lists the tiers, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    config = tmp_path / "node.yaml"
+    config.write_text("relay: {url: ws://127.0.0.1:9/v1/tunnel, token_env: T}\nmodels: {}\n")
+    run = subprocess.run([sys.executable, "-m", "local_node", "--config", str(config)], capture_output=True, text=True,
+                         env={**os.environ, "QWEN3_TTS_ISA": "sse9", "T": "x" * 32}, timeout=60)
+    assert run.returncode == 2, run.stderr
+    assert "QWEN3_TTS_ISA='sse9' is not a tier" in run.stderr and "avx2" in run.stderr
+    assert "Traceback" not in run.stderr
