@@ -65,7 +65,7 @@ def direct_app(max_batch: int, max_queue: int):
     from local_node.config import ModelConfig, VoiceConfig
     from local_node.engine import SyntheticEngine
     from local_node.worker import ModelWorker
-    from relay.protocol import Request
+    from tunnel.protocol import Request
 
     config = ModelConfig("tone", True, "", ("tts-1",), "synthetic", voices=(VoiceConfig("tone", speaker="tone"),),
                          max_queue=max_queue, max_batch=max_batch)

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from relay.auth import RedactCredentials
+from tunnel.credentials import RedactCredentials
 
 try:
     from .config import ConfigError, NodeConfig, config_path, load_config

@@ -21,8 +21,8 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from relay.protocol import MAX_SPEED, MIN_SPEED
-from relay.protocol import RESPONSE_FORMATS as FORMATS
+from tunnel.protocol import MAX_SPEED, MIN_SPEED
+from tunnel.protocol import RESPONSE_FORMATS as FORMATS
 
 SAMPLE_RATE = 24000
 

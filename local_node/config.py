@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from relay.protocol import MAX_NAME_CHARS
+from tunnel.protocol import MAX_NAME_CHARS
 
 DEFAULT_CONFIG = "config-cpu-local.yaml"
 DTYPES = ("bfloat16", "float32")

@@ -9,7 +9,7 @@ from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
-from relay.protocol import ModelInfo
+from tunnel.protocol import ModelInfo
 
 from .audio import SAMPLE_RATE
 from .config import ModelConfig

@@ -15,13 +15,13 @@ from typing import Callable, Iterator
 import prometheus_client
 import uvicorn
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.exposition import choose_encoder
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from relay.auth import Credentials, bearer_token
-from relay.metrics import exposition
+from tunnel.credentials import Credentials, bearer_token
 
 from .config import MetricsConfig
 
@@ -72,7 +72,9 @@ class NodeMetrics:
         return LinkMetrics(self, relay)
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
-        return exposition(self.registry, accept)
+        """(body, content type) in the format the scraper asked for (Prometheus text or OpenMetrics)."""
+        encode, content_type = choose_encoder(accept or "")
+        return encode(self.registry), content_type
 
 
 class ModelMetrics:

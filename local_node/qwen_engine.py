@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from relay.protocol import ModelInfo
+from tunnel.protocol import ModelInfo
 
 from . import tiers
 from .config import ConfigError, ModelConfig

@@ -19,8 +19,8 @@ from urllib.parse import urlsplit, urlunsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from relay.auth import tunnel_authorization, valid_challenge
-from relay.protocol import (
+from tunnel.handshake import tunnel_authorization, valid_challenge
+from tunnel.protocol import (
     MAX_AUDIO_PAYLOAD,
     MAX_FRAME_BYTES,
     SUBPROTOCOL,

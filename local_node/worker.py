@@ -9,7 +9,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable
 
-from relay.protocol import Request
+from tunnel.protocol import Request
 
 from .audio import StreamEncoder
 from .engine import SAMPLES_PER_FRAME, Cancelled, Engine, Job, JobError

@@ -9,11 +9,12 @@ import sys
 import uvicorn
 from starlette.applications import Starlette
 
+from tunnel.credentials import RedactCredentials
+from tunnel.protocol import MAX_FRAME_BYTES
+
 from .app import create_app
-from .auth import RedactCredentials
 from .config import ConfigError, RelayConfig
 from .drain import DrainingServer
-from .protocol import MAX_FRAME_BYTES
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,7 +12,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from .auth import ChallengeStore, bearer_token
+from tunnel.credentials import bearer_token
+
+from .auth import ChallengeStore
 from .config import RelayConfig
 from .errors import ApiError
 from .limits import ConcurrencyLimiter, RateLimiter

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from .auth import Credentials
+from tunnel.credentials import Credentials
 
 
 class ConfigError(Exception):

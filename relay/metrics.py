@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .auth import bearer_token
+from tunnel.credentials import bearer_token
 from .errors import ApiError
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ class RelayMetrics:
 
 def exposition(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]:
     """(body, content type): ``registry`` in the format the scraper asked for (Prometheus text or
-    OpenMetrics). The node's /metrics uses it too."""
+    OpenMetrics)."""
     encode, content_type = choose_encoder(accept or "")
     return encode(registry), content_type
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .protocol import ModelInfo
+from tunnel.protocol import ModelInfo
 from .tunnel_server import NodeSession
 
 log = logging.getLogger("relay.router")

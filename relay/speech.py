@@ -12,11 +12,12 @@ from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.types import Receive, Scope, Send
 
+from tunnel.protocol import Audio, End, Error, ModelInfo, Request
+
 from .config import RelayConfig
 from .errors import ApiError
 from .limits import ConcurrencyLimiter, retry_after
 from .metrics import observation
-from .protocol import Audio, End, Error, ModelInfo, Request
 from .router import Router
 from .speech_request import CONTENT_TYPES, MAX_BODY_BYTES, SpeechRequest, parse_speech_request
 from .tunnel_server import NodeGone, NodeSession, Stream

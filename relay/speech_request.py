@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from tunnel.protocol import MAX_INPUT_CHARS, MAX_INSTRUCTIONS_CHARS, MAX_NAME_CHARS, MAX_SPEED, MIN_SPEED, RESPONSE_FORMATS
+
 from .errors import bad_request
-from .protocol import MAX_INPUT_CHARS, MAX_INSTRUCTIONS_CHARS, MAX_NAME_CHARS, MAX_SPEED, MIN_SPEED, RESPONSE_FORMATS
 
 CONTENT_TYPES = {
     "mp3": "audio/mpeg",

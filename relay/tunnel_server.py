@@ -10,10 +10,11 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket
 
-from . import protocol
-from .auth import parse_tunnel_authorization
+from tunnel import protocol
+from tunnel.handshake import parse_tunnel_authorization
+from tunnel.protocol import Audio, Cancel, Connection, Credit, Draining, End, Error, Hello, ModelInfo, ProtocolError, Request
+
 from .limits import retry_after
-from .protocol import Audio, Cancel, Connection, Credit, Draining, End, Error, Hello, ModelInfo, ProtocolError, Request
 
 if TYPE_CHECKING:
     from .router import Router

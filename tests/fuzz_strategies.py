@@ -7,7 +7,7 @@ import json
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from relay.protocol import (
+from tunnel.protocol import (
     ERROR_CODES,
     MAX_AUDIO_PAYLOAD,
     MAX_CREDIT,

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from relay.auth import tunnel_authorization
+from tunnel.handshake import tunnel_authorization
 
 API_KEY = "sk-test-0123456789abcdef"
 NODE_TOKEN = "node-token-0123456789abcdef"

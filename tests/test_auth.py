@@ -6,16 +6,10 @@ import hmac
 
 import pytest
 
-from relay.auth import (
-    ChallengeStore,
-    Credentials,
-    new_challenge,
-    parse_tunnel_authorization,
-    tunnel_authorization,
-    tunnel_proof,
-    valid_challenge,
-)
-from relay.protocol import SUBPROTOCOL
+from relay.auth import ChallengeStore
+from tunnel.credentials import Credentials
+from tunnel.handshake import new_challenge, parse_tunnel_authorization, tunnel_authorization, tunnel_proof, valid_challenge
+from tunnel.protocol import SUBPROTOCOL
 
 TOKEN = "node-token-0123456789abcdef"
 

@@ -10,7 +10,7 @@ import websockets
 from websockets.exceptions import InvalidStatus
 
 from harness import Node, Relay, synthetic_models
-from relay.protocol import SUBPROTOCOL
+from tunnel.protocol import SUBPROTOCOL
 from test_tunnel import AUTH, SPEECH, speak
 
 FRAME_BYTES = 1920 * 2

@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from relay.protocol import (
+from tunnel.protocol import (
     ERROR_CODES,
     MAX_AUDIO_PAYLOAD,
     MAX_CREDIT,

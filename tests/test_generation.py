@@ -178,6 +178,20 @@ def test_bf16_stacks_use_the_nodes_kernels_where_they_run(load, dtype):
     assert batch.talker.keys.dtype == dtype
 
 
+def run_stacks(stacks: list, hidden: int, prompt_lengths: tuple[int, int], steps: int, rows: list[int]) -> list[torch.Tensor]:
+    """Each stack prefills the same two random prompts (cache rows 0 and 1), then takes ``steps``
+    one-position steps for both rows, in ``rows`` order; each stack's step outputs, float32."""
+    generator = torch.Generator().manual_seed(sum(prompt_lengths))
+    prompts = [torch.randn(1, length, hidden, generator=generator).bfloat16() for length in prompt_lengths]
+    inputs = torch.randn(steps, 2, 1, hidden, generator=generator).bfloat16()
+    outs = []
+    for stack in stacks:
+        for row, prompt in enumerate(prompts):
+            stack.forward(prompt, rows=[row])
+        outs.append(torch.cat([stack.forward(step, rows=rows) for step in inputs]).float())
+    return outs
+
+
 def test_c_norms_and_attention_follow_the_torch_ops_over_long_sequences(load, kernels):
     """A bf16 talker stack stepping two rows past 512 positions with the C norms and attention
     stays within bfloat16 rounding of the same stack on PyTorch's ops (SDPA)."""
@@ -186,15 +200,7 @@ def test_c_norms_and_attention_follow_the_torch_ops_over_long_sequences(load, ke
     model = load("custom_voice", torch.bfloat16, prepared=True, tier=kernels.tier).model
     stacks = [DecoderStack(model.talker.model, capacity=64, batch=2, own_ops=own) for own in (True, False)]
     assert stacks[0].kernels is kernels and stacks[1].kernels is None
-    hidden = model.config.talker_config.hidden_size
-    generator = torch.Generator().manual_seed(0)
-    prompts = [torch.randn(1, length, hidden, generator=generator).bfloat16() for length in (500, 480)]
-    steps = torch.randn(40, 2, 1, hidden, generator=generator).bfloat16()
-    outs = []
-    for stack in stacks:
-        for row, prompt in enumerate(prompts):
-            stack.forward(prompt, rows=[row])
-        outs.append(torch.cat([stack.forward(step) for step in steps]).float())
+    outs = run_stacks(stacks, model.config.talker_config.hidden_size, (500, 480), 40, rows=[0, 1])
     assert stacks[0].lengths == [540, 520]
     relative = (outs[0] - outs[1]).norm(dim=-1) / outs[1].norm(dim=-1)
     assert relative.max() < 0.03, relative.max()
@@ -214,15 +220,7 @@ def test_a_whole_stack_step_in_c_is_the_per_op_path(load, kernels, int8, tmp_pat
     stacks = [DecoderStack(model.talker.model, capacity=8, batch=2) for _ in range(2)]
     assert stacks[0]._table is not None
     stacks[1]._table = None  # the per-op path
-    hidden = model.config.talker_config.hidden_size
-    generator = torch.Generator().manual_seed(1)
-    prompts = [torch.randn(1, length, hidden, generator=generator).bfloat16() for length in (5, 9)]
-    steps = torch.randn(6, 2, 1, hidden, generator=generator).bfloat16()
-    outs = []
-    for stack in stacks:
-        for row, prompt in enumerate(prompts):
-            stack.forward(prompt, rows=[row])
-        outs.append(torch.cat([stack.forward(step, rows=[1, 0]) for step in steps]).float())
+    outs = run_stacks(stacks, model.config.talker_config.hidden_size, (5, 9), 6, rows=[1, 0])
     assert stacks[0].lengths == stacks[1].lengths == [11, 15]
     torch.testing.assert_close(outs[0], outs[1], rtol=2**-6, atol=2**-6)
     assert (outs[0] != outs[1]).float().mean() < 0.01

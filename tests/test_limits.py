@@ -10,7 +10,7 @@ import pytest
 from harness import API_KEY, Node, Relay, synthetic_models
 from relay.config import ConfigError, RelayConfig
 from relay.limits import ConcurrencyLimiter, RateLimiter, retry_after
-from relay.protocol import Audio, End, Request
+from tunnel.protocol import Audio, End, Request
 from test_tunnel import SPEECH, ScriptedNode, speak
 
 OTHER_KEY = "sk-other-0123456789abcdef"

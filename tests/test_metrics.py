@@ -19,11 +19,11 @@ from local_node.config import ConfigError, MetricsConfig, ModelConfig, VoiceConf
 from local_node.engine import SyntheticEngine
 from local_node.metrics import NodeMetrics, metrics_app
 from local_node.worker import Busy, ModelWorker
-from relay.auth import Credentials
+from tunnel.credentials import Credentials
 from relay.config import ConfigError as RelayConfigError
 from relay.config import RelayConfig
 from relay.metrics import RelayMetrics, model_label
-from relay.protocol import SUBPROTOCOL, ModelInfo, Request
+from tunnel.protocol import SUBPROTOCOL, ModelInfo, Request
 
 METRICS_TOKEN = "metrics-token-0123456789abcdef"
 NODE_METRICS_TOKEN = "node-metrics-token-0123456789"

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from relay.protocol import (
+from tunnel.protocol import (
     MAX_AUDIO_PAYLOAD,
     MAX_FRAME_BYTES,
     Audio,

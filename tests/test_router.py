@@ -1,6 +1,6 @@
 """Which node gets a request: the ready one with the least outstanding work."""
 
-from relay.protocol import ModelInfo
+from tunnel.protocol import ModelInfo
 from relay.router import Router
 from relay.tunnel_server import NodeSession
 

@@ -14,8 +14,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from harness import API_KEY, NODE_TOKEN, Node, Relay, free_port, synthetic_models
 from local_node.engine import synthetic_frames
 from local_node.tunnel_client import challenge_url
-from relay.auth import tunnel_authorization, tunnel_proof
-from relay.protocol import SUBPROTOCOL
+from tunnel.handshake import tunnel_authorization, tunnel_proof
+from tunnel.protocol import SUBPROTOCOL
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 SPEECH = {"model": "tts-1", "voice": "alloy", "response_format": "pcm"}
@@ -294,7 +294,7 @@ class ScriptedNode:
         self.relay, self.model, self.aliases = relay, model, aliases
 
     async def __aenter__(self):
-        from relay.protocol import Connection, Hello, ModelInfo
+        from tunnel.protocol import Connection, Hello, ModelInfo
 
         self.conn = Connection("node")
         self.ws = await websockets.connect(self.relay.tunnel_url, subprotocols=[SUBPROTOCOL],
@@ -318,7 +318,7 @@ async def post_async(relay, **extra):
 
 
 async def test_silent_node_times_out_with_504_and_is_told_to_cancel(tmp_path):
-    from relay.protocol import Cancel, Request
+    from tunnel.protocol import Cancel, Request
 
     relay = Relay(tmp_path, env={"RELAY_FIRST_AUDIO_TIMEOUT": "1"})
     try:
@@ -334,7 +334,7 @@ async def test_silent_node_times_out_with_504_and_is_told_to_cancel(tmp_path):
 
 
 async def test_node_error_before_audio_is_a_502(relay):
-    from relay.protocol import Error
+    from tunnel.protocol import Error
 
     async with ScriptedNode(relay) as node:
         response = asyncio.create_task(post_async(relay))
@@ -423,7 +423,7 @@ async def test_a_node_whose_socket_no_longer_drains_is_dropped():
     node (its graceful close waits for them to go), so the session gives up on the node itself
     once a send has waited send_timeout: its reader ends, and with it the node's stay in the
     router (the endpoint's cleanup)."""
-    from relay.protocol import Connection, Hello, ModelInfo, Request
+    from tunnel.protocol import Connection, Hello, ModelInfo, Request
     from relay.router import Router
     from relay.tunnel_server import NodeSession
 

@@ -13,7 +13,7 @@ Handshake: the node proves it holds a node token without sending it, and no proo
          learns it must upgrade rather than that its token is wrong);
        ``Authorization: Tunnel-HMAC <challenge>:<proof>``, where proof is the lowercase hex
          HMAC-SHA256, keyed with the node token (UTF-8), of the subprotocol name, a line
-         feed and the challenge (``relay.auth.tunnel_proof``).
+         feed and the challenge (``tunnel.handshake.tunnel_proof``).
      The relay uses the challenge up on its first presentation, right or wrong. It refuses with
      HTTP 401 and an error ``code``: ``missing_node_credential`` (no or malformed header),
      ``invalid_challenge`` (never issued here, expired, or already used: fetch a new one and try
