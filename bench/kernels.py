@@ -46,6 +46,11 @@ def best_seconds(call: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
+def rate(nbytes: int, product: Callable[[torch.Tensor], object], operands: list, repeats: int) -> float:
+    """GB/s of weights read: ``nbytes`` over the best time of ``product`` on every operand."""
+    return nbytes / best_seconds(lambda: [product(operand) for operand in operands], repeats) / 1e9
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="./bench.sh kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--megabytes", type=int, default=500, help="bfloat16 weight bytes per pass")
@@ -76,24 +81,20 @@ def main(argv: list[str] | None = None) -> None:
         for kernels in runs:
             kernels.use_cores(max(cores))
             with kernels.reserved(max(cores) - n):
-                laid = [kernels.bf16_layout(w) for w in weights]
-                row[f"ours {kernels.tier} bf16"] = bf16_bytes / best_seconds(
-                    lambda: [kernels.bf16_linear(x, w) for w in laid], args.repeats) / 1e9
-                quantized = [kernels.int8_layout(c) for c in codes]
-                row[f"ours {kernels.tier} int8"] = int8_bytes / best_seconds(
-                    lambda: [kernels.int8_linear(x, c, scale) for c in quantized], args.repeats) / 1e9
-                del laid, quantized
+                row[f"ours {kernels.tier} bf16"] = rate(bf16_bytes, lambda w: kernels.bf16_linear(x, w),
+                                                        [kernels.bf16_layout(w) for w in weights], args.repeats)
+                row[f"ours {kernels.tier} int8"] = rate(int8_bytes, lambda c: kernels.int8_linear(x, c, scale),
+                                                        [kernels.int8_layout(c) for c in codes], args.repeats)
         packed = [_onednn_packed(w) for w in weights]
         if all(p is not None for p in packed):
-            row["oneDNN packed bf16"] = bf16_bytes / best_seconds(
-                lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed], args.repeats) / 1e9
+            row["oneDNN packed bf16"] = rate(bf16_bytes, lambda p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""),
+                                             packed, args.repeats)
         del packed
-        row["PyTorch _weight_int8pack_mm"] = int8_bytes / best_seconds(
-            lambda: [torch._weight_int8pack_mm(x, c, scale.bfloat16()) for c in codes], args.repeats) / 1e9
+        row["PyTorch _weight_int8pack_mm"] = rate(int8_bytes, lambda c: torch._weight_int8pack_mm(x, c, scale.bfloat16()), codes,
+                                                  args.repeats)
         floats = [w.float() for w in weights[: max(1, count // 2)]]
-        xf = x.float()
-        row["MKL float32 (reference)"] = sum(f.nbytes for f in floats) / best_seconds(
-            lambda: [torch.mv(f, xf[0]) for f in floats], args.repeats) / 1e9
+        row["MKL float32 (reference)"] = rate(sum(f.nbytes for f in floats), lambda f: torch.mv(f, x.float()[0]), floats,
+                                              args.repeats)
         del floats
         results["cores"][n] = row
     print_table(results)

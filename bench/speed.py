@@ -256,7 +256,8 @@ def bytes_per_frame(model) -> int:
 def read_bandwidth() -> dict[str, float]:
     """Streaming read bandwidth, GB/s, on one core and on all physical cores: the best of 5 reads
     of 2 GiB (well past any cache)."""
-    kernels = next((k for k in map(cpu_kernels.kernels, cpu_kernels.ARCHITECTURE_TIERS.get(cpu_kernels._machine(), ())) if k is not None), None)
+    tiers_here = cpu_kernels.ARCHITECTURE_TIERS.get(cpu_kernels._machine(), ())
+    kernels = next((k for k in map(cpu_kernels.kernels, tiers_here) if k is not None), None)
     if kernels is None:
         return {}
     buffer = torch.ones(2 << 30, dtype=torch.uint8)
@@ -478,7 +479,8 @@ def bench_size(size: str, args: argparse.Namespace) -> SizeResult:
                     node = result.nodes[weights] = {"startup_seconds": served.startup_seconds, "rss_gb": served.rss_gb(), "streams": {}}
                     for n in args.streams:
                         node["streams"][n] = served.concurrent(client, n)
-                        print(f"  {'bf16' if weights == 'dtype' else weights} weights, {n} stream(s): {node['streams'][n]['audio_seconds_per_second']:.2f} audio s/s", flush=True)
+                        rate = node["streams"][n]["audio_seconds_per_second"]
+                        print(f"  {'bf16' if weights == 'dtype' else weights} weights, {n} stream(s): {rate:.2f} audio s/s", flush=True)
                 finally:
                     served.close()
     return result
@@ -514,7 +516,8 @@ def report(results: list[SizeResult], bandwidth: dict[str, float]) -> str:
             thread = f"{1000 * run.decode_seconds / run.frames:.0f}" if run.decode_seconds else "-"
             lines.append(f"| {r.model} | {name} | {run.ms_per_frame:.0f} | {decode} | {thread} | {run.rtf:.2f} | "
                          f"{run.first_audio:.2f} s | {base / run.ms_per_frame:.2f}x |")
-    lines += ["", "| model | weights | load (in process) | node start-up (load + warm-up) | node RSS (own) | streams at once: audio s per s (first audio, first-last stream) |",
+    lines += ["", "| model | weights | load (in process) | node start-up (load + warm-up) | node RSS (own) | "
+                  "streams at once: audio s per s (first audio, first-last stream) |",
               "|---|---|---:|---:|---:|---|"]
     for r in results:
         for weights, node in r.nodes.items():
@@ -537,7 +540,8 @@ def report(results: list[SizeResult], bandwidth: dict[str, float]) -> str:
     if bandwidth:
         full = max(bandwidth.values())
         lines += ["", "read bandwidth: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bandwidth.items()), "",
-                  "| model | weights | bytes read per frame | floor (at all cores' bandwidth) | ms/frame without decoding | efficiency | with decoding | vs official |",
+                  "| model | weights | bytes read per frame | floor (at all cores' bandwidth) | ms/frame without decoding | efficiency | "
+                  "with decoding | vs official |",
                   "|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in results:
             for weights, bare, run in (("bf16", r.ours_bare, r.ours), ("int8", r.int8_bare, r.int8)):
@@ -591,7 +595,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"kernels: {cpu_kernels.active_tier()} ({why}); " + ", ".join(
         f"{name}={os.environ[name]}" for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if name in os.environ), flush=True)
     bandwidth = read_bandwidth()
-    print("read bandwidth: " + (", ".join(f"{k} {v:.1f} GB/s" for k, v in bandwidth.items()) or "not measured (no kernels build here)"), flush=True)
+    measured = ", ".join(f"{k} {v:.1f} GB/s" for k, v in bandwidth.items())
+    print(f"read bandwidth: {measured or 'not measured (no kernels build here)'}", flush=True)
     results = []
     for size in args.models:
         print(f"{size}:", flush=True)
@@ -601,7 +606,8 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "speed" if tiers.requested() == "native" else f"speed-{tiers.requested()}"  # an emulated CPU's apart
     (RESULTS / f"{name}.json").write_text(json.dumps(
-        {"machine": machine(), "kernels": cpu_kernels.active_tier(), "read_bandwidth_gb_s": bandwidth, "args": vars(args), "peak_rss_gb_bench_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        {"machine": machine(), "kernels": cpu_kernels.active_tier(), "read_bandwidth_gb_s": bandwidth, "args": vars(args),
+         "peak_rss_gb_bench_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
          "results": [asdict(r) for r in results]}, indent=2) + "\n")
     plot(results, RESULTS / f"{name}.png")
     print(f"\nwrote {RESULTS / f'{name}.json'} and {RESULTS / f'{name}.png'}")

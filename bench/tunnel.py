@@ -372,7 +372,8 @@ def report(result: dict) -> str:
     lines = [f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs ({m['physical_cores']} physical cores), "
              f"{m['memory_gib']} GiB, Python {m['python']}. Relay, node, direct server and client share it.", "",
              f"Time to first byte, input of {result['settings']['text_frames']} frames, response_format pcm:", "",
-             "| streams at once | requests | direct p50 | direct p99 | through relay p50 | through relay p99 | relay adds p50 | relay adds p99 |",
+             "| streams at once | requests | direct p50 | direct p99 | through relay p50 | through relay p99 | "
+             "relay adds p50 | relay adds p99 |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for level in result["ttfb"]:
         d, r = level["direct"], level["relay"]
@@ -383,7 +384,8 @@ def report(result: dict) -> str:
         rounds = load_result["rounds"]
         lines += ["", f"{rounds[0]['streams']} streams at once through the relay, {rounds[0]['audio_seconds_each']:.1f} s of "
                   f"audio each, {len(rounds)} rounds:", "",
-                  "| round | complete | exact bytes | tone intact | wall | relay CPU | first byte p50 / p99 | relay RSS peak | relay RSS after |",
+                  "| round | complete | exact bytes | tone intact | wall | relay CPU | first byte p50 / p99 | "
+                  "relay RSS peak | relay RSS after |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for i, r in enumerate(rounds, 1):
             fb = r["first_byte"] or {"p50_ms": float("nan"), "p99_ms": float("nan")}

@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
         log.info("QWEN3_TTS_ISA=%s: set %s", requested(), ", ".join(f"{k}={v}" for k, v in capped.items()))
     if argv[:1] == ["tiny-model"]:
         parser = argparse.ArgumentParser(prog="python -m local_node tiny-model",
-                                         description="Write a tiny randomly initialised Qwen3-TTS checkpoint (for tests and pipeline checks; it speaks noise).")
+                                         description="Write a tiny randomly initialised Qwen3-TTS checkpoint "
+                                                     "(for tests and pipeline checks; it speaks noise).")
         parser.add_argument("directory", type=Path)
         parser.add_argument("--type", required=True, choices=["base", "custom_voice", "voice_design"])
         parser.add_argument("--seed", type=int, default=0)

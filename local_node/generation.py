@@ -307,7 +307,8 @@ class FrameBatch:
         logits = talker.codec_head(hidden)[:, -1]
         going, code0 = [], []
         for utterance, row_logits in zip(order, logits.split(1)):
-            code = _pick(_process(utterance.talker_logits, utterance.history, row_logits), utterance.sampling.do_sample, utterance.generator)
+            scores = _process(utterance.talker_logits, utterance.history, row_logits)
+            code = _pick(scores, utterance.sampling.do_sample, utterance.generator)
             if code.item() == self.cfg.codec_eos_token_id:
                 self.remove(utterance)
                 continue

@@ -15,12 +15,12 @@ import torch
 from tunnel.protocol import ModelInfo
 
 from . import tiers
-from .config import ConfigError, ModelConfig
-from .codec_stream import StreamingDecoder
-from .packing import prepare_for_generation
-from .engine import Cancelled, Job, JobError, ModelUnavailable
 from .batcher import Batcher
+from .codec_stream import StreamingDecoder
+from .config import ConfigError, ModelConfig
+from .engine import Cancelled, Job, JobError, ModelUnavailable
 from .generation import Prompt, SamplingConfig, prepare_prompt
+from .packing import prepare_for_generation
 from .qwen_import import import_qwen_tts
 from .text_split import split_text
 

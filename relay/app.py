@@ -11,6 +11,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp
 
 from tunnel.credentials import bearer_token
 
@@ -23,11 +24,11 @@ from .router import Router
 from .speech import create_speech
 from .tunnel_server import tunnel_challenge, tunnel_endpoint
 
-Endpoint = Callable[[Request], Awaitable[Response]]
+Endpoint = Callable[[Request], Awaitable[ASGIApp]]  # a Response, or the speech route's streaming app
 
 
 def api_key_required(endpoint: Endpoint) -> Endpoint:
-    async def guarded(request: Request) -> Response:
+    async def guarded(request: Request) -> ASGIApp:
         config: RelayConfig = request.app.state.config
         if config.require_api_key:
             token = bearer_token(request.headers.get("authorization"))

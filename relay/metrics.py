@@ -27,6 +27,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tunnel.credentials import bearer_token
+
 from .errors import ApiError
 
 if TYPE_CHECKING:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 from tunnel.protocol import ModelInfo
+
 from .tunnel_server import NodeSession
 
 log = logging.getLogger("relay.router")

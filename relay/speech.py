@@ -184,6 +184,7 @@ class SpeechResponse:
         self.observed = observation(scope)
         stream = None
         try:
+            event: Audio | End | Error
             try:
                 stream, event = await open_stream(self.router, self.config, self.speech, self.request_id)
             except ApiError as error:

@@ -165,9 +165,9 @@ class NodeSession:
             elif isinstance(message, Draining):
                 log.info("node %s is draining: no new work for it; %d streams finish", self.name, self.outstanding)
             elif message is not None:
-                stream = self.streams.get(message.id)  # type: ignore[union-attr]
+                stream = self.streams.get(message.id)
                 if isinstance(message, (End, Error)):
-                    self.streams.pop(message.id, None)  # type: ignore[union-attr]
+                    self.streams.pop(message.id, None)
                 if stream is not None:
                     stream.deliver(message)  # type: ignore[arg-type]
             frame = await self._receive_frame()

@@ -6,7 +6,6 @@ A real relay and a node with the synthetic engine (no model needed to test the A
 import httpx
 import openai
 import pytest
-
 from harness import API_KEY, Node, Relay, synthetic_models
 
 GOOD = {"model": "tts-1", "input": "Hi", "voice": "alloy", "response_format": "pcm"}

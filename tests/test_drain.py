@@ -7,11 +7,11 @@ import signal
 import httpx
 import pytest
 import websockets
+from harness import Node, Relay, synthetic_models
+from test_tunnel import AUTH, SPEECH, speak
 from websockets.exceptions import InvalidStatus
 
-from harness import Node, Relay, synthetic_models
 from tunnel.protocol import SUBPROTOCOL
-from test_tunnel import AUTH, SPEECH, speak
 
 FRAME_BYTES = 1920 * 2
 

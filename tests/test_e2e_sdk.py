@@ -13,8 +13,8 @@ import numpy as np
 import openai
 import pytest
 import soundfile
-
 from harness import API_KEY, Node, Relay
+
 from local_node.tiny_model import write_tiny_checkpoint
 
 FRAME = 1920  # samples per codec frame at 24 kHz

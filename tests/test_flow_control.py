@@ -11,11 +11,22 @@ import httpx
 import numpy as np
 import pytest
 import websockets
-
 from harness import API_KEY, Node, Relay, free_port, synthetic_models
-from local_node.engine import synthetic_frames
-from tunnel.protocol import DEFAULT_WINDOW, MAX_AUDIO_PAYLOAD, SUBPROTOCOL, Audio, Cancel, Connection, Credit, End, Request, encode
 from test_tunnel import AUTH, ScriptedNode, post_async, relay  # noqa: F401 (a fixture)
+
+from local_node.engine import synthetic_frames
+from tunnel.protocol import (
+    DEFAULT_WINDOW,
+    MAX_AUDIO_PAYLOAD,
+    SUBPROTOCOL,
+    Audio,
+    Cancel,
+    Connection,
+    Credit,
+    End,
+    Request,
+    encode,
+)
 
 FRAME_BYTES = 1920 * 2  # one synthetic 80 ms frame as 16-bit pcm
 

@@ -33,12 +33,12 @@ from websockets.sync.client import connect as ws_connect
 
 from relay.__main__ import server_config
 from relay.app import create_app
-from tunnel.credentials import bearer_token
 from relay.config import RelayConfig
 from relay.drain import DrainingServer
 from relay.errors import ApiError
-from tunnel.protocol import MAX_FRAME_BYTES, RESPONSE_FORMATS, SUBPROTOCOL, Connection, Hello, ModelInfo, ProtocolError, encode
 from relay.speech_request import CONTENT_TYPES, MAX_BODY_BYTES, parse_speech_request
+from tunnel.credentials import bearer_token
+from tunnel.protocol import MAX_FRAME_BYTES, RESPONSE_FORMATS, SUBPROTOCOL, Connection, Hello, ModelInfo, ProtocolError, encode
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 GOOD = {"model": "tts-1", "input": "Hi", "voice": "alloy", "response_format": "pcm"}

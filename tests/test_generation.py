@@ -18,13 +18,13 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from conftest import kernel_tiers as conftest_kernel_tiers
 
 from local_node import cpu_kernels, generation, tiny_model
 from local_node.generation import FrameBatch, Prompt, SamplingConfig, generate_frames, prepare_prompt
 from local_node.packing import PackedLinear, prepare_for_generation
 from local_node.qwen_import import import_qwen_tts
 from local_node.tiny_model import write_random_checkpoint, write_tiny_checkpoint
-from conftest import kernel_tiers as conftest_kernel_tiers
 
 qwen_tts = import_qwen_tts()
 
@@ -155,8 +155,9 @@ def test_our_torch_rms_norm_rounds_as_qwen_tts_module(shape, dtype):
     """DecoderStack's norm where the kernels do not run, without the module call, equals
     Qwen3TTSRMSNorm bit for bit, over magnitudes from 1e-3 to 1e3 and with outliers (the C norm
     is held to it in test_cpu_kernels.py)."""
-    from local_node.decoder_stack import _rms_norm
     from qwen_tts.core.models.modeling_qwen3_tts import Qwen3TTSRMSNorm
+
+    from local_node.decoder_stack import _rms_norm
 
     generator = torch.Generator().manual_seed(len(shape) * 1000 + shape[-1])
     for trial in range(20):
@@ -211,8 +212,9 @@ def test_a_whole_stack_step_in_c_is_the_per_op_path(load, kernels, int8, tmp_pat
     """One new position through every layer in one C call (Kernels.stack_step) computes what the
     per-op calls and PyTorch's ops between them compute: the same roundings, SiLU's exp aside
     (expf against PyTorch's vectorised exp: a rare bfloat16 step), rows at different lengths."""
-    from local_node.decoder_stack import DecoderStack
     from qwen_tts import Qwen3TTSModel
+
+    from local_node.decoder_stack import DecoderStack
 
     model = Qwen3TTSModel.from_pretrained(str(write_tiny_checkpoint(tmp_path / "m", "custom_voice")),
                                           dtype=torch.bfloat16).model

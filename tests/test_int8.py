@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from local_node.generation import SamplingConfig, generate_frames, prepare_prompt
-from local_node.decoder_stack import DecoderStack
 from local_node import cpu_kernels
+from local_node.decoder_stack import DecoderStack
+from local_node.generation import SamplingConfig, generate_frames, prepare_prompt
 from local_node.int8 import Int8Linear
 from local_node.packing import prepare_for_generation
 from local_node.qwen_import import import_qwen_tts

@@ -6,12 +6,12 @@ import time
 
 import httpx
 import pytest
-
 from harness import API_KEY, Node, Relay, synthetic_models
+from test_tunnel import SPEECH, ScriptedNode, speak
+
 from relay.config import ConfigError, RelayConfig
 from relay.limits import ConcurrencyLimiter, RateLimiter, retry_after
 from tunnel.protocol import Audio, End, Request
-from test_tunnel import SPEECH, ScriptedNode, speak
 
 OTHER_KEY = "sk-other-0123456789abcdef"
 TWO_KEYS = {"RELAY_API_KEYS": f"test:{API_KEY},other:{OTHER_KEY}"}

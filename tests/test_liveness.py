@@ -9,13 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-
 from harness import Node, Relay, synthetic_models
+from test_tunnel import AUTH, SPEECH, speak
+
 from local_node.config import ConfigError, NodeConfig, parse_config
 from local_node.tunnel_client import Backoff
 from relay.config import ConfigError as RelayConfigError
 from relay.config import RelayConfig
-from test_tunnel import AUTH, SPEECH, speak
 
 FAST_PINGS = {"RELAY_PING_INTERVAL": "0.5", "RELAY_PING_TIMEOUT": "1"}
 

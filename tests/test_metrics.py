@@ -10,19 +10,19 @@ import time
 import httpx
 import pytest
 import websockets
+from harness import API_KEY, Node, Relay, free_port, synthetic_models
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 from websockets.exceptions import InvalidStatus
 
-from harness import API_KEY, Node, Relay, free_port, synthetic_models
 from local_node.config import ConfigError, MetricsConfig, ModelConfig, VoiceConfig, parse_config
 from local_node.engine import SyntheticEngine
 from local_node.metrics import NodeMetrics, metrics_app
 from local_node.worker import Busy, ModelWorker
-from tunnel.credentials import Credentials
 from relay.config import ConfigError as RelayConfigError
 from relay.config import RelayConfig
 from relay.metrics import RelayMetrics, model_label
+from tunnel.credentials import Credentials
 from tunnel.protocol import SUBPROTOCOL, ModelInfo, Request
 
 METRICS_TOKEN = "metrics-token-0123456789abcdef"

@@ -1,8 +1,8 @@
 """Which node gets a request: the ready one with the least outstanding work."""
 
-from tunnel.protocol import ModelInfo
 from relay.router import Router
 from relay.tunnel_server import NodeSession
+from tunnel.protocol import ModelInfo
 
 TONE = ModelInfo("tone", ("tts-1",), ("alloy",))
 
@@ -18,7 +18,8 @@ def session(name: str, outstanding: int, draining: bool = False, closed: bool = 
 
 def test_the_least_busy_ready_node_comes_first():
     router = Router()
-    busy, idle, draining, gone = session("busy", 3), session("idle", 1), session("draining", 0, draining=True), session("gone", 0, closed=True)
+    busy, idle = session("busy", 3), session("idle", 1)
+    draining, gone = session("draining", 0, draining=True), session("gone", 0, closed=True)
     for node in (busy, draining, idle, gone):
         router.add(node)
     assert [node.name for node, _ in router.candidates("tts-1")] == ["idle", "busy"]

@@ -9,9 +9,9 @@ import httpx
 import numpy as np
 import pytest
 import websockets
+from harness import API_KEY, NODE_TOKEN, Node, Relay, free_port, synthetic_models
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from harness import API_KEY, NODE_TOKEN, Node, Relay, free_port, synthetic_models
 from local_node.engine import synthetic_frames
 from local_node.tunnel_client import challenge_url
 from tunnel.handshake import tunnel_authorization, tunnel_proof
@@ -423,9 +423,9 @@ async def test_a_node_whose_socket_no_longer_drains_is_dropped():
     node (its graceful close waits for them to go), so the session gives up on the node itself
     once a send has waited send_timeout: its reader ends, and with it the node's stay in the
     router (the endpoint's cleanup)."""
-    from tunnel.protocol import Connection, Hello, ModelInfo, Request
     from relay.router import Router
     from relay.tunnel_server import NodeSession
+    from tunnel.protocol import Connection, Hello, ModelInfo, Request
 
     hello = Connection("node").send(Hello("frozen", (ModelInfo("m", (), ("v",)),)))
 

@@ -57,7 +57,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Any, Callable, Literal, Union
 
 PROTOCOL_VERSION = 3  # 2: per-stream credit, draining; 3: challenge-response handshake
 SUBPROTOCOL = f"qwen3-tts-tunnel.v{PROTOCOL_VERSION}"
@@ -154,6 +154,8 @@ class Error:
 
 
 Message = Union[Hello, Request, Credit, Cancel, Draining, Audio, End, Error]
+FromNode = Union[Hello, Audio, End, Error]  # besides Draining, which either side may send
+FromRelay = Union[Request, Credit, Cancel]
 Frame = Union[str, bytes]
 
 _FROM_NODE = (Hello, Audio, End, Error, Draining)
@@ -202,7 +204,7 @@ def decode(frame: Frame) -> Message:
     if not isinstance(body, dict):
         raise ProtocolError("text frame is not a JSON object")
     fields = _Fields(body)
-    cls = _TYPES_BY_NAME.get(fields.pop_str("type", 16))  # type: ignore[arg-type]
+    cls = _TYPES_BY_NAME.get(fields.pop_str("type", 16))
     if cls is None:
         raise ProtocolError(f"unknown message type {body.get('type')!r}")
     message = _DECODERS[cls](fields)
@@ -225,7 +227,7 @@ class _Fields:
     def __init__(self, body: dict) -> None:
         self.body = dict(body)
 
-    def _pop(self, key: str, kinds: tuple[type, ...], optional: bool = False):
+    def _pop(self, key: str, kinds: tuple[type, ...], optional: bool = False) -> Any:
         if key not in self.body:
             if optional:
                 return None
@@ -238,9 +240,17 @@ class _Fields:
             raise ProtocolError(f"field {key!r} has the wrong type")
         return value
 
-    def pop_str(self, key: str, max_chars: int, optional: bool = False, empty: bool = False) -> str | None:
-        value = self._pop(key, (str,), optional)
-        if value is not None and (len(value) > max_chars or (not value and not empty)):
+    def pop_str(self, key: str, max_chars: int, empty: bool = False) -> str:
+        value: str = self._pop(key, (str,))
+        return self._checked_str(key, value, max_chars, empty)
+
+    def pop_optional_str(self, key: str, max_chars: int, empty: bool = False) -> str | None:
+        value: str | None = self._pop(key, (str,), optional=True)
+        return None if value is None else self._checked_str(key, value, max_chars, empty)
+
+    @staticmethod
+    def _checked_str(key: str, value: str, max_chars: int, empty: bool) -> str:
+        if len(value) > max_chars or (not value and not empty):
             raise ProtocolError(f"field {key!r} is empty or longer than {max_chars} characters")
         return value
 
@@ -281,7 +291,7 @@ class _Fields:
 
 def _decode_model(f: _Fields) -> ModelInfo:
     model = ModelInfo(
-        name=f.pop_str("name", MAX_NAME_CHARS),  # type: ignore[arg-type]
+        name=f.pop_str("name", MAX_NAME_CHARS),
         aliases=f.pop_names("aliases"),
         voices=f.pop_names("voices"),
         any_voice=f.pop_bool("any_voice"),
@@ -292,7 +302,7 @@ def _decode_model(f: _Fields) -> ModelInfo:
 
 def _decode_hello(f: _Fields) -> Hello:
     node = f.pop_str("node", MAX_NAME_CHARS)
-    return Hello(node=node, models=tuple(_decode_model(m) for m in f.pop_objects("models", MAX_MODELS)))  # type: ignore[arg-type]
+    return Hello(node=node, models=tuple(_decode_model(m) for m in f.pop_objects("models", MAX_MODELS)))
 
 
 def _decode_request(f: _Fields) -> Request:
@@ -301,12 +311,12 @@ def _decode_request(f: _Fields) -> Request:
         raise ProtocolError(f"unknown response_format {response_format!r}")
     return Request(
         id=f.pop_int("id", 0, MAX_STREAM_ID),
-        request_id=f.pop_str("request_id", MAX_NAME_CHARS),  # type: ignore[arg-type]
-        model=f.pop_str("model", MAX_NAME_CHARS),  # type: ignore[arg-type]
-        voice=f.pop_str("voice", MAX_NAME_CHARS),  # type: ignore[arg-type]
-        input=f.pop_str("input", MAX_INPUT_CHARS),  # type: ignore[arg-type]
-        instructions=f.pop_str("instructions", MAX_INSTRUCTIONS_CHARS, optional=True, empty=True),
-        response_format=response_format,  # type: ignore[arg-type]
+        request_id=f.pop_str("request_id", MAX_NAME_CHARS),
+        model=f.pop_str("model", MAX_NAME_CHARS),
+        voice=f.pop_str("voice", MAX_NAME_CHARS),
+        input=f.pop_str("input", MAX_INPUT_CHARS),
+        instructions=f.pop_optional_str("instructions", MAX_INSTRUCTIONS_CHARS, empty=True),
+        response_format=response_format,
         speed=f.pop_float("speed", MIN_SPEED, MAX_SPEED),
         window=f.pop_int("window", 1, MAX_CREDIT),
     )
@@ -315,15 +325,15 @@ def _decode_request(f: _Fields) -> Request:
 def _decode_error(f: _Fields) -> Error:
     error = Error(
         id=f.pop_int("id", 0, MAX_STREAM_ID),
-        code=f.pop_str("code", 32),  # type: ignore[arg-type]
-        message=f.pop_str("message", 1024, empty=True),  # type: ignore[arg-type]
+        code=f.pop_str("code", 32),
+        message=f.pop_str("message", 1024, empty=True),
     )
     if error.code not in ERROR_CODES:
         raise ProtocolError(f"unknown error code {error.code!r}")
     return error
 
 
-_DECODERS = {
+_DECODERS: dict[type, Callable[[_Fields], Message]] = {
     Hello: _decode_hello,
     Request: _decode_request,
     Credit: lambda f: Credit(id=f.pop_int("id", 0, MAX_STREAM_ID), size=f.pop_int("size", 1, MAX_CREDIT)),
@@ -408,15 +418,17 @@ class Connection:
         if isinstance(message, Draining):
             self.peer_draining = True
             return message
-        return self._receive_at_relay(message) if self.role == "relay" else self._receive_at_node(message)
+        if isinstance(message, (Hello, Audio, End, Error)):
+            return self._receive_at_relay(message)
+        return self._receive_at_node(message)
 
-    def _receive_at_relay(self, message: Message) -> Message | None:
+    def _receive_at_relay(self, message: FromNode) -> Message | None:
         if isinstance(message, Hello):
             self.hello_done = True
             return message
         if not self.hello_done:
             raise ProtocolError("the node must say hello first")
-        stream_id = message.id  # type: ignore[union-attr]
+        stream_id = message.id
         if stream_id in self.cancelled:
             if isinstance(message, (End, Error)):
                 self.cancelled.discard(stream_id)
@@ -431,7 +443,7 @@ class Connection:
             del self.open_streams[stream_id]
         return message
 
-    def _receive_at_node(self, message: Message) -> Message | None:
+    def _receive_at_node(self, message: FromRelay) -> Message | None:
         if isinstance(message, Request):
             if self.peer_draining:
                 raise ProtocolError("a request after the relay said it is draining")
@@ -440,7 +452,7 @@ class Connection:
             self.open_streams[message.id] = message.window
             return message
         # A cancel or credit may cross the node's own end or error on the wire: nothing to do.
-        if message.id not in self.open_streams:  # type: ignore[union-attr]
+        if message.id not in self.open_streams:
             return None
         if isinstance(message, Credit):
             self.open_streams[message.id] += message.size
