@@ -23,6 +23,7 @@ budget, and it is PCM on its way out.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -36,9 +37,33 @@ from .generation import FrameBatch, Prompt, SamplingConfig, Utterance
 
 log = logging.getLogger("local_node.batcher")
 
-_FLUSH = object()  # the utterance is complete: decode what is left, then end
-_STOP = object()  # cancelled: end without decoding the rest
-_END = object()
+_END = object()  # on a request's results: nothing more will come
+
+
+# What the generation thread hands the decoding thread for one request, in order.
+@dataclass(frozen=True)
+class _Frame:
+    codes: torch.Tensor  # one frame's 16 codes: decode it
+
+
+@dataclass(frozen=True)
+class _Flush:
+    """The utterance is complete: decode what is left, then end."""
+
+
+@dataclass(frozen=True)
+class _Stop:
+    """Cancelled: end without decoding the rest."""
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """The model failed, or a callback did: the request ends with this error."""
+
+    error: Exception
+
+
+_Item = _Frame | _Flush | _Stop | _Failed
 
 
 @dataclass(eq=False)
@@ -58,7 +83,7 @@ class Batcher:
         self._joining: list[_Request] = []
         self._live: dict[Utterance, _Request] = {}
         self._wake = threading.Condition()
-        self._decoding: queue.SimpleQueue[tuple[_Request, Any]] = queue.SimpleQueue()
+        self._decoding: queue.SimpleQueue[tuple[_Request, _Item]] = queue.SimpleQueue()
         self.threads = threads
         # Told the frames and seconds of each generation step, on that thread: metrics.
         self.on_step: Callable[[int, float], None] = lambda frames, seconds: None
@@ -97,16 +122,16 @@ class Batcher:
                     self._leave(utterance, _Failed(exc))
                 continue
             for utterance, codes in produced.items():
-                self._decoding.put((self._live[utterance], codes))
+                self._decoding.put((self._live[utterance], _Frame(codes)))
             for utterance in [u for u in self._live if u.done]:
-                self._leave(utterance, _FLUSH)
+                self._leave(utterance, _Flush())
             self.on_step(len(produced), time.monotonic() - started)
 
     def _admit(self) -> None:
         """Between steps: drop cancelled utterances, let newcomers in while rows are free."""
         for utterance, request in list(self._live.items()):
             if request.cancelled.is_set():
-                self._leave(utterance, _STOP)
+                self._leave(utterance, _Stop())
         for request in [r for r in self._joining if r.cancelled.is_set()]:
             self._joining.remove(request)
             request.results.put(_END)
@@ -114,9 +139,15 @@ class Batcher:
             request = self._joining.pop(0)
             self._live[self._batch.add(request.prompt, request.sampling)] = request
 
-    def _leave(self, utterance: Utterance, how: Any) -> None:
+    def _leave(self, utterance: Utterance, how: _Item) -> None:
         self._batch.remove(utterance)
         self._decoding.put((self._live.pop(utterance), how))
+
+    def _idle(self) -> bool:
+        """Whether generation has nothing to do: no utterance live or waiting to join. Asked from
+        the decoding thread, so under the generation thread's lock."""
+        with self._wake:
+            return not (self._live or self._joining)
 
     def _decode(self) -> None:
         """Run each request's callbacks in order; a failing one ends that request only (the
@@ -126,20 +157,28 @@ class Batcher:
             request, item = self._decoding.get()
             if request.failed:
                 continue
-            if item is _STOP or isinstance(item, _Failed):
-                request.results.put(item if isinstance(item, _Failed) else _END)
-                continue
+            match item:
+                case _Stop():
+                    request.results.put(_END)
+                    continue
+                case _Failed():
+                    request.results.put(item)
+                    continue
+                case _Frame(codes):
+                    work: Callable[[], Any] = functools.partial(request.on_frame, codes)
+                case _Flush():
+                    work = request.on_end
             # An utterance's last chunk, with nothing left to generate: generation's cores are
-            # idle, so it decodes on those too (the end of the audio comes ~40 % sooner). Only
-            # then: set_num_threads also clears oneDNN's cache of kernels.
-            idle = item is _FLUSH and not (self._live or self._joining)
+            # idle, so it decodes on those too (the end of the audio comes sooner). Only then:
+            # set_num_threads also clears oneDNN's cache of kernels.
+            idle = isinstance(item, _Flush) and self._idle()
             threads = self.threads * (2 if idle else 1)
             if idle:
                 torch.set_num_threads(threads)
+            kernels = self._batch.kernels
             try:
-                kernels = self._batch.kernels
                 with torch.inference_mode(), kernels.reserved(threads) if kernels else contextlib.nullcontext():
-                    result = request.on_end() if item is _FLUSH else request.on_frame(item)
+                    result = work()
             except Exception as exc:
                 request.failed = True
                 request.cancelled.set()
@@ -150,10 +189,5 @@ class Batcher:
                     torch.set_num_threads(self.threads)
             if result is not None:
                 request.results.put(result)
-            if item is _FLUSH:
+            if isinstance(item, _Flush):
                 request.results.put(_END)
-
-
-@dataclass
-class _Failed:
-    error: Exception

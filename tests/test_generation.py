@@ -470,6 +470,70 @@ def test_batcher_decodes_the_last_chunk_on_generations_cores_too(load):
     assert seen == [("frame", 1)] * 3 + [("end", 2)]
 
 
+def _run_collecting(batcher, prompt, sampling, on_frame, into: dict, key) -> threading.Thread:
+    """Run one request on its own thread, as a worker does; its outputs or its error go to into[key]."""
+    def run():
+        try:
+            into[key] = list(batcher.run(prompt, sampling, threading.Event(), on_frame=on_frame, on_end=lambda: "end"))
+        except Exception as exc:
+            into[key] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_batcher_a_failing_model_step_fails_everyone_in_the_batch_and_goes_on(load):
+    from local_node.batcher import Batcher
+
+    tts = load("custom_voice", prepared=True)
+    prompt = prepare_prompt(tts, kind="custom_voice", text="Hello.", language="English", speaker="ryan")
+    sampling = SamplingConfig.from_tts(tts, max_new_tokens=8, **GREEDY)
+    batcher = Batcher(tts.model, rows=2, name="test")
+    real_step, failed = batcher._batch.step, threading.Event()
+
+    def step():
+        if len(batcher._batch.utterances) == 2 and not failed.is_set():  # both in the batch
+            failed.set()
+            raise RuntimeError("the model failed")
+        return real_step()
+
+    batcher._batch.step = step
+    results: dict = {}
+    threads = [_run_collecting(batcher, prompt, sampling, lambda codes: "frame", results, i) for i in range(2)]
+    for thread in threads:
+        thread.join(timeout=120)
+    assert all(isinstance(results[i], RuntimeError) for i in range(2)), results
+    results.clear()
+    _run_collecting(batcher, prompt, sampling, lambda codes: "frame", results, "later").join(timeout=120)
+    assert results["later"] == ["frame"] * 7 + ["end"]  # the generation thread went on
+
+
+def test_batcher_a_failing_callback_ends_that_request_only(load):
+    from local_node.batcher import Batcher
+
+    tts = load("custom_voice", prepared=True)
+    prompt = prepare_prompt(tts, kind="custom_voice", text="Hello.", language="English", speaker="ryan")
+    sampling = SamplingConfig.from_tts(tts, max_new_tokens=8, **GREEDY)
+    batcher = Batcher(tts.model, rows=2, name="test")
+    calls = []
+
+    def failing(codes):
+        calls.append(codes)
+        if len(calls) == 2:
+            raise ValueError("the encoder failed")
+        return "frame"
+
+    results: dict = {}
+    threads = [_run_collecting(batcher, prompt, sampling, failing, results, "failing"),
+               _run_collecting(batcher, prompt, sampling, lambda codes: "frame", results, "other")]
+    for thread in threads:
+        thread.join(timeout=120)
+    assert isinstance(results["failing"], ValueError)
+    assert len(calls) == 2  # none of its later frames was decoded
+    assert results["other"] == ["frame"] * 7 + ["end"]
+
+
 # --- the real 0.6B shape (random weights), opt-in --------------------------------------------
 
 
