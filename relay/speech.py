@@ -76,6 +76,32 @@ async def open_stream(router: Router, config: RelayConfig, speech: SpeechRequest
     Nodes are tried least-busy first; a node that is busy or drops before sending anything is
     skipped, so the client only sees an error when no node could take the work.
     """
+    _check_servable(router, config, speech)
+    tried: set[NodeSession] = set()
+    busy = False
+    # Asked anew after every attempt, since nodes come, go and take work meanwhile; least busy
+    # first, and none at RELAY_MAX_STREAMS_PER_NODE.
+    while candidates := _untried(router.candidates(speech.model), speech, tried):
+        node, info = candidates[0]
+        tried.add(node)
+        outcome = await _attempt(node, info, config, speech, request_id)
+        if isinstance(outcome, tuple):
+            log.info("%s: streaming from node %s (%s)", request_id, node.name, info.name)
+            return outcome
+        if outcome is None:
+            log.warning("%s: node %s left before answering; trying another", request_id, node.name)
+        elif outcome.code == "busy":
+            busy = True
+        else:
+            raise _node_refusal(outcome)
+    if busy or _untried(router.serving(speech.model), speech, tried):  # the nodes left are at their stream cap
+        raise ApiError(429, "Every node serving this model is at capacity; retry shortly.", code="node_busy",
+                       retry_after=config.retry_after_seconds)
+    raise ApiError(502, "The node serving this model disconnected.", code="node_failed")
+
+
+def _check_servable(router: Router, config: RelayConfig, speech: SpeechRequest) -> None:
+    """Refuse what no connected node could serve, before trying any."""
     if router.draining:
         raise ApiError(503, "This relay is shutting down; retry shortly.", code="relay_draining",
                        retry_after=config.retry_after_seconds)
@@ -85,53 +111,46 @@ async def open_stream(router: Router, config: RelayConfig, speech: SpeechRequest
     if not router.serving(speech.model):
         raise ApiError(404, f"The model '{speech.model}' does not exist or no connected node serves it.",
                        param="model", code="model_not_found")
-
-    def untried(nodes: list[tuple[NodeSession, ModelInfo]]) -> list[tuple[NodeSession, ModelInfo]]:
-        """Those of ``nodes`` with the voice not tried yet."""
-        return [(node, info) for node, info in nodes if (info.any_voice or speech.voice in info.voices) and node not in tried]
-
-    tried: set[NodeSession] = set()
-    if not untried(router.serving(speech.model)):
+    if not _untried(router.serving(speech.model), speech, set()):
         raise ApiError(404, f"The voice '{speech.voice}' is not available for model '{speech.model}'.",
                        param="voice", code="voice_not_found")
 
-    busy = False
-    # Asked anew after every attempt, since nodes come, go and take work meanwhile; least busy
-    # first, and none at RELAY_MAX_STREAMS_PER_NODE.
-    while candidates := untried(router.candidates(speech.model)):
-        node, info = candidates[0]
-        tried.add(node)
-        message = Request(
-            id=node.new_stream_id(), request_id=request_id, model=info.name, voice=speech.voice,
-            input=speech.input, instructions=speech.instructions,
-            response_format=speech.response_format, speed=speech.speed,
-        )
-        stream = None
-        try:
-            stream = await node.open_stream(message)
-            first = await stream.next_event(config.first_audio_timeout)
-        except NodeGone:
-            log.warning("%s: node %s left before answering; trying another", request_id, node.name)
-            continue
-        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:  # too slow, or the client hung up
-            if stream is not None:
-                await stream.close()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise ApiError(504, "The node did not start producing audio in time.", code="node_timeout") from None
-        if isinstance(first, Error):
-            if first.code == "busy":
-                busy = True
-                continue
-            status, code = _NODE_ERRORS[first.code]
-            param = {"unknown_voice": "voice", "unknown_model": "model"}.get(first.code)
-            raise ApiError(status, first.message or "The node could not serve this request.", code=code, param=param)
-        log.info("%s: streaming from node %s (%s)", request_id, node.name, info.name)
-        return stream, first
-    if busy or untried(router.serving(speech.model)):  # the nodes left are at their stream cap
-        raise ApiError(429, "Every node serving this model is at capacity; retry shortly.", code="node_busy",
-                       retry_after=config.retry_after_seconds)
-    raise ApiError(502, "The node serving this model disconnected.", code="node_failed")
+
+def _untried(nodes: list[tuple[NodeSession, ModelInfo]], speech: SpeechRequest,
+             tried: set[NodeSession]) -> list[tuple[NodeSession, ModelInfo]]:
+    """Those of ``nodes`` with the request's voice, not tried yet."""
+    return [(node, info) for node, info in nodes if (info.any_voice or speech.voice in info.voices) and node not in tried]
+
+
+async def _attempt(node: NodeSession, info: ModelInfo, config: RelayConfig, speech: SpeechRequest,
+                   request_id: str) -> tuple[Stream, Audio | End] | Error | None:
+    """One try on one node: the stream and its first event, the node's error, or None if the node
+    left before answering. Raises 504 if the first audio takes too long (the stream is closed)."""
+    message = Request(
+        id=node.new_stream_id(), request_id=request_id, model=info.name, voice=speech.voice,
+        input=speech.input, instructions=speech.instructions,
+        response_format=speech.response_format, speed=speech.speed,
+    )
+    stream = None
+    try:
+        stream = await node.open_stream(message)
+        first = await stream.next_event(config.first_audio_timeout)
+    except NodeGone:
+        return None
+    except (asyncio.TimeoutError, asyncio.CancelledError) as exc:  # too slow, or the client hung up
+        if stream is not None:
+            await stream.close()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise ApiError(504, "The node did not start producing audio in time.", code="node_timeout") from None
+    return first if isinstance(first, Error) else (stream, first)
+
+
+def _node_refusal(error: Error) -> ApiError:
+    """What the client hears when the node refused the request (other than being busy)."""
+    status, code = _NODE_ERRORS[error.code]
+    param = {"unknown_voice": "voice", "unknown_model": "model"}.get(error.code)
+    return ApiError(status, error.message or "The node could not serve this request.", code=code, param=param)
 
 
 class ClientStalled(Exception):

@@ -199,8 +199,36 @@ async def tunnel_challenge(request: HttpRequest) -> JSONResponse:
 
 async def tunnel_endpoint(websocket: WebSocket) -> None:
     """``/v1/tunnel``: authenticate at the handshake, then serve the node until it leaves."""
-    config = websocket.app.state.config
-    router = websocket.app.state.router
+    node_name = await _authenticate(websocket)
+    if node_name is None:
+        return
+    config, router = websocket.app.state.config, websocket.app.state.router
+    await websocket.accept(subprotocol=protocol.SUBPROTOCOL)
+    session = NodeSession(websocket, node_name, send_timeout=config.ping_interval + config.ping_timeout)
+    websocket.app.state.metrics.node_connected(session)
+    log.info("node %s connected from %s", node_name, _peer(websocket))
+    broken = None
+    try:
+        await session.run(router)
+    except (ProtocolError, asyncio.TimeoutError) as exc:
+        broken = str(exc) or "no hello in time"
+        log.warning("node %s broke the protocol: %s", node_name, broken)
+    except asyncio.CancelledError:
+        if not session.dropped:
+            raise
+        asyncio.current_task().uncancel()  # type: ignore[union-attr]  # our own drop: end quietly
+    finally:
+        router.remove(session)  # before any closing handshake: no new work goes to it meanwhile
+        session.fail_all()
+        websocket.app.state.metrics.node_left(session)
+        log.info("node %s disconnected", node_name)
+    if broken is not None:
+        await _close(websocket, CLOSE_PROTOCOL_ERROR, broken)
+
+
+async def _authenticate(websocket: WebSocket) -> str | None:
+    """The connecting node's token name, or None once the handshake has been refused (answered
+    with the reason; the challenge is used up either way)."""
     offered = websocket.scope.get("subprotocols", [])
     # The version first: an old node is told to upgrade, not that its token is wrong.
     if protocol.SUBPROTOCOL not in offered:
@@ -208,48 +236,27 @@ async def tunnel_endpoint(websocket: WebSocket) -> None:
         log.warning("refused a node from %s: it speaks %s, this relay %s", _peer(websocket), shown, protocol.SUBPROTOCOL)
         await _deny(websocket, 426, f"unsupported tunnel protocol {offered}; this relay speaks {protocol.SUBPROTOCOL}",
                     "unsupported_protocol")
-        return
+        return None
     credential = parse_tunnel_authorization(websocket.headers.get("authorization"))
     if credential is None:
         log.warning("refused a node from %s: no credential", _peer(websocket))
         await _deny(websocket, 401, "send Authorization: Tunnel-HMAC <challenge>:<proof>", "missing_node_credential")
-        return
+        return None
     challenge, proof = credential
     # Used up now, right or wrong: a handshake seen once (even a failed one) never works again.
     if not websocket.app.state.challenges.consume(challenge):
         log.warning("refused a node from %s: unknown, expired or already used challenge", _peer(websocket))
         await _deny(websocket, 401, "challenge unknown, expired or already used; fetch a new one", "invalid_challenge")
-        return
-    node_name = config.node_tokens.match_proof(challenge, proof)
+        return None
+    node_name = websocket.app.state.config.node_tokens.match_proof(challenge, proof)
     if node_name is None:
         log.warning("refused a node from %s: wrong token", _peer(websocket))
         await _deny(websocket, 401, "node token not accepted by this relay", "invalid_node_token")
-        return
-
-    if router.draining:
+        return None
+    if websocket.app.state.router.draining:
         await _deny(websocket, 503, "this relay is shutting down; try again later", "relay_draining")
-        return
-
-    await websocket.accept(subprotocol=protocol.SUBPROTOCOL)
-    session = NodeSession(websocket, node_name, send_timeout=config.ping_interval + config.ping_timeout)
-    websocket.app.state.metrics.node_connected(session)
-    log.info("node %s connected from %s", node_name, _peer(websocket))
-    try:
-        await session.run(router)
-    except (ProtocolError, asyncio.TimeoutError) as exc:
-        reason = str(exc) or "no hello in time"
-        log.warning("node %s broke the protocol: %s", node_name, reason)
-        router.remove(session)
-        await _close(websocket, CLOSE_PROTOCOL_ERROR, reason)
-    except asyncio.CancelledError:
-        if not session.dropped:
-            raise
-        asyncio.current_task().uncancel()  # type: ignore[union-attr]  # our own drop: end quietly
-    finally:
-        router.remove(session)
-        session.fail_all()
-        websocket.app.state.metrics.node_left(session)
-        log.info("node %s disconnected", node_name)
+        return None
+    return node_name
 
 
 async def _deny(websocket: WebSocket, status: int, message: str, code: str) -> None:
