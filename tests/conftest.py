@@ -6,6 +6,20 @@ import pytest
 # tests/harness.py is imported by name from the test modules.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# Each test module's kind, for a quick loop (./test.sh -m unit): "system" modules start real relay
+# and node processes (or an in-process uvicorn server), "model" modules load Qwen3-TTS checkpoints or
+# build our kernels; the rest are "unit": pure functions and sans-I/O state, a few seconds in all.
+SYSTEM = {"test_api_errors", "test_drain", "test_e2e_sdk", "test_flow_control", "test_fuzz_http", "test_limits",
+          "test_liveness", "test_metrics", "test_tunnel"}
+MODEL = {"test_codec_stream", "test_cpu_kernels", "test_generation", "test_int8", "test_tiny_model"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        item.add_marker("system" if module in SYSTEM else "model" if module in MODEL else "unit")
+
+
 # Kernel tiers this run exercised or skipped, told at the end: an all-skipped kernel suite must show.
 TIERS_RUN: set[str] = set()
 TIERS_SKIPPED: dict[str, str] = {}
