@@ -8,8 +8,9 @@ starts with the next step instead of after everyone already running, and the str
 read of the weights. Each step's codes go to the decoding thread, which runs the callbacks in
 order and queues what they return for the worker thread to encode (PyAV) and send.
 
-Why two threads: generation is bound by memory bandwidth (a frame reads ~3.3 GB of bf16 weights
-for 0.6B) and one core takes most of it, while decoding is bound by arithmetic. On a 2-core
+Why two threads: generation is bound by memory bandwidth (a frame reads every talker weight once
+and the code predictor's 16 times) and one core takes most of it, while decoding is bound by
+arithmetic. On a 2-core
 machine, one torch thread each on its own core overlaps the two, where two torch threads for one
 sequential loop left a core idle at every small op and stalled at every product whenever anything
 else (the encoder, the event loop) ran. ``threads`` is each thread's torch thread count. The

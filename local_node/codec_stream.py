@@ -36,10 +36,10 @@ transformer 8 layers x 71 frames (sliding window 72), so re-decoding with left c
 of carrying state would need ~580 frames to be exact. Position ids stay those of the whole decode
 (RoPE tables are float32, so shifted positions alone would differ at float32 rounding).
 
-Cost: the real-shape codec is ~5 GFLOP per frame; on a 2-core AVX2 CPU float32 streams at about
-50 ms per frame (70 in 4-frame chunks), faster than one whole-utterance pass, whose 24 kHz
-activations do not fit in cache. bfloat16 convolutions have no fast kernel on such CPUs (several
-seconds per frame): run the codec in float32 there.
+Cost: the real-shape codec is ~5 GFLOP per frame, bound by arithmetic; streamed in chunks it is
+faster than one whole-utterance pass, whose 24 kHz activations do not fit in cache. bfloat16
+convolutions have no fast kernel on CPUs without AVX-512 BF16 or AMX: run the codec in float32
+there (``codec_dtype: auto`` does). BENCHMARKS.md has what decoding adds per frame.
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ class NodeConfig:
     # The speech codec's dtype. auto: bfloat16 where the CPU computes it natively (AVX-512 BF16,
     # AMX), float32 elsewhere, where bfloat16 convolutions are emulated and many times slower.
     codec_dtype: str = "auto"
-    threads: int | None = None  # None: one per physical core
+    threads: int | None = None  # None: half the physical cores, for each of a model's two threads
     models: tuple[ModelConfig, ...] = ()
     # Websocket pings to each relay; one that stays silent is dropped within interval + timeout.
     ping_interval: float = 10.0
