@@ -35,6 +35,21 @@ def test_round_trip(message):
     assert decode(encode(message)) == message
 
 
+def test_the_wire_names_every_field():
+    """The JSON a peer sees, written out: an attribute renamed in the dataclasses must not change it."""
+    assert json.loads(encode(HELLO)) == {"type": "hello", "node": "home", "models": [
+        {"name": "custom_voice", "aliases": ["tts-1"], "voices": ["vivian", "alloy"], "any_voice": False}]}
+    assert json.loads(encode(REQUEST)) == {"type": "request", "id": 7, "request_id": "req_1", "model": "custom_voice",
+                                           "voice": "alloy", "input": "Hello there.", "instructions": None,
+                                           "response_format": "wav", "speed": 1.5, "window": 100}
+    assert json.loads(encode(Credit(3, 10))) == {"type": "credit", "id": 3, "size": 10}
+    assert json.loads(encode(Cancel(3))) == {"type": "cancel", "id": 3}
+    assert json.loads(encode(Draining())) == {"type": "draining"}
+    assert json.loads(encode(End(3, 4, 25))) == {"type": "end", "id": 3, "input_tokens": 4, "output_tokens": 25}
+    assert json.loads(encode(Error(3, "busy", "full"))) == {"type": "error", "id": 3, "code": "busy", "message": "full"}
+    assert encode(Audio(258, b"ab")) == b"\x00\x00\x01\x02ab"
+
+
 def test_audio_frames_stay_under_64_kib():
     node = Connection("node")
     node.receive(encode(Request(1, "r", "m", "v", "x", window=10 * MAX_FRAME_BYTES)))

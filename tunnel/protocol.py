@@ -172,12 +172,35 @@ def encode(message: Message) -> Frame:
     """Encode a message as a websocket frame payload (bytes for audio, str for the rest)."""
     if isinstance(message, Audio):
         return _AUDIO_HEADER.pack(message.id) + message.data
-    body = {"type": _TYPE_NAMES[type(message)]}
-    for name, value in message.__dict__.items():
-        if isinstance(value, tuple):
-            value = [v.__dict__ if isinstance(v, ModelInfo) else v for v in value]
-        body[name] = value
+    body = {"type": _TYPE_NAMES[type(message)], **_fields(message)}
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+
+def _fields(message: Message) -> dict[str, Any]:
+    """A text message's wire fields, named here rather than taken from the dataclass, so that
+    renaming an attribute cannot change the wire (the decoders below name them too)."""
+    match message:
+        case Hello():
+            return {"node": message.node, "models": [_model_fields(m) for m in message.models]}
+        case Request():
+            return {"id": message.id, "request_id": message.request_id, "model": message.model, "voice": message.voice,
+                    "input": message.input, "instructions": message.instructions,
+                    "response_format": message.response_format, "speed": message.speed, "window": message.window}
+        case Credit():
+            return {"id": message.id, "size": message.size}
+        case Cancel():
+            return {"id": message.id}
+        case Draining():
+            return {}
+        case End():
+            return {"id": message.id, "input_tokens": message.input_tokens, "output_tokens": message.output_tokens}
+        case Error():
+            return {"id": message.id, "code": message.code, "message": message.message}
+    raise TypeError(f"not a text message: {message!r}")
+
+
+def _model_fields(model: ModelInfo) -> dict[str, Any]:
+    return {"name": model.name, "aliases": list(model.aliases), "voices": list(model.voices), "any_voice": model.any_voice}
 
 
 # --- decoding and validation ------------------------------------------------------------------
