@@ -156,8 +156,9 @@ def parse_config(data: Any, base_dir: Path = Path("."), environ: Mapping[str, st
         models = tuple(replace(m, enabled=m.name in wanted) for m in models)
     if not any(m.enabled for m in models):
         raise ConfigError("no model is enabled: set enabled: true on one under models:, or use ENABLED_MODELS")
-    return NodeConfig(tuple(relay_urls), token, node_name, device, dtype, codec_dtype, threads, models,
-                      ping_interval=ping_interval, ping_timeout=ping_timeout, drain_grace=drain_grace, metrics=metrics)
+    return NodeConfig(relay_urls=tuple(relay_urls), token=token, node_name=node_name, device=device, dtype=dtype,
+                      codec_dtype=codec_dtype, threads=threads, models=models, ping_interval=ping_interval,
+                      ping_timeout=ping_timeout, drain_grace=drain_grace, metrics=metrics)
 
 
 def _is_loopback(url: str) -> bool:

@@ -243,8 +243,8 @@ class Utterance:
     sampling: SamplingConfig
     generator: torch.Generator | None
     row: int  # its row of the talker's KV cache while in the batch
-    talker_logits: list
-    predictor_logits: list
+    talker_processors: list  # Hugging Face logits processors, in the order generate applies them
+    predictor_processors: list
     inputs: torch.Tensor  # the talker's next input: the prompt, then one position per frame
     history: torch.Tensor  # codebook-0 tokens so far [1, frames]
     frames: int = 0
@@ -277,8 +277,10 @@ class FrameBatch:
         frames to make (``max_new_tokens`` < 2) comes back ``done`` without joining."""
         device = self.model.talker.device
         utterance = Utterance(
-            prompt, sampling, generator, -1, _talker_processors(sampling, self.cfg, device), _predictor_processors(sampling),
-            prompt.inputs_embeds, torch.empty(1, 0, dtype=torch.long, device=device),
+            prompt=prompt, sampling=sampling, generator=generator, row=-1,
+            talker_processors=_talker_processors(sampling, self.cfg, device),
+            predictor_processors=_predictor_processors(sampling),
+            inputs=prompt.inputs_embeds, history=torch.empty(1, 0, dtype=torch.long, device=device),
         )
         if sampling.max_new_tokens - 1 < 1:
             utterance.done = True
@@ -307,7 +309,7 @@ class FrameBatch:
         logits = talker.codec_head(hidden)[:, -1]
         going, code0 = [], []
         for utterance, row_logits in zip(order, logits.split(1)):
-            scores = _process(utterance.talker_logits, utterance.history, row_logits)
+            scores = _process(utterance.talker_processors, utterance.history, row_logits)
             code = _pick(scores, utterance.sampling.do_sample, utterance.generator)
             if code.item() == self.cfg.codec_eos_token_id:
                 self.remove(utterance)
@@ -356,7 +358,7 @@ class FrameBatch:
             out = self.predictor.forward(predictor.small_to_mtp_projection(embeds[-1]))
             logits = predictor.lm_head[group](out[:, -1])
             codes.append(torch.cat([
-                _pick(_process(u.predictor_logits, None, row), u.sampling.subtalker_dosample, u.generator)
+                _pick(_process(u.predictor_processors, None, row), u.sampling.subtalker_dosample, u.generator)
                 for u, row in zip(going, logits.split(1))
             ]))
             embeds.append(predictor.model.codec_embedding[group](codes[-1][:, None]))
