@@ -65,10 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     x = torch.randn(1, SHAPE[1], dtype=torch.bfloat16)
     bf16_bytes, int8_bytes = sum(w.nbytes for w in weights), sum(c.nbytes for c in codes)
     cores = sorted({1, physical_cores()})
-    runs = [k for k in map(cpu_kernels.kernels, cpu_kernels.ARCHITECTURE_TIERS.get(cpu_kernels._machine(), ())) if k]
+    runs = [k for k in map(cpu_kernels.kernels, cpu_kernels.machine_tiers()) if k]
     runs = [k for k in runs if k.tier != "amx"]  # amx runs avx512_bf16's products
-    buffer = torch.ones(2 << 30, dtype=torch.uint8)
-    buffer = buffer[(-buffer.data_ptr()) % 64 :][: (2 << 30) - 256]
+    bandwidth = runs[0].read_bandwidth(cores, args.repeats) if runs else {}
 
     results: dict = {"shape": SHAPE, "weights": count, "cores": {}}
     print(f"{count} weights of {SHAPE[0]} x {SHAPE[1]}: {bf16_bytes / 1e6:.0f} MB bf16, {int8_bytes / 1e6:.0f} MB int8; "
@@ -76,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     for n in cores:
         row: dict[str, float] = {}
         torch.set_num_threads(n)
-        if runs:
-            row["read bandwidth"] = buffer.nbytes / min(runs[0].read_seconds(buffer, n) for _ in range(args.repeats)) / 1e9
+        if n in bandwidth:
+            row["read bandwidth"] = bandwidth[n]
         for kernels in runs:
             kernels.use_cores(max(cores))
             with kernels.reserved(max(cores) - n):

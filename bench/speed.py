@@ -256,14 +256,11 @@ def bytes_per_frame(model) -> int:
 def read_bandwidth() -> dict[str, float]:
     """Streaming read bandwidth, GB/s, on one core and on all physical cores: the best of 5 reads
     of 2 GiB (well past any cache)."""
-    tiers_here = cpu_kernels.ARCHITECTURE_TIERS.get(cpu_kernels._machine(), ())
-    kernels = next((k for k in map(cpu_kernels.kernels, tiers_here) if k is not None), None)
+    kernels = next((k for k in map(cpu_kernels.kernels, cpu_kernels.machine_tiers()) if k is not None), None)
     if kernels is None:
         return {}
-    buffer = torch.ones(2 << 30, dtype=torch.uint8)
-    aligned = buffer[(-buffer.data_ptr()) % 64:][: (2 << 30) - 256]
-    return {f"{n} core{'s' * (n > 1)}": aligned.nbytes / min(kernels.read_seconds(aligned, n) for _ in range(5)) / 1e9
-            for n in sorted({1, physical_cores()})}
+    measured = kernels.read_bandwidth(sorted({1, physical_cores()}))
+    return {f"{n} core{'s' * (n > 1)}": gb_per_second for n, gb_per_second in measured.items()}
 
 
 def batch_scaling(ours: Ours, frames: int, rows: tuple[int, ...] = (1, 2, 4)) -> dict[int, float]:

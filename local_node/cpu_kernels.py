@@ -38,7 +38,7 @@ import platform
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -232,6 +232,13 @@ class Kernels:
         finally:
             self._library.reserve_cores(-cores)
 
+    def read_bandwidth(self, threads: Sequence[int], repeats: int = 5) -> dict[int, float]:
+        """Streaming read bandwidth in GB/s on each of ``threads`` thread counts: the best of
+        ``repeats`` reads of 2 GiB (well past any cache)."""
+        buffer = torch.ones(2 << 30, dtype=torch.uint8)  # written, so its pages are real
+        aligned = buffer[(-buffer.data_ptr()) % 64 :][: (2 << 30) - 256]
+        return {n: aligned.nbytes / min(self.read_seconds(aligned, n) for _ in range(repeats)) / 1e9 for n in threads}
+
     def read_seconds(self, buffer: torch.Tensor, threads: int) -> float:
         """Seconds to stream through ``buffer`` (contiguous, 64-byte aligned, a multiple of 256
         bytes) on ``threads`` threads."""
@@ -285,7 +292,7 @@ def kernels(tier: str) -> Kernels | None:
             return None
         base = kernels("avx512_bf16")
         return None if base is None else Kernels("amx", base._library)
-    if tier not in ARCHITECTURE_TIERS.get(_machine(), ()):
+    if tier not in machine_tiers():
         return None
     try:
         library = ctypes.CDLL(str(_build(tier)))
@@ -308,6 +315,11 @@ class _Layer(ctypes.Structure):
     _fields_ = [("qkv", _Product), ("o", _Product), ("gate_up", _Product), ("down", _Product),
                 ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("qk_norm", ctypes.c_void_p),
                 ("norm_eps", ctypes.c_float), ("qk_eps", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
+def machine_tiers() -> tuple[str, ...]:
+    """The tiers of this machine's architecture, best first (none where we have no kernels)."""
+    return ARCHITECTURE_TIERS.get(_machine(), ())
 
 
 def _machine() -> str:

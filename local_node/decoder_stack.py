@@ -84,13 +84,11 @@ class DecoderStack:
         if self._table is not None and steps == 1:
             x = self.kernels.stack_step(self._table, x, self.n_heads, self.n_kv_heads, self.intermediate, self.keys,
                                         self.values, rows, starts, cos, sin)
-            for r in rows:
-                self.lengths[r] += steps
-            return self._norm(x, *self.final_norm)
-        for i, layer in enumerate(self.layers):
-            x = x + self._attend(layer, self._norm(x, *layer.input_norm), i, rows, starts, cos, sin)
-            gate, up = layer.gate_up(self._norm(x, *layer.post_attention_norm)).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+        else:
+            for i, layer in enumerate(self.layers):
+                x = x + self._attend(layer, self._norm(x, *layer.input_norm), i, rows, starts, cos, sin)
+                gate, up = layer.gate_up(self._norm(x, *layer.post_attention_norm)).chunk(2, dim=-1)
+                x = x + layer.down(F.silu(gate) * up)
         for r in rows:
             self.lengths[r] += steps
         return self._norm(x, *self.final_norm)

@@ -29,7 +29,7 @@ def kernel_tiers() -> list[str]:
     """Every tier with a build of its own on this architecture (amx runs avx512_bf16's build)."""
     from local_node import cpu_kernels
 
-    return [t for t in cpu_kernels.ARCHITECTURE_TIERS.get(cpu_kernels._machine(), ("avx2",)) if t != "amx"]
+    return [t for t in cpu_kernels.machine_tiers() or ("avx2",) if t != "amx"]
 
 
 @pytest.fixture(scope="session", params=kernel_tiers())
