@@ -5,7 +5,7 @@
 One row of x against 40 weights of [6144 x 1024] (the 0.6B talker's gate/up projection; about
 500 MB in bfloat16, far past any cache), on one core and on all physical cores, for:
 
-  ours        each tier's ``bf16_linear`` and ``int8_linear`` (local_node/cpu_kernels.c)
+  ours        each tier's ``bf16_linear`` and ``int8_linear`` (local_node/kernels/cpu_kernels.c)
   PyTorch     what the node falls back to without our kernels: oneDNN's packed bfloat16 product
               (``portable``), ``_weight_int8pack_mm`` for int8 weights; and MKL's float32
               matrix-vector product, the vendor's best at streaming weights, as a reference
@@ -22,15 +22,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from local_node import tiers
+from local_node.kernels import tiers
 
 tiers.cap_vendor_libraries()
 
 import torch  # noqa: E402
 
-from local_node import cpu_kernels  # noqa: E402
 from local_node.__main__ import physical_cores  # noqa: E402
-from local_node.packing import _onednn_packed  # noqa: E402
+from local_node.kernels import cpu_kernels  # noqa: E402
+from local_node.model.packing import _onednn_packed  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE = (6144, 1024)

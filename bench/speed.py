@@ -4,7 +4,7 @@
     ./bench.sh --models 0.6B         # options: --frames N, --repeats N, --streams 1 2 4, --no-int8
 
 Random weights of the real 0.6B and 1.7B CustomVoice shapes (built from the released configs kept
-in ``local_node/qwen_files``, cached in ``.cache/bench``), bfloat16, all cores. Per size:
+in ``local_node/testing/qwen_files``, cached in ``.cache/bench``), bfloat16, all cores. Per size:
 
   official  ``Qwen3TTSModel.generate_custom_voice`` on the model as qwen-tts loads it: HF generate
             for the talker and, inside every talker step, for the code predictor; the codec
@@ -15,7 +15,7 @@ in ``local_node/qwen_files``, cached in ``.cache/bench``), bfloat16, all cores. 
             per frame is measured against the same runs without decoding.
   batched   the same through a ``FrameBatch`` of 1, 2 and 4 utterances (continuous batching),
             ms per step: a frame for every row, each row's codec decoding included.
-  int8      ours with ``weights: int8`` (local_node/int8.py).
+  int8      ours with ``weights: int8`` (local_node/model/int8.py).
   drift     how far ours (bf16, int8) moves the logits from qwen-tts' numbers: KL divergence per
             frame and top-1 agreement, teacher-forced on greedy codes, against the model prepared
             with PyTorch's kernels (``portable``: oneDNN's products, which qwen-tts' own forward
@@ -55,15 +55,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from local_node import tiers
+from local_node.kernels import tiers
 
 tiers.cap_vendor_libraries()  # QWEN3_TTS_ISA caps oneDNN and ATen too, for both paths: before torch loads
 
 import torch  # noqa: E402
 
-from local_node import cpu_kernels  # noqa: E402
 from local_node.__main__ import physical_cores, use_product_cores  # noqa: E402
-from local_node.qwen_engine import resolve_codec_dtype  # noqa: E402
+from local_node.engine.qwen import resolve_codec_dtype  # noqa: E402
+from local_node.kernels import cpu_kernels  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "bench"
@@ -146,15 +146,15 @@ class Ours:
     and a decoding thread, ``threads`` torch threads each) and a StreamingDecoder per utterance."""
 
     def __init__(self, tts, schedule: tuple[int, ...], rows: int = 4) -> None:
-        from local_node.batcher import Batcher
+        from local_node.engine.batcher import Batcher
 
         self.tts, self.schedule = tts, schedule
         self.batcher = Batcher(tts.model, rows=rows, name="bench", threads=NODE_THREADS)
 
     def run(self, frames: int, decode: bool = True) -> Run:
         """One utterance; ``decode`` False leaves the frames undecoded, to see what decoding adds."""
-        from local_node.codec_stream import StreamingDecoder
-        from local_node.generation import SamplingConfig, prepare_prompt
+        from local_node.model.codec_stream import StreamingDecoder
+        from local_node.model.generation import SamplingConfig, prepare_prompt
 
         started = time.perf_counter()
         prompt = prepare_prompt(self.tts, kind="custom_voice", text=TEXT, language="English", speaker=SPEAKER)
@@ -197,7 +197,7 @@ class Ours:
 def teacher_forced_logprobs(model, prompt, frames: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of codebook 0 per frame [F, V] and of codebooks 1-15 [F * 15, V'] when
     ``model`` is fed the given frames' codes: generate_frames' steps with the codes imposed."""
-    from local_node.decoder_stack import DecoderStack
+    from local_node.model.decoder_stack import DecoderStack
 
     talker = model.talker
     predictor = talker.code_predictor
@@ -222,7 +222,7 @@ def teacher_forced_logprobs(model, prompt, frames: list[torch.Tensor]) -> tuple[
 def drift(reference, tts, frames: int) -> dict:
     """KL(reference || tts) per frame, and how often the most likely code is the same, on the
     reference model's greedy codes."""
-    from local_node.generation import SamplingConfig, generate_frames, prepare_prompt
+    from local_node.model.generation import SamplingConfig, generate_frames, prepare_prompt
 
     prompt = prepare_prompt(reference, kind="custom_voice", text=TEXT, language="English", speaker=SPEAKER)
     greedy = SamplingConfig.from_tts(reference, max_new_tokens=frames + 1, do_sample=False, subtalker_dosample=False)
@@ -403,9 +403,9 @@ def _free_port() -> int:
 
 def bench_size(size: str, args: argparse.Namespace) -> SizeResult:
     from local_node.config import ModelConfig
-    from local_node.packing import prepare_for_generation
-    from local_node.qwen_import import import_qwen_tts
-    from local_node.tiny_model import write_random_checkpoint
+    from local_node.model.packing import prepare_for_generation
+    from local_node.model.qwen_import import import_qwen_tts
+    from local_node.testing.tiny_model import write_random_checkpoint
 
     model = f"{size}-CustomVoice"
     folder = CACHE / model

@@ -42,7 +42,7 @@ import httpx
 import numpy as np
 
 from local_node.__main__ import physical_cores
-from local_node.engine import synthetic_frames
+from local_node.engine.synthetic import synthetic_frames
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -63,8 +63,8 @@ def direct_app(max_batch: int, max_queue: int):
     from starlette.routing import Route
 
     from local_node.config import ModelConfig, VoiceConfig
-    from local_node.engine import SyntheticEngine
-    from local_node.worker import ModelWorker
+    from local_node.engine.synthetic import SyntheticEngine
+    from local_node.serving.worker import ModelWorker
     from tunnel.protocol import Request
 
     config = ModelConfig("tone", True, "", ("tts-1",), "synthetic", voices=(VoiceConfig("tone", speaker="tone"),),

@@ -13,10 +13,10 @@ from pathlib import Path
 from tunnel.credentials import RedactCredentials
 
 try:
-    from .config import ConfigError, NodeConfig, config_path, load_config
-    from .metrics import MetricsListener, NodeMetrics
-    from .tiers import TierError, cap_vendor_libraries, requested
-    from .worker import ModelWorker
+    from local_node.config import ConfigError, NodeConfig, config_path, load_config
+    from local_node.kernels.tiers import TierError, cap_vendor_libraries, requested
+    from local_node.serving.metrics import MetricsListener, NodeMetrics
+    from local_node.serving.worker import ModelWorker
 except ImportError as missing:  # a relay-only install (`pip install .`) has no node dependencies
     sys.exit(f"local_node: {missing.name} is not installed; the node needs its extra: pip install 'qwen3-tts-relay[node]'")
 
@@ -50,7 +50,7 @@ def use_product_cores(threads: int) -> int:
     """Let the node's kernels run products on the generation and decoding threads' cores together
     (the decoder's while it is idle: Kernels.reserved); never more threads than physical cores, as
     helpers spin between products. Returns how many they may use."""
-    from . import cpu_kernels
+    from local_node.kernels import cpu_kernels
 
     kernels = cpu_kernels.active()
     return 1 if kernels is None else kernels.use_cores(min(2 * threads, physical_cores()))
@@ -58,7 +58,7 @@ def use_product_cores(threads: int) -> int:
 
 def log_kernel_tier() -> None:
     """Say which kernel tier runs and why, and what the vendor libraries are capped to."""
-    from . import cpu_kernels
+    from local_node.kernels import cpu_kernels
 
     kernels, why = cpu_kernels.choice()
     caps = ", ".join(f"{name}={os.environ[name]}" for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
@@ -68,14 +68,14 @@ def log_kernel_tier() -> None:
 
 def build_workers(config: NodeConfig, metrics: NodeMetrics | None = None) -> dict[str, ModelWorker]:
     """Load, warm up and wrap every enabled model. Announced to the relay only after this."""
-    from .engine import SyntheticEngine
+    from local_node.engine.synthetic import SyntheticEngine
 
     workers = {}
     for model in config.enabled_models:
         if model.engine == "synthetic":
             engine = SyntheticEngine(model)
         else:
-            from .qwen_engine import QwenEngine
+            from local_node.engine.qwen import QwenEngine
 
             engine = QwenEngine(model, config.dtype, config.codec_dtype, torch_threads(config))
             engine.warm_up()
@@ -84,8 +84,8 @@ def build_workers(config: NodeConfig, metrics: NodeMetrics | None = None) -> dic
 
 
 def run(config: NodeConfig) -> int:
-    from .engine import ModelUnavailable
-    from .tunnel_client import Refused, TunnelClient, serve_relays
+    from local_node.engine.base import ModelUnavailable
+    from local_node.serving.tunnel_client import Refused, TunnelClient, serve_relays
 
     if any(m.engine == "qwen" for m in config.enabled_models):
         import torch
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--type", required=True, choices=["base", "custom_voice", "voice_design"])
         parser.add_argument("--seed", type=int, default=0)
         args = parser.parse_args(argv[1:])
-        from .tiny_model import write_tiny_checkpoint
+        from local_node.testing.tiny_model import write_tiny_checkpoint
 
         print(write_tiny_checkpoint(args.directory, args.type, seed=args.seed))
         return

@@ -27,7 +27,7 @@ TIERS_SKIPPED: dict[str, str] = {}
 
 def kernel_tiers() -> list[str]:
     """Every tier with a build of its own on this architecture (amx runs avx512_bf16's build)."""
-    from local_node import cpu_kernels
+    from local_node.kernels import cpu_kernels
 
     return [t for t in cpu_kernels.machine_tiers() or ("avx2",) if t != "amx"]
 
@@ -35,7 +35,7 @@ def kernel_tiers() -> list[str]:
 @pytest.fixture(scope="session", params=kernel_tiers())
 def kernels(request):
     """One tier's kernels; tests using it run once per tier and skip the tiers this CPU lacks."""
-    from local_node import cpu_kernels
+    from local_node.kernels import cpu_kernels
 
     found = cpu_kernels.kernels(request.param)
     if found is None:
@@ -47,7 +47,7 @@ def kernels(request):
 
 def pytest_terminal_summary(terminalreporter):
     if TIERS_RUN or TIERS_SKIPPED:
-        from local_node import cpu_kernels
+        from local_node.kernels import cpu_kernels
 
         ran = ", ".join(sorted(TIERS_RUN)) or "NONE"
         skipped = "; ".join(f"{t} ({why})" for t, why in sorted(TIERS_SKIPPED.items())) or "none"

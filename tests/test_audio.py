@@ -10,7 +10,7 @@ import av
 import numpy as np
 import pytest
 
-from local_node.audio import FORMATS, SAMPLE_RATE, StreamEncoder
+from local_node.serving.audio import FORMATS, SAMPLE_RATE, StreamEncoder
 
 SECONDS = 2.5
 # Uneven on purpose: single samples, sizes straddling codec frames (576/1024/480/2304), long runs.

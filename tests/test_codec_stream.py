@@ -25,16 +25,16 @@ import numpy as np
 import pytest
 import torch
 
-from local_node.codec_stream import StreamingDecoder
-from local_node.qwen_engine import resolve_codec_dtype
-from local_node.qwen_import import import_qwen_tts
-from local_node.tiny_model import write_tiny_checkpoint
+from local_node.engine.qwen import resolve_codec_dtype
+from local_node.model.codec_stream import StreamingDecoder
+from local_node.model.qwen_import import import_qwen_tts
+from local_node.testing.tiny_model import write_tiny_checkpoint
 
 qwen_tts = import_qwen_tts()
 
 SAMPLES_PER_FRAME = 1920
 SCHEDULE = (4, 8, 16, 32)
-QWEN_FILES = Path(__file__).resolve().parents[1] / "local_node" / "qwen_files"
+QWEN_FILES = Path(__file__).resolve().parents[1] / "local_node" / "testing" / "qwen_files"
 REAL_CONFIG = QWEN_FILES / "common" / "speech_tokenizer" / "config.json"
 
 

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from conftest import TIERS_RUN, TIERS_SKIPPED
 
-from local_node import cpu_kernels
-from local_node.decoder_stack import _rms_norm, _rotate_half
-from local_node.packing import PackedLinear
-from local_node.qwen_import import import_qwen_tts
+from local_node.kernels import cpu_kernels
+from local_node.model.decoder_stack import _rms_norm, _rotate_half
+from local_node.model.packing import PackedLinear
+from local_node.model.qwen_import import import_qwen_tts
 
 # (out, in) of the 0.6B and 1.7B talkers' fused projections and heads, and tiny ones.
 SHAPES = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (3072, 1024), (2048, 1024),

@@ -15,7 +15,7 @@ import pytest
 import soundfile
 from harness import API_KEY, Node, Relay
 
-from local_node.tiny_model import write_tiny_checkpoint
+from local_node.testing.tiny_model import write_tiny_checkpoint
 
 FRAME = 1920  # samples per codec frame at 24 kHz
 MAX_FRAMES = 6  # per text piece; tiny checkpoints never say EOS, so every piece is exactly this long
@@ -239,7 +239,7 @@ def test_every_format_on_a_lower_tier(tmp_path, tier):
     """The node on a CPU with less: QWEN3_TTS_ISA caps our kernels, and the node caps oneDNN and
     ATen to match (avx2); portable runs no compiled code of ours, here under oneDNN and ATen capped
     at AVX2 too: an AVX2 box without a C compiler. The log names the tier; every format decodes."""
-    from local_node import cpu_kernels
+    from local_node.kernels import cpu_kernels
 
     if tier != "portable" and cpu_kernels.kernels(tier) is None:
         pytest.skip(f"the {tier} kernels do not run on this CPU")

@@ -14,7 +14,7 @@ import websockets
 from harness import API_KEY, Node, Relay, free_port, synthetic_models
 from test_tunnel import AUTH, ScriptedNode, post_async, relay  # noqa: F401 (a fixture)
 
-from local_node.engine import synthetic_frames
+from local_node.engine.synthetic import synthetic_frames
 from tunnel.protocol import (
     DEFAULT_WINDOW,
     MAX_AUDIO_PAYLOAD,

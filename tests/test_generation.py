@@ -1,4 +1,4 @@
-"""Our frame-by-frame loop (local_node.generation) against qwen-tts' own generate, on tiny checkpoints.
+"""Our frame-by-frame loop (local_node.model.generation) against qwen-tts' own generate, on tiny checkpoints.
 
 The reference is ``tts.model.generate`` called by the qwen-tts wrapper methods themselves
 (generate_custom_voice & co.), so it gets exactly the inputs the wrapper builds; its
@@ -20,11 +20,13 @@ import pytest
 import torch
 from conftest import kernel_tiers as conftest_kernel_tiers
 
-from local_node import cpu_kernels, generation, tiny_model
-from local_node.generation import FrameBatch, Prompt, SamplingConfig, generate_frames, prepare_prompt
-from local_node.packing import PackedLinear, prepare_for_generation
-from local_node.qwen_import import import_qwen_tts
-from local_node.tiny_model import write_random_checkpoint, write_tiny_checkpoint
+from local_node.kernels import cpu_kernels
+from local_node.model import generation
+from local_node.model.generation import FrameBatch, Prompt, SamplingConfig, generate_frames, prepare_prompt
+from local_node.model.packing import PackedLinear, prepare_for_generation
+from local_node.model.qwen_import import import_qwen_tts
+from local_node.testing import tiny_model
+from local_node.testing.tiny_model import write_random_checkpoint, write_tiny_checkpoint
 
 qwen_tts = import_qwen_tts()
 
@@ -157,7 +159,7 @@ def test_our_torch_rms_norm_rounds_as_qwen_tts_module(shape, dtype):
     is held to it in test_cpu_kernels.py)."""
     from qwen_tts.core.models.modeling_qwen3_tts import Qwen3TTSRMSNorm
 
-    from local_node.decoder_stack import _rms_norm
+    from local_node.model.decoder_stack import _rms_norm
 
     generator = torch.Generator().manual_seed(len(shape) * 1000 + shape[-1])
     for trial in range(20):
@@ -196,7 +198,7 @@ def run_stacks(stacks: list, hidden: int, prompt_lengths: tuple[int, int], steps
 def test_c_norms_and_attention_follow_the_torch_ops_over_long_sequences(load, kernels):
     """A bf16 talker stack stepping two rows past 512 positions with the C norms and attention
     stays within bfloat16 rounding of the same stack on PyTorch's ops (SDPA)."""
-    from local_node.decoder_stack import DecoderStack
+    from local_node.model.decoder_stack import DecoderStack
 
     model = load("custom_voice", torch.bfloat16, prepared=True, tier=kernels.tier).model
     stacks = [DecoderStack(model.talker.model, capacity=64, batch=2, own_ops=own) for own in (True, False)]
@@ -214,7 +216,7 @@ def test_a_whole_stack_step_in_c_is_the_per_op_path(load, kernels, int8, tmp_pat
     (expf against PyTorch's vectorised exp: a rare bfloat16 step), rows at different lengths."""
     from qwen_tts import Qwen3TTSModel
 
-    from local_node.decoder_stack import DecoderStack
+    from local_node.model.decoder_stack import DecoderStack
 
     model = Qwen3TTSModel.from_pretrained(str(write_tiny_checkpoint(tmp_path / "m", "custom_voice")),
                                           dtype=torch.bfloat16).model
@@ -457,7 +459,7 @@ def test_batched_utterances_match_each_alone(load):
 def test_batcher_decodes_the_last_chunk_on_generations_cores_too(load):
     """The decoding thread runs on ``threads`` torch threads, reserving as many cores from the
     products; an utterance's last chunk, once nothing is left to generate, on twice that."""
-    from local_node.batcher import Batcher
+    from local_node.engine.batcher import Batcher
 
     tts = load("custom_voice", prepared=True)
     prompt = prepare_prompt(tts, kind="custom_voice", text="Hello.", language="English", speaker="ryan")
@@ -484,7 +486,7 @@ def _run_collecting(batcher, prompt, sampling, on_frame, into: dict, key) -> thr
 
 
 def test_batcher_a_failing_model_step_fails_everyone_in_the_batch_and_goes_on(load):
-    from local_node.batcher import Batcher
+    from local_node.engine.batcher import Batcher
 
     tts = load("custom_voice", prepared=True)
     prompt = prepare_prompt(tts, kind="custom_voice", text="Hello.", language="English", speaker="ryan")
@@ -510,7 +512,7 @@ def test_batcher_a_failing_model_step_fails_everyone_in_the_batch_and_goes_on(lo
 
 
 def test_batcher_a_failing_callback_ends_that_request_only(load):
-    from local_node.batcher import Batcher
+    from local_node.engine.batcher import Batcher
 
     tts = load("custom_voice", prepared=True)
     prompt = prepare_prompt(tts, kind="custom_voice", text="Hello.", language="English", speaker="ryan")

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from local_node import cpu_kernels
-from local_node.decoder_stack import DecoderStack
-from local_node.generation import SamplingConfig, generate_frames, prepare_prompt
-from local_node.int8 import Int8Linear
-from local_node.packing import prepare_for_generation
-from local_node.qwen_import import import_qwen_tts
-from local_node.tiny_model import write_tiny_checkpoint
+from local_node.kernels import cpu_kernels
+from local_node.model.decoder_stack import DecoderStack
+from local_node.model.generation import SamplingConfig, generate_frames, prepare_prompt
+from local_node.model.int8 import Int8Linear
+from local_node.model.packing import prepare_for_generation
+from local_node.model.qwen_import import import_qwen_tts
+from local_node.testing.tiny_model import write_tiny_checkpoint
 
 qwen_tts = import_qwen_tts()
 

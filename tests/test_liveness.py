@@ -13,7 +13,7 @@ from harness import Node, Relay, synthetic_models
 from test_tunnel import AUTH, SPEECH, speak
 
 from local_node.config import ConfigError, NodeConfig, parse_config
-from local_node.tunnel_client import Backoff
+from local_node.serving.tunnel_client import Backoff
 from relay.config import ConfigError as RelayConfigError
 from relay.config import RelayConfig
 

@@ -16,9 +16,9 @@ from starlette.testclient import TestClient
 from websockets.exceptions import InvalidStatus
 
 from local_node.config import ConfigError, MetricsConfig, ModelConfig, VoiceConfig, parse_config
-from local_node.engine import SyntheticEngine
-from local_node.metrics import NodeMetrics, metrics_app
-from local_node.worker import Busy, ModelWorker
+from local_node.engine.synthetic import SyntheticEngine
+from local_node.serving.metrics import NodeMetrics, metrics_app
+from local_node.serving.worker import Busy, ModelWorker
 from relay.config import ConfigError as RelayConfigError
 from relay.config import RelayConfig
 from relay.metrics import RelayMetrics, model_label
@@ -414,7 +414,7 @@ def test_node_metrics_section_must_be_a_mapping():
 def test_node_metrics_with_a_tiny_qwen_model(tmp_path):
     """The batcher's steps: frames counted equal the frames served, warm-up excluded; a step serves
     every utterance in the batch, so there are at most as many steps as frames."""
-    from local_node.tiny_model import write_tiny_checkpoint
+    from local_node.testing.tiny_model import write_tiny_checkpoint
 
     write_tiny_checkpoint(tmp_path / "custom_voice", "custom_voice")
     relay = Relay(tmp_path)

@@ -1,6 +1,6 @@
 """Splitting long input into sentence-sized pieces."""
 
-from local_node.text_split import split_text
+from local_node.engine.text_split import split_text
 
 
 def test_sentences_are_kept_whole_and_in_order():

@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from local_node.qwen_import import import_qwen_tts
-from local_node.tiny_model import write_tiny_checkpoint
+from local_node.model.qwen_import import import_qwen_tts
+from local_node.testing.tiny_model import write_tiny_checkpoint
 
 qwen_tts = import_qwen_tts()
 
-QWEN_FILES = Path(__file__).resolve().parents[1] / "local_node" / "qwen_files"
+QWEN_FILES = Path(__file__).resolve().parents[1] / "local_node" / "testing" / "qwen_files"
 SAMPLE_RATE = 24000
 SAMPLES_PER_FRAME = 1920
 MAX_NEW_TOKENS = 8
@@ -194,8 +194,8 @@ def test_eos_never_comes(folder):
     """Tests count frames on the tiny models (and the bench on real-shape ones), so EOS must never
     be sampled: its row of the talker's head is zero, its logit 0 sits mid-field, far from the top
     50 that sampling keeps, at every step of a free run."""
-    from local_node.generation import SamplingConfig, generate_frames, prepare_prompt
-    from local_node.packing import prepare_for_generation
+    from local_node.model.generation import SamplingConfig, generate_frames, prepare_prompt
+    from local_node.model.packing import prepare_for_generation
 
     custom_voice = _load(folder("custom_voice"))
     talker = custom_voice.model.talker

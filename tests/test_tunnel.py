@@ -12,8 +12,8 @@ import websockets
 from harness import API_KEY, NODE_TOKEN, Node, Relay, free_port, synthetic_models
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from local_node.engine import synthetic_frames
-from local_node.tunnel_client import challenge_url
+from local_node.engine.synthetic import synthetic_frames
+from local_node.serving.tunnel_client import challenge_url
 from tunnel.handshake import tunnel_authorization, tunnel_proof
 from tunnel.protocol import SUBPROTOCOL
 

@@ -1,7 +1,7 @@
 """The pure half of the tunnel's handshake (tunnel/protocol.py tells the whole of it): making a
 challenge, the proof a node computes from it with its token, and the header that carries both.
 No I/O and no state: the relay keeps its issued challenges (relay/auth.py: ChallengeStore), the
-node fetches one before each connection (local_node/tunnel_client.py).
+node fetches one before each connection (local_node/serving/tunnel_client.py).
 """
 
 from __future__ import annotations

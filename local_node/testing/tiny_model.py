@@ -27,7 +27,7 @@ from typing import Literal
 
 import torch
 
-from local_node.qwen_import import import_qwen_tts
+from local_node.model.qwen_import import import_qwen_tts
 
 ModelType = Literal["base", "custom_voice", "voice_design"]
 

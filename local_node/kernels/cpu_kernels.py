@@ -42,7 +42,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from . import tiers
+from local_node.kernels import tiers
 
 log = logging.getLogger(__name__)
 

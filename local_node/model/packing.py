@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels
+from local_node.kernels import cpu_kernels
 
 
 class PackedLinear(nn.Module):
@@ -80,7 +80,7 @@ def prepare_for_generation(model: Any, int8: bool = False, tier: str | None = No
         attn.qkv_proj = _fuse(attn, ("q_proj", "k_proj", "v_proj"))
         mlp.gate_up_proj = _fuse(mlp, ("gate_proj", "up_proj"))
     if int8:
-        from .int8 import quantize_int8
+        from local_node.model.int8 import quantize_int8
 
         quantize_int8(model, kernels)
     pack_linears(model.talker, kernels)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import cpu_kernels
+from local_node.kernels import cpu_kernels
 
 
 class Int8Linear(nn.Module):

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from local_node.qwen_import import import_qwen_tts
+from local_node.model.qwen_import import import_qwen_tts
 
 __all__ = ["StreamingDecoder"]
 

@@ -12,17 +12,16 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from local_node.config import ConfigError, ModelConfig
+from local_node.engine.base import Cancelled, Job, JobError, ModelUnavailable
+from local_node.engine.batcher import Batcher
+from local_node.engine.text_split import split_text
+from local_node.kernels import tiers
+from local_node.model.codec_stream import StreamingDecoder
+from local_node.model.generation import Prompt, SamplingConfig, prepare_prompt
+from local_node.model.packing import prepare_for_generation
+from local_node.model.qwen_import import import_qwen_tts
 from tunnel.protocol import ModelInfo
-
-from . import tiers
-from .batcher import Batcher
-from .codec_stream import StreamingDecoder
-from .config import ConfigError, ModelConfig
-from .engine import Cancelled, Job, JobError, ModelUnavailable
-from .generation import Prompt, SamplingConfig, prepare_prompt
-from .packing import prepare_for_generation
-from .qwen_import import import_qwen_tts
-from .text_split import split_text
 
 log = logging.getLogger("local_node.qwen")
 

@@ -9,11 +9,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable
 
+from local_node.engine.base import SAMPLES_PER_FRAME, Cancelled, Engine, Job, JobError
+from local_node.serving.audio import StreamEncoder
+from local_node.serving.metrics import NodeMetrics
 from tunnel.protocol import Request
-
-from .audio import StreamEncoder
-from .engine import SAMPLES_PER_FRAME, Cancelled, Engine, Job, JobError
-from .metrics import NodeMetrics
 
 _DONE = object()
 

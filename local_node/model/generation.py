@@ -62,7 +62,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from .decoder_stack import DecoderStack
+from local_node.model.decoder_stack import DecoderStack
 
 MIN_NEW_TOKENS = 2  # qwen-tts passes min_new_tokens=2 to the talker's generate
 N_CONTROL_IDS = 1024  # the talker vocabulary's top 1024 ids are control tokens, never sampled

@@ -19,6 +19,9 @@ from urllib.parse import urlsplit, urlunsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from local_node.engine.base import JobError
+from local_node.serving.metrics import NodeMetrics
+from local_node.serving.worker import Busy, ModelWorker
 from tunnel.handshake import tunnel_authorization, valid_challenge
 from tunnel.protocol import (
     MAX_AUDIO_PAYLOAD,
@@ -35,10 +38,6 @@ from tunnel.protocol import (
     ProtocolError,
     Request,
 )
-
-from .engine import JobError
-from .metrics import NodeMetrics
-from .worker import Busy, ModelWorker
 
 log = logging.getLogger("local_node.tunnel")
 

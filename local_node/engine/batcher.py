@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .generation import FrameBatch, Prompt, SamplingConfig, Utterance
+from local_node.model.generation import FrameBatch, Prompt, SamplingConfig, Utterance
 
 log = logging.getLogger("local_node.batcher")
 

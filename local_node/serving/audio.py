@@ -21,10 +21,9 @@ from fractions import Fraction
 import av
 import numpy as np
 
+from local_node.engine.base import SAMPLE_RATE
 from tunnel.protocol import MAX_SPEED, MIN_SPEED
 from tunnel.protocol import RESPONSE_FORMATS as FORMATS
-
-SAMPLE_RATE = 24000
 
 # response_format -> (muxer, encoder, bit rate, muxer options). Bit rates suit 24 kHz mono speech.
 _CODECS: dict[str, tuple[str, str, int | None, dict[str, str]]] = {

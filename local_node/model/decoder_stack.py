@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import cpu_kernels
+from local_node.kernels import cpu_kernels
 
 
 class DecoderStack:

@@ -21,9 +21,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from local_node.config import MetricsConfig
 from tunnel.credentials import Credentials, bearer_token
-
-from .config import MetricsConfig
 
 log = logging.getLogger("local_node.metrics")
 
