@@ -4,5 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/setup.sh
 .venv/bin/ruff check --quiet .
+.venv/bin/ruff format --check --quiet .   # `ruff format .` fixes what this reports
 .venv/bin/mypy          # the tunnel package and the relay (pyproject.toml: [tool.mypy])
 exec .venv/bin/python -m pytest "$@"

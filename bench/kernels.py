@@ -70,8 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = runs[0].read_bandwidth(cores, args.repeats) if runs else {}
 
     results: dict = {"shape": SHAPE, "weights": count, "cores": {}}
-    print(f"{count} weights of {SHAPE[0]} x {SHAPE[1]}: {bf16_bytes / 1e6:.0f} MB bf16, {int8_bytes / 1e6:.0f} MB int8; "
-          f"one row; kernels: {', '.join(k.tier for k in runs) or 'none'}")
+    print(
+        f"{count} weights of {SHAPE[0]} x {SHAPE[1]}: {bf16_bytes / 1e6:.0f} MB bf16, {int8_bytes / 1e6:.0f} MB int8; "
+        f"one row; kernels: {', '.join(k.tier for k in runs) or 'none'}"
+    )
     for n in cores:
         row: dict[str, float] = {}
         torch.set_num_threads(n)
@@ -80,20 +82,23 @@ def main(argv: list[str] | None = None) -> None:
         for kernels in runs:
             kernels.use_cores(max(cores))
             with kernels.reserved(max(cores) - n):
-                row[f"ours {kernels.tier} bf16"] = rate(bf16_bytes, lambda w: kernels.bf16_linear(x, w),
-                                                        [kernels.bf16_layout(w) for w in weights], args.repeats)
-                row[f"ours {kernels.tier} int8"] = rate(int8_bytes, lambda c: kernels.int8_linear(x, c, scale),
-                                                        [kernels.int8_layout(c) for c in codes], args.repeats)
+                row[f"ours {kernels.tier} bf16"] = rate(
+                    bf16_bytes, lambda w: kernels.bf16_linear(x, w), [kernels.bf16_layout(w) for w in weights], args.repeats
+                )
+                row[f"ours {kernels.tier} int8"] = rate(
+                    int8_bytes, lambda c: kernels.int8_linear(x, c, scale), [kernels.int8_layout(c) for c in codes], args.repeats
+                )
         packed = [_onednn_packed(w) for w in weights]
         if all(p is not None for p in packed):
-            row["oneDNN packed bf16"] = rate(bf16_bytes, lambda p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""),
-                                             packed, args.repeats)
+            row["oneDNN packed bf16"] = rate(
+                bf16_bytes, lambda p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""), packed, args.repeats
+            )
         del packed
-        row["PyTorch _weight_int8pack_mm"] = rate(int8_bytes, lambda c: torch._weight_int8pack_mm(x, c, scale.bfloat16()), codes,
-                                                  args.repeats)
+        row["PyTorch _weight_int8pack_mm"] = rate(
+            int8_bytes, lambda c: torch._weight_int8pack_mm(x, c, scale.bfloat16()), codes, args.repeats
+        )
         floats = [w.float() for w in weights[: max(1, count // 2)]]
-        row["MKL float32 (reference)"] = rate(sum(f.nbytes for f in floats), lambda f: torch.mv(f, x.float()[0]), floats,
-                                              args.repeats)
+        row["MKL float32 (reference)"] = rate(sum(f.nbytes for f in floats), lambda f: torch.mv(f, x.float()[0]), floats, args.repeats)
         del floats
         results["cores"][n] = row
     print_table(results)
@@ -113,8 +118,11 @@ def print_table(results: dict) -> None:
             row = results["cores"][n]
             bandwidth = row.get("read bandwidth")
             value = row.get(name)
-            cells.append("-" if value is None else f"{value:.1f}" + (f" ({100 * value / bandwidth:.0f} %)"
-                                                                    if bandwidth and name != "read bandwidth" else ""))
+            cells.append(
+                "-"
+                if value is None
+                else f"{value:.1f}" + (f" ({100 * value / bandwidth:.0f} %)" if bandwidth and name != "read bandwidth" else "")
+            )
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 

@@ -168,6 +168,7 @@ class Ours:
                     return call(*args)
                 finally:
                     decoding[0] += time.perf_counter() - t
+
             return run
 
         def push(codes):
@@ -228,12 +229,18 @@ def drift(reference, tts, frames: int) -> dict:
     greedy = SamplingConfig.from_tts(reference, max_new_tokens=frames + 1, do_sample=False, subtalker_dosample=False)
     codes = list(generate_frames(reference.model, prompt, greedy))
     result = {}
-    for name, ref, got in zip(("talker", "code_predictor"), teacher_forced_logprobs(reference.model, prompt, codes),
-                              teacher_forced_logprobs(tts.model, prompt, codes)):
+    for name, ref, got in zip(
+        ("talker", "code_predictor"),
+        teacher_forced_logprobs(reference.model, prompt, codes),
+        teacher_forced_logprobs(tts.model, prompt, codes),
+    ):
         ref, got = ref.double(), got.double()
         kl = (ref.exp() * (ref - got)).sum(-1)
-        result[name] = {"kl_mean": kl.mean().item(), "kl_max": kl.max().item(),
-                        "top1_agreement": (ref.argmax(-1) == got.argmax(-1)).float().mean().item()}
+        result[name] = {
+            "kl_mean": kl.mean().item(),
+            "kl_max": kl.max().item(),
+            "top1_agreement": (ref.argmax(-1) == got.argmax(-1)).float().mean().item(),
+        }
     return result
 
 
@@ -245,8 +252,11 @@ def bytes_per_frame(model) -> int:
     predictor = talker.code_predictor
 
     def linears(module) -> int:  # the products' weights (and int8 scales); embeddings are looked up, not read whole
-        return sum(m.weight.nbytes + (m.scale.nbytes if isinstance(getattr(m, "scale", None), torch.Tensor) else 0)
-                   for m in module.modules() if hasattr(m, "in_features") and isinstance(getattr(m, "weight", None), torch.Tensor))
+        return sum(
+            m.weight.nbytes + (m.scale.nbytes if isinstance(getattr(m, "scale", None), torch.Tensor) else 0)
+            for m in module.modules()
+            if hasattr(m, "in_features") and isinstance(getattr(m, "weight", None), torch.Tensor)
+        )
 
     once = linears(talker.model) + linears(talker.codec_head)
     per_position = linears(predictor.model) + linears(predictor.small_to_mtp_projection)
@@ -307,22 +317,46 @@ class Served:
 
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "RELAY_API_KEYS": f"bench:{self.API_KEY}", "RELAY_NODE_TOKENS": f"bench:{self.NODE_TOKEN}",
-               "BENCH_NODE_TOKEN": self.NODE_TOKEN}
+        env = {
+            **os.environ,
+            "RELAY_API_KEYS": f"bench:{self.API_KEY}",
+            "RELAY_NODE_TOKENS": f"bench:{self.NODE_TOKEN}",
+            "BENCH_NODE_TOKEN": self.NODE_TOKEN,
+        }
         config = {
             "relay": {"url": f"ws://127.0.0.1:{port}/v1/tunnel", "token_env": "BENCH_NODE_TOKEN", "node_name": "bench"},
-            "dtype": "bfloat16", "threads": "auto",
-            "models": {"bench": {"source": str(folder), "max_new_frames": frames, "max_batch": 4, "max_queue": 8,
-                                 "chunk_frames": list(schedule), "weights": weights, "text_input": text_input}},
+            "dtype": "bfloat16",
+            "threads": "auto",
+            "models": {
+                "bench": {
+                    "source": str(folder),
+                    "max_new_frames": frames,
+                    "max_batch": 4,
+                    "max_queue": 8,
+                    "chunk_frames": list(schedule),
+                    "weights": weights,
+                    "text_input": text_input,
+                }
+            },
         }
         (workdir / "node.yaml").write_text(yaml.safe_dump(config))
         self.logs = [open(workdir / "relay.log", "wb"), open(workdir / "node.log", "wb")]
-        self.relay = subprocess.Popen([sys.executable, "-m", "relay", "--port", str(port), "--log-level", "warning"],
-                                      env=env, stdout=self.logs[0], stderr=subprocess.STDOUT, cwd=ROOT)
+        self.relay = subprocess.Popen(
+            [sys.executable, "-m", "relay", "--port", str(port), "--log-level", "warning"],
+            env=env,
+            stdout=self.logs[0],
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
         self._wait(lambda: self._get("/health") == 200, "relay start", 30)
         started = time.perf_counter()
-        self.node = subprocess.Popen([sys.executable, "-m", "local_node", "--config", str(workdir / "node.yaml")],
-                                     env=env, stdout=self.logs[1], stderr=subprocess.STDOUT, cwd=ROOT)
+        self.node = subprocess.Popen(
+            [sys.executable, "-m", "local_node", "--config", str(workdir / "node.yaml")],
+            env=env,
+            stdout=self.logs[1],
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
         self._wait(lambda: "bench" in self._models(), "the node's model", 1800, workdir / "node.log")
         self.startup_seconds = time.perf_counter() - started  # process start, imports, load, warm-up
 
@@ -349,8 +383,13 @@ class Served:
         runs, wall = together(lambda: self.speak(client), n)
         audio = sum(r.frames for r in runs) * FRAME_SECONDS
         firsts = sorted(r.first_audio for r in runs)
-        return {"streams": n, "audio_seconds_per_second": audio / wall, "wall_seconds": wall,
-                "first_audio_min": firsts[0], "first_audio_max": firsts[-1]}
+        return {
+            "streams": n,
+            "audio_seconds_per_second": audio / wall,
+            "wall_seconds": wall,
+            "first_audio_min": firsts[0],
+            "first_audio_max": firsts[-1],
+        }
 
     def close(self) -> None:
         for proc in (self.node, self.relay):
@@ -435,8 +474,11 @@ def bench_size(size: str, args: argparse.Namespace) -> SizeResult:
         officials.append(official_run(official, args.frames))
         ours.append(ours_path.run(args.frames))
         bare.append(ours_path.run(args.frames, decode=False))
-        print(f"  official {officials[-1].ms_per_frame:.0f} ms/frame, ours {ours[-1].ms_per_frame:.0f} ms/frame "
-              f"({bare[-1].ms_per_frame:.0f} without decoding)", flush=True)
+        print(
+            f"  official {officials[-1].ms_per_frame:.0f} ms/frame, ours {ours[-1].ms_per_frame:.0f} ms/frame "
+            f"({bare[-1].ms_per_frame:.0f} without decoding)",
+            flush=True,
+        )
     del official
     result = SizeResult(model, weights_gb, load_seconds, best(officials), with_decode_added(ours, bare))
     result.ours_bare, result.bytes_per_frame["bf16"] = best(bare), bytes_per_frame(tts.model)
@@ -454,8 +496,11 @@ def bench_size(size: str, args: argparse.Namespace) -> SizeResult:
         result.bytes_per_frame["int8"] = bytes_per_frame(quantized.tts.model)
         result.batch_scaling["int8"] = batch_scaling(quantized, args.frames)
         result.drift["int8"] = drift(reference, quantized.tts, min(args.frames, 20))
-        print(f"  int8 {result.int8.ms_per_frame:.0f} ms/frame, drift {result.drift['int8']}, "
-              f"frames/s by utterances at once {result.batch_scaling['int8']}", flush=True)
+        print(
+            f"  int8 {result.int8.ms_per_frame:.0f} ms/frame, drift {result.drift['int8']}, "
+            f"frames/s by utterances at once {result.batch_scaling['int8']}",
+            flush=True,
+        )
         del quantized
     del reference
 
@@ -502,52 +547,78 @@ def report(results: list[SizeResult], bandwidth: dict[str, float]) -> str:
     ]
     for r in results:
         base = r.official.ms_per_frame
-        for name, run in (("official qwen-tts", r.official), ("ours, in process", r.ours),
-                          ("ours, served (relay + tunnel)", r.served),
-                          ("ours, served, text_input: streaming", r.served_streaming_text),
-                          ("ours, int8 weights, in process", r.int8)):
+        for name, run in (
+            ("official qwen-tts", r.official),
+            ("ours, in process", r.ours),
+            ("ours, served (relay + tunnel)", r.served),
+            ("ours, served, text_input: streaming", r.served_streaming_text),
+            ("ours, int8 weights, in process", r.int8),
+        ):
             if run is None:
                 continue
             added = run.decode_seconds if run is r.official else run.decode_added  # the official call decodes after generating
             decode = "-" if added is None else f"{1000 * added / run.frames:.0f} ({100 * added / run.seconds:.0f} %)"
             thread = f"{1000 * run.decode_seconds / run.frames:.0f}" if run.decode_seconds else "-"
-            lines.append(f"| {r.model} | {name} | {run.ms_per_frame:.0f} | {decode} | {thread} | {run.rtf:.2f} | "
-                         f"{run.first_audio:.2f} s | {base / run.ms_per_frame:.2f}x |")
-    lines += ["", "| model | weights | load (in process) | node start-up (load + warm-up) | node RSS (own) | "
-                  "streams at once: audio s per s (first audio, first-last stream) |",
-              "|---|---|---:|---:|---:|---|"]
+            lines.append(
+                f"| {r.model} | {name} | {run.ms_per_frame:.0f} | {decode} | {thread} | {run.rtf:.2f} | "
+                f"{run.first_audio:.2f} s | {base / run.ms_per_frame:.2f}x |"
+            )
+    lines += [
+        "",
+        "| model | weights | load (in process) | node start-up (load + warm-up) | node RSS (own) | "
+        "streams at once: audio s per s (first audio, first-last stream) |",
+        "|---|---|---:|---:|---:|---|",
+    ]
     for r in results:
         for weights, node in r.nodes.items():
-            streams = ", ".join(f"{n}: {s['audio_seconds_per_second']:.2f} ({s['first_audio_min']:.1f}-{s['first_audio_max']:.1f} s)"
-                                for n, s in node["streams"].items())
+            streams = ", ".join(
+                f"{n}: {s['audio_seconds_per_second']:.2f} ({s['first_audio_min']:.1f}-{s['first_audio_max']:.1f} s)"
+                for n, s in node["streams"].items()
+            )
             name = "bf16" if weights == "dtype" else weights
-            lines.append(f"| {r.model} | {name} ({r.weights_gb:.2f} GB on disk) | {r.load_seconds:.1f} s | "
-                         f"{node['startup_seconds']:.1f} s | {node['rss_gb']['rss']:.2f} GiB ({node['rss_gb']['anon']:.2f}) | {streams} |")
-    lines += ["", "| model | weights | in process, frames/s all told (decoding included): 1 utterance | 2 at once | 4 at once | 4 vs 1 |",
-              "|---|---|---:|---:|---:|---:|"]
+            lines.append(
+                f"| {r.model} | {name} ({r.weights_gb:.2f} GB on disk) | {r.load_seconds:.1f} s | "
+                f"{node['startup_seconds']:.1f} s | {node['rss_gb']['rss']:.2f} GiB ({node['rss_gb']['anon']:.2f}) | {streams} |"
+            )
+    lines += [
+        "",
+        "| model | weights | in process, frames/s all told (decoding included): 1 utterance | 2 at once | 4 at once | 4 vs 1 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for r in results:
         for weights, fps in r.batch_scaling.items():
             lines.append(f"| {r.model} | {weights} | {fps[1]:.1f} | {fps[2]:.1f} | {fps[4]:.1f} | {fps[4] / fps[1]:.2f}x |")
     drifts = [(r.model, weights, part, d) for r in results for weights, parts in r.drift.items() for part, d in parts.items()]
     if drifts:
-        lines += ["", "| model | weights | logits vs qwen-tts' numbers | KL mean | KL max | same top code |",
-                  "|---|---|---|---:|---:|---:|"]
-        lines += [f"| {m} | {w} | {part} | {d['kl_mean']:.2e} | {d['kl_max']:.2e} | {100 * d['top1_agreement']:.0f} % |"
-                  for m, w, part, d in drifts]
+        lines += [
+            "",
+            "| model | weights | logits vs qwen-tts' numbers | KL mean | KL max | same top code |",
+            "|---|---|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {m} | {w} | {part} | {d['kl_mean']:.2e} | {d['kl_max']:.2e} | {100 * d['top1_agreement']:.0f} % |"
+            for m, w, part, d in drifts
+        ]
     if bandwidth:
         full = max(bandwidth.values())
-        lines += ["", "read bandwidth: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bandwidth.items()), "",
-                  "| model | weights | bytes read per frame | floor (at all cores' bandwidth) | ms/frame without decoding | efficiency | "
-                  "with decoding | vs official |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "read bandwidth: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bandwidth.items()),
+            "",
+            "| model | weights | bytes read per frame | floor (at all cores' bandwidth) | ms/frame without decoding | efficiency | "
+            "with decoding | vs official |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in results:
             for weights, bare, run in (("bf16", r.ours_bare, r.ours), ("int8", r.int8_bare, r.int8)):
                 if bare is None or weights not in r.bytes_per_frame:
                     continue
                 floor = r.bytes_per_frame[weights] / full / 1e6  # ms
-                lines.append(f"| {r.model} | {weights} | {r.bytes_per_frame[weights] / 1e9:.2f} GB | {floor:.0f} ms | "
-                             f"{bare.ms_per_frame:.0f} | {100 * floor / bare.ms_per_frame:.0f} % | {run.ms_per_frame:.0f} | "
-                             f"{r.official.ms_per_frame / run.ms_per_frame:.2f}x |")
+                lines.append(
+                    f"| {r.model} | {weights} | {r.bytes_per_frame[weights] / 1e9:.2f} GB | {floor:.0f} ms | "
+                    f"{bare.ms_per_frame:.0f} | {100 * floor / bare.ms_per_frame:.0f} % | {run.ms_per_frame:.0f} | "
+                    f"{r.official.ms_per_frame / run.ms_per_frame:.2f}x |"
+                )
     return "\n".join(lines)
 
 
@@ -559,8 +630,12 @@ def plot(results: list[SizeResult], path: Path) -> None:
 
     labels, values, colours = [], [], []
     for r in results:
-        for name, run, colour in (("official", r.official, "#999999"), ("ours", r.ours, "#1f77b4"),
-                                  ("served", r.served, "#2ca02c"), ("int8", r.int8, "#ff7f0e")):
+        for name, run, colour in (
+            ("official", r.official, "#999999"),
+            ("ours", r.ours, "#1f77b4"),
+            ("served", r.served, "#2ca02c"),
+            ("int8", r.int8, "#ff7f0e"),
+        ):
             if run is not None:
                 labels.append(f"{r.model.split('-')[0]}\n{name}")
                 values.append(run.ms_per_frame)
@@ -589,8 +664,11 @@ def main(argv: list[str] | None = None) -> None:
     use_product_cores(NODE_THREADS)  # as the node does
     print(f"machine: {machine()}", flush=True)
     kernels, why = cpu_kernels.choice()
-    print(f"kernels: {cpu_kernels.active_tier()} ({why}); " + ", ".join(
-        f"{name}={os.environ[name]}" for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if name in os.environ), flush=True)
+    print(
+        f"kernels: {cpu_kernels.active_tier()} ({why}); "
+        + ", ".join(f"{name}={os.environ[name]}" for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if name in os.environ),
+        flush=True,
+    )
     bandwidth = read_bandwidth()
     measured = ", ".join(f"{k} {v:.1f} GB/s" for k, v in bandwidth.items())
     print(f"read bandwidth: {measured or 'not measured (no kernels build here)'}", flush=True)
@@ -602,10 +680,20 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "speed" if tiers.requested() == "native" else f"speed-{tiers.requested()}"  # an emulated CPU's apart
-    (RESULTS / f"{name}.json").write_text(json.dumps(
-        {"machine": machine(), "kernels": cpu_kernels.active_tier(), "read_bandwidth_gb_s": bandwidth, "args": vars(args),
-         "peak_rss_gb_bench_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-         "results": [asdict(r) for r in results]}, indent=2) + "\n")
+    (RESULTS / f"{name}.json").write_text(
+        json.dumps(
+            {
+                "machine": machine(),
+                "kernels": cpu_kernels.active_tier(),
+                "read_bandwidth_gb_s": bandwidth,
+                "args": vars(args),
+                "peak_rss_gb_bench_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                "results": [asdict(r) for r in results],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     plot(results, RESULTS / f"{name}.png")
     print(f"\nwrote {RESULTS / f'{name}.json'} and {RESULTS / f'{name}.png'}")
 

@@ -67,8 +67,9 @@ def direct_app(max_batch: int, max_queue: int):
     from local_node.serving.worker import ModelWorker
     from tunnel.protocol import Request
 
-    config = ModelConfig("tone", True, "", ("tts-1",), "synthetic", voices=(VoiceConfig("tone", speaker="tone"),),
-                         max_queue=max_queue, max_batch=max_batch)
+    config = ModelConfig(
+        "tone", True, "", ("tts-1",), "synthetic", voices=(VoiceConfig("tone", speaker="tone"),), max_queue=max_queue, max_batch=max_batch
+    )
     worker = ModelWorker(SyntheticEngine(config), config.max_queue)
 
     async def speech(request):
@@ -124,20 +125,40 @@ class Servers:
         self.relay_port, self.direct_port = free_port(), free_port()
         self.relay_url = f"http://127.0.0.1:{self.relay_port}"
         self.direct_url = f"http://127.0.0.1:{self.direct_port}"
-        env = {**os.environ, "RELAY_API_KEYS": f"bench:{API_KEY}", "RELAY_NODE_TOKENS": f"bench:{NODE_TOKEN}",
-               "BENCH_NODE_TOKEN": NODE_TOKEN,
-               # Limits off: the bench is one client key sending everything at once, on purpose.
-               "RELAY_RATE_LIMIT": "0", "RELAY_MAX_STREAMS_PER_KEY": "0", "RELAY_MAX_STREAMS_PER_NODE": "0"}
-        config = {"relay": {"url": f"ws://127.0.0.1:{self.relay_port}/v1/tunnel", "token_env": "BENCH_NODE_TOKEN",
-                            "node_name": "bench"},
-                  "models": {"tone": {**MODEL, "max_batch": max_batch, "max_queue": max_queue}}}
+        env = {
+            **os.environ,
+            "RELAY_API_KEYS": f"bench:{API_KEY}",
+            "RELAY_NODE_TOKENS": f"bench:{NODE_TOKEN}",
+            "BENCH_NODE_TOKEN": NODE_TOKEN,
+            # Limits off: the bench is one client key sending everything at once, on purpose.
+            "RELAY_RATE_LIMIT": "0",
+            "RELAY_MAX_STREAMS_PER_KEY": "0",
+            "RELAY_MAX_STREAMS_PER_NODE": "0",
+        }
+        config = {
+            "relay": {"url": f"ws://127.0.0.1:{self.relay_port}/v1/tunnel", "token_env": "BENCH_NODE_TOKEN", "node_name": "bench"},
+            "models": {"tone": {**MODEL, "max_batch": max_batch, "max_queue": max_queue}},
+        }
         (workdir / "node.yaml").write_text(yaml.safe_dump(config))
         self.logs = {name: open(workdir / f"{name}.log", "wb") for name in ("relay", "node", "direct")}
         self.procs: dict[str, subprocess.Popen] = {}
         self._start("relay", [sys.executable, "-m", "relay", "--port", str(self.relay_port), "--log-level", "warning"], env)
         self._start("node", [sys.executable, "-m", "local_node", "--config", str(workdir / "node.yaml")], env)
-        self._start("direct", [sys.executable, "-m", "bench.tunnel", "--serve-direct", str(self.direct_port),
-                               "--max-batch", str(max_batch), "--max-queue", str(max_queue)], env)
+        self._start(
+            "direct",
+            [
+                sys.executable,
+                "-m",
+                "bench.tunnel",
+                "--serve-direct",
+                str(self.direct_port),
+                "--max-batch",
+                str(max_batch),
+                "--max-queue",
+                str(max_queue),
+            ],
+            env,
+        )
         self.workdir = workdir
         self._wait(lambda: "tts-1" in self._models(), "the node to connect")
         self._wait(lambda: self._status(self.direct_url + "/v1/audio/speech", "GET") == 405, "the direct server")
@@ -182,8 +203,9 @@ class Servers:
         while not ready():
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
-                    raise SystemExit(f"waiting for {what}: {name} exited\n"
-                                     + (self.workdir / f"{name}.log").read_text(errors="replace")[-3000:])
+                    raise SystemExit(
+                        f"waiting for {what}: {name} exited\n" + (self.workdir / f"{name}.log").read_text(errors="replace")[-3000:]
+                    )
             if time.monotonic() > deadline:
                 raise SystemExit(f"timed out waiting for {what}")
             time.sleep(0.1)
@@ -243,8 +265,14 @@ def percentile(values: list[float], q: float) -> float:
 
 def summary(seconds: list[float]) -> dict[str, float]:
     ms = [1000 * s for s in seconds]
-    return {"p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "mean_ms": float(np.mean(ms)),
-            "min_ms": min(ms), "max_ms": max(ms), "n": len(ms)}
+    return {
+        "p50_ms": percentile(ms, 50),
+        "p99_ms": percentile(ms, 99),
+        "mean_ms": float(np.mean(ms)),
+        "min_ms": min(ms),
+        "max_ms": max(ms),
+        "n": len(ms),
+    }
 
 
 async def ttfb_level(servers: Servers, streams: int, requests: int, text: str) -> dict:
@@ -315,24 +343,31 @@ async def load_round(servers: Servers, streams: int, frames: int) -> dict:
     started = time.perf_counter()
     with RssSampler(servers.relay_pid) as rss:
         async with client_for(streams) as client:
-            results = await asyncio.gather(*(speak(client, servers.relay_url, text) for _ in range(streams)),
-                                           return_exceptions=True)
+            results = await asyncio.gather(*(speak(client, servers.relay_url, text) for _ in range(streams)), return_exceptions=True)
     wall = time.perf_counter() - started
     cpu = cpu_seconds(servers.relay_pid) - cpu
     failed = [r for r in results if isinstance(r, BaseException)]
     bodies = [body for r in results if not isinstance(r, BaseException) for body in (r[1],)]
     exact = [len(body) == frames * FRAME_BYTES for body in bodies]
     # The tone decoded and compared sample by sample: a lost, repeated or reordered chunk shows.
-    tone_ok = [ok and int(np.abs(np.frombuffer(body, "<i2").astype(np.int32) - expected).max()) <= 2
-               for ok, body in zip(exact, bodies)]
+    tone_ok = [ok and int(np.abs(np.frombuffer(body, "<i2").astype(np.int32) - expected).max()) <= 2 for ok, body in zip(exact, bodies)]
     ttfb = [r[0] for r in results if not isinstance(r, BaseException)]
-    return {"streams": streams, "frames_each": frames, "audio_seconds_each": frames * FRAME_SAMPLES / RATE,
-            "completed": len(bodies), "failed": [repr(f)[:200] for f in failed[:5]],
-            "exact_length": sum(exact), "tone_intact": sum(tone_ok),
-            "bytes_received": sum(len(b) for b in bodies), "bytes_expected": streams * frames * FRAME_BYTES,
-            "wall_seconds": wall, "relay_cpu_seconds": cpu,
-            "first_byte": summary(ttfb) if ttfb else None,
-            "relay_rss_peak_mib": max(rss.samples) / 1024, "relay_rss_samples": len(rss.samples)}
+    return {
+        "streams": streams,
+        "frames_each": frames,
+        "audio_seconds_each": frames * FRAME_SAMPLES / RATE,
+        "completed": len(bodies),
+        "failed": [repr(f)[:200] for f in failed[:5]],
+        "exact_length": sum(exact),
+        "tone_intact": sum(tone_ok),
+        "bytes_received": sum(len(b) for b in bodies),
+        "bytes_expected": streams * frames * FRAME_BYTES,
+        "wall_seconds": wall,
+        "relay_cpu_seconds": cpu,
+        "first_byte": summary(ttfb) if ttfb else None,
+        "relay_rss_peak_mib": max(rss.samples) / 1024,
+        "relay_rss_samples": len(rss.samples),
+    }
 
 
 async def load(servers: Servers, streams: int, frames: int, rounds: int = 2) -> dict:
@@ -343,10 +378,12 @@ async def load(servers: Servers, streams: int, frames: int, rounds: int = 2) -> 
         await asyncio.sleep(2)  # let connections close and the relay settle
         round_result["relay_rss_after_mib"] = sampler.rss_kib() / 1024
         result["rounds"].append(round_result)
-        print(f"  {streams} streams x {frames} frames: {round_result['completed']} complete, "
-              f"{round_result['exact_length']} exact, {round_result['tone_intact']} tone intact, "
-              f"relay RSS peak {round_result['relay_rss_peak_mib']:.1f} MiB, after {round_result['relay_rss_after_mib']:.1f} MiB",
-              flush=True)
+        print(
+            f"  {streams} streams x {frames} frames: {round_result['completed']} complete, "
+            f"{round_result['exact_length']} exact, {round_result['tone_intact']} tone intact, "
+            f"relay RSS peak {round_result['relay_rss_peak_mib']:.1f} MiB, after {round_result['relay_rss_after_mib']:.1f} MiB",
+            flush=True,
+        )
     first, last = result["rounds"][0], result["rounds"][-1]
     result["no_loss"] = all(r["completed"] == r["exact_length"] == r["tone_intact"] == streams for r in result["rounds"])
     # Bounded: another round of the same load takes no more memory than the first did (2 MiB of
@@ -360,49 +397,76 @@ async def load(servers: Servers, streams: int, frames: int, rounds: int = 2) -> 
 
 def machine() -> dict:
     cpuinfo = Path("/proc/cpuinfo").read_text()
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                 platform.processor())
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), platform.processor())
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": model, "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
-            "memory_gib": round(memory, 1), "python": platform.python_version()}
+    return {
+        "cpu": model,
+        "logical_cpus": os.cpu_count(),
+        "physical_cores": physical_cores(),
+        "memory_gib": round(memory, 1),
+        "python": platform.python_version(),
+    }
 
 
 def report(result: dict) -> str:
     m = result["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs ({m['physical_cores']} physical cores), "
-             f"{m['memory_gib']} GiB, Python {m['python']}. Relay, node, direct server and client share it.", "",
-             f"Time to first byte, input of {result['settings']['text_frames']} frames, response_format pcm:", "",
-             "| streams at once | requests | direct p50 | direct p99 | through relay p50 | through relay p99 | "
-             "relay adds p50 | relay adds p99 |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs ({m['physical_cores']} physical cores), "
+        f"{m['memory_gib']} GiB, Python {m['python']}. Relay, node, direct server and client share it.",
+        "",
+        f"Time to first byte, input of {result['settings']['text_frames']} frames, response_format pcm:",
+        "",
+        "| streams at once | requests | direct p50 | direct p99 | through relay p50 | through relay p99 | "
+        "relay adds p50 | relay adds p99 |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for level in result["ttfb"]:
         d, r = level["direct"], level["relay"]
-        lines.append(f"| {level['streams']} | {level['requests']} | {d['p50_ms']:.1f} ms | {d['p99_ms']:.1f} ms | "
-                     f"{r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | {level['added_p50_ms']:+.1f} ms | {level['added_p99_ms']:+.1f} ms |")
+        lines.append(
+            f"| {level['streams']} | {level['requests']} | {d['p50_ms']:.1f} ms | {d['p99_ms']:.1f} ms | "
+            f"{r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | {level['added_p50_ms']:+.1f} ms | {level['added_p99_ms']:+.1f} ms |"
+        )
     if result.get("load"):
         load_result = result["load"]
         rounds = load_result["rounds"]
-        lines += ["", f"{rounds[0]['streams']} streams at once through the relay, {rounds[0]['audio_seconds_each']:.1f} s of "
-                  f"audio each, {len(rounds)} rounds:", "",
-                  "| round | complete | exact bytes | tone intact | wall | relay CPU | first byte p50 / p99 | "
-                  "relay RSS peak | relay RSS after |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"{rounds[0]['streams']} streams at once through the relay, {rounds[0]['audio_seconds_each']:.1f} s of "
+            f"audio each, {len(rounds)} rounds:",
+            "",
+            "| round | complete | exact bytes | tone intact | wall | relay CPU | first byte p50 / p99 | relay RSS peak | relay RSS after |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for i, r in enumerate(rounds, 1):
             fb = r["first_byte"] or {"p50_ms": float("nan"), "p99_ms": float("nan")}
-            lines.append(f"| {i} | {r['completed']}/{r['streams']} | {r['exact_length']} | {r['tone_intact']} | "
-                         f"{r['wall_seconds']:.1f} s | {r['relay_cpu_seconds']:.1f} s | {fb['p50_ms']:.0f} / {fb['p99_ms']:.0f} ms | "
-                         f"{r['relay_rss_peak_mib']:.1f} MiB | {r['relay_rss_after_mib']:.1f} MiB |")
-        lines += ["", f"Relay RSS idle (node connected, before the load): {load_result['relay_rss_idle_mib']:.1f} MiB. "
-                  f"No loss: {'yes' if load_result['no_loss'] else 'NO'}. "
-                  f"Bounded (round 2 peak <= round 1 peak + 2 MiB): {'yes' if load_result['bounded'] else 'NO'}."]
+            lines.append(
+                f"| {i} | {r['completed']}/{r['streams']} | {r['exact_length']} | {r['tone_intact']} | "
+                f"{r['wall_seconds']:.1f} s | {r['relay_cpu_seconds']:.1f} s | {fb['p50_ms']:.0f} / {fb['p99_ms']:.0f} ms | "
+                f"{r['relay_rss_peak_mib']:.1f} MiB | {r['relay_rss_after_mib']:.1f} MiB |"
+            )
+        lines += [
+            "",
+            f"Relay RSS idle (node connected, before the load): {load_result['relay_rss_idle_mib']:.1f} MiB. "
+            f"No loss: {'yes' if load_result['no_loss'] else 'NO'}. "
+            f"Bounded (round 2 peak <= round 1 peak + 2 MiB): {'yes' if load_result['bounded'] else 'NO'}.",
+        ]
     return "\n".join(lines)
 
 
 async def run(args: argparse.Namespace) -> dict:
-    result: dict = {"machine": machine(), "command": " ".join(["./bench.sh tunnel", *sys.argv[1:]]),
-                    "settings": {"requests_per_level": args.requests, "levels": args.levels, "text_frames": len(args.text),
-                                 "load_streams": args.load_streams, "load_frames": args.load_frames,
-                                 "max_batch": args.max_batch, "max_queue": args.max_queue}}
+    result: dict = {
+        "machine": machine(),
+        "command": " ".join(["./bench.sh tunnel", *sys.argv[1:]]),
+        "settings": {
+            "requests_per_level": args.requests,
+            "levels": args.levels,
+            "text_frames": len(args.text),
+            "load_streams": args.load_streams,
+            "load_frames": args.load_frames,
+            "max_batch": args.max_batch,
+            "max_queue": args.max_queue,
+        },
+    }
     with tempfile.TemporaryDirectory(prefix="bench-tunnel-") as workdir:
         servers = Servers(Path(workdir), args.max_batch, args.max_queue)
         try:
@@ -413,9 +477,12 @@ async def run(args: argparse.Namespace) -> dict:
             for streams in args.levels:
                 level = await ttfb_level(servers, streams, args.requests, args.text)
                 result["ttfb"].append(level)
-                print(f"  {streams} at once: direct p50 {level['direct']['p50_ms']:.1f} ms, relay p50 "
-                      f"{level['relay']['p50_ms']:.1f} ms (adds {level['added_p50_ms']:+.1f} ms p50, "
-                      f"{level['added_p99_ms']:+.1f} ms p99)", flush=True)
+                print(
+                    f"  {streams} at once: direct p50 {level['direct']['p50_ms']:.1f} ms, relay p50 "
+                    f"{level['relay']['p50_ms']:.1f} ms (adds {level['added_p50_ms']:+.1f} ms p50, "
+                    f"{level['added_p99_ms']:+.1f} ms p99)",
+                    flush=True,
+                )
             if args.load_streams:
                 result["load"] = await load(servers, args.load_streams, args.load_frames)
             result["relay_log_errors"] = [line for line in servers.relay_log().splitlines() if " ERROR " in line][:10]

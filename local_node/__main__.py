@@ -61,8 +61,7 @@ def log_kernel_tier() -> None:
     from local_node.kernels import cpu_kernels
 
     kernels, why = cpu_kernels.choice()
-    caps = ", ".join(f"{name}={os.environ[name]}" for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
-                     if name in os.environ)
+    caps = ", ".join(f"{name}={os.environ[name]}" for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if name in os.environ)
     log.info("kernels: %s (%s)%s", "portable" if kernels is None else kernels.tier, why, f"; {caps}" if caps else "")
 
 
@@ -94,15 +93,20 @@ def run(config: NodeConfig) -> int:
         torch.set_num_threads(threads)
         log_kernel_tier()
         product_threads = use_product_cores(threads)
-        log.info("torch %s on %s, %s, %d torch threads each for generation and decoding, products on up to %d",
-                 torch.__version__, config.device, config.dtype, threads, product_threads)
+        log.info(
+            "torch %s on %s, %s, %d torch threads each for generation and decoding, products on up to %d",
+            torch.__version__,
+            config.device,
+            config.dtype,
+            threads,
+            product_threads,
+        )
     metrics, listener = NodeMetrics(), None
     if config.metrics:  # bound before the models load: a taken port stops the node at once
         try:
             listener = MetricsListener(metrics, config.metrics)
         except OSError as exc:
-            log.error("config: metrics.listen: cannot listen on %s:%d: %s", config.metrics.host, config.metrics.port,
-                      exc.strerror or exc)
+            log.error("config: metrics.listen: cannot listen on %s:%d: %s", config.metrics.host, config.metrics.port, exc.strerror or exc)
             return 2
     try:
         workers = build_workers(config, metrics)
@@ -112,8 +116,10 @@ def run(config: NodeConfig) -> int:
     except ConfigError as exc:
         log.error("config: %s", exc)
         return 2
-    clients = [TunnelClient(url, config.token, config.node_name, workers, config.ping_interval, config.ping_timeout,
-                            metrics=metrics) for url in config.relay_urls]
+    clients = [
+        TunnelClient(url, config.token, config.node_name, workers, config.ping_interval, config.ping_timeout, metrics=metrics)
+        for url in config.relay_urls
+    ]
 
     async def serve() -> None:
         # The metrics listener lives as long as the node serves, its drain included.
@@ -131,8 +137,7 @@ def run(config: NodeConfig) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("websockets.client").addFilter(RedactCredentials())
     try:
         capped = cap_vendor_libraries()  # before anything imports torch
@@ -142,9 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     if capped:
         log.info("QWEN3_TTS_ISA=%s: set %s", requested(), ", ".join(f"{k}={v}" for k, v in capped.items()))
     if argv[:1] == ["tiny-model"]:
-        parser = argparse.ArgumentParser(prog="python -m local_node tiny-model",
-                                         description="Write a tiny randomly initialised Qwen3-TTS checkpoint "
-                                                     "(for tests and pipeline checks; it speaks noise).")
+        parser = argparse.ArgumentParser(
+            prog="python -m local_node tiny-model",
+            description="Write a tiny randomly initialised Qwen3-TTS checkpoint (for tests and pipeline checks; it speaks noise).",
+        )
         parser.add_argument("directory", type=Path)
         parser.add_argument("--type", required=True, choices=["base", "custom_voice", "voice_design"])
         parser.add_argument("--seed", type=int, default=0)

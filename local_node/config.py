@@ -117,9 +117,11 @@ def parse_config(data: Any, base_dir: Path = Path("."), environ: Mapping[str, st
         if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
             raise ConfigError(f"relay.url must start with ws:// or wss://, not {url!r}")
         if url.startswith("ws://") and not insecure and not _is_loopback(url):
-            raise ConfigError(f"relay.url {url}: ws:// carries the texts and the audio unencrypted, and lets anyone on "
-                              "the path take over the tunnel; use wss:// (TLS), or set relay.insecure: true on purpose "
-                              "(a network you trust)")
+            raise ConfigError(
+                f"relay.url {url}: ws:// carries the texts and the audio unencrypted, and lets anyone on "
+                "the path take over the tunnel; use wss:// (TLS), or set relay.insecure: true on purpose "
+                "(a network you trust)"
+            )
     token = _token(relay, environ)
     node_name = _name(relay.pop("node_name", str, default="node"), "relay.node_name")
     ping_interval = _seconds(relay, "ping_interval", NodeConfig.ping_interval)
@@ -156,9 +158,20 @@ def parse_config(data: Any, base_dir: Path = Path("."), environ: Mapping[str, st
         models = tuple(replace(m, enabled=m.name in wanted) for m in models)
     if not any(m.enabled for m in models):
         raise ConfigError("no model is enabled: set enabled: true on one under models:, or use ENABLED_MODELS")
-    return NodeConfig(relay_urls=tuple(relay_urls), token=token, node_name=node_name, device=device, dtype=dtype,
-                      codec_dtype=codec_dtype, threads=threads, models=models, ping_interval=ping_interval,
-                      ping_timeout=ping_timeout, drain_grace=drain_grace, metrics=metrics)
+    return NodeConfig(
+        relay_urls=tuple(relay_urls),
+        token=token,
+        node_name=node_name,
+        device=device,
+        dtype=dtype,
+        codec_dtype=codec_dtype,
+        threads=threads,
+        models=models,
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
+        drain_grace=drain_grace,
+        metrics=metrics,
+    )
 
 
 def _is_loopback(url: str) -> bool:
@@ -254,8 +267,21 @@ def _model(name: Any, spec: Any, base_dir: Path) -> ModelConfig:
     if text_input not in TEXT_INPUTS:
         raise ConfigError(f"{where}.text_input must be one of {', '.join(TEXT_INPUTS)}, not {text_input!r}")
     section.finish()
-    return ModelConfig(name, enabled, source, tuple(aliases), engine, language, voices, max_queue, max_batch,
-                       max_new_frames, tuple(chunk_frames), weights, text_input)
+    return ModelConfig(
+        name,
+        enabled,
+        source,
+        tuple(aliases),
+        engine,
+        language,
+        voices,
+        max_queue,
+        max_batch,
+        max_new_frames,
+        tuple(chunk_frames),
+        weights,
+        text_input,
+    )
 
 
 def _voice(name: Any, spec: Any, where: str, base_dir: Path) -> VoiceConfig:

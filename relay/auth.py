@@ -19,8 +19,7 @@ class ChallengeStore:
     and once. At most ``capacity`` are kept (the oldest goes first), so issuing them to anyone who
     asks cannot grow memory; a challenge evicted by a flood fails like an expired one."""
 
-    def __init__(self, ttl: float = CHALLENGE_TTL, capacity: int = MAX_CHALLENGES,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, ttl: float = CHALLENGE_TTL, capacity: int = MAX_CHALLENGES, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl, self.capacity = ttl, capacity
         self._clock = clock
         self._expiry: OrderedDict[str, float] = OrderedDict()  # in issue order, hence expiry order

@@ -31,9 +31,7 @@ class ApiError(Exception):
         self.retry_after = retry_after
 
     def body(self) -> dict:
-        return {
-            "error": {"message": self.message, "type": _error_type(self.status), "param": self.param, "code": self.code}
-        }
+        return {"error": {"message": self.message, "type": _error_type(self.status), "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
         headers = {}

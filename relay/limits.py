@@ -23,8 +23,7 @@ class RateLimiter:
     full, which only matters when more clients than that are active at once.
     """
 
-    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic,
-                 max_clients: int = MAX_CLIENTS) -> None:
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic, max_clients: int = MAX_CLIENTS) -> None:
         self.per_minute = per_minute
         self._rate = per_minute / 60.0  # tokens a second
         self._clock = clock

@@ -55,27 +55,37 @@ class RelayMetrics:
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
         self.requests = Counter(
-            "relay_requests", "Speech requests answered, by model and HTTP status (499: the client left before any).",
-            ["model", "status"], registry=registry)
+            "relay_requests",
+            "Speech requests answered, by model and HTTP status (499: the client left before any).",
+            ["model", "status"],
+            registry=registry,
+        )
         self.first_byte = Histogram(
-            "relay_time_to_first_byte_seconds", "From a speech request's arrival to its first audio byte sent.",
-            buckets=FIRST_BYTE_BUCKETS, registry=registry)
+            "relay_time_to_first_byte_seconds",
+            "From a speech request's arrival to its first audio byte sent.",
+            buckets=FIRST_BYTE_BUCKETS,
+            registry=registry,
+        )
         self.duration = Histogram(
-            "relay_request_duration_seconds", "Speech requests that streamed audio (status 200): arrival to last byte.",
-            buckets=DURATION_BUCKETS, registry=registry)
-        self.bytes_sent = Counter(
-            "relay_bytes_sent", "Audio bytes handed to clients (before SSE's base64).", registry=registry)
+            "relay_request_duration_seconds",
+            "Speech requests that streamed audio (status 200): arrival to last byte.",
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.bytes_sent = Counter("relay_bytes_sent", "Audio bytes handed to clients (before SSE's base64).", registry=registry)
         self.stream_failures = Counter(
-            "relay_stream_failures", "Streams cut after their audio began (their status was already 200), by error code.",
-            ["model", "code"], registry=registry)
+            "relay_stream_failures",
+            "Streams cut after their audio began (their status was already 200), by error code.",
+            ["model", "code"],
+            registry=registry,
+        )
         self.auth_failures = Counter(
-            "relay_auth_failures", "Credentials refused: api (API keys), tunnel (node tokens), metrics.",
-            ["door"], registry=registry)
+            "relay_auth_failures", "Credentials refused: api (API keys), tunnel (node tokens), metrics.", ["door"], registry=registry
+        )
         self.node_connections = Counter(
-            "relay_node_connections", "Tunnels accepted, by node token name; beyond the first, reconnections.",
-            ["node"], registry=registry)
-        tasks = Gauge("relay_asyncio_tasks", "asyncio tasks alive in the relay; a steady climb is a leak.",
-                      registry=registry)
+            "relay_node_connections", "Tunnels accepted, by node token name; beyond the first, reconnections.", ["node"], registry=registry
+        )
+        tasks = Gauge("relay_asyncio_tasks", "asyncio tasks alive in the relay; a steady climb is a leak.", registry=registry)
         tasks.set_function(_task_count)
         ProcessCollector(registry=registry)
         for door in DOORS:  # present at 0 from the start, so rate() sees the first failure
@@ -115,8 +125,7 @@ class _NodeCollector:
 
     def collect(self) -> Iterable[Metric]:
         yield GaugeMetricFamily("relay_nodes_connected", "Node tunnels open now.", value=len(self._sessions))
-        in_flight = GaugeMetricFamily("relay_node_streams_in_flight",
-                                      "Streams open on each node, by node token name.", labels=["node"])
+        in_flight = GaugeMetricFamily("relay_node_streams_in_flight", "Streams open on each node, by node token name.", labels=["node"])
         per_node: dict[str, int] = {}
         for session in self._sessions:  # two nodes may share a token, hence a name
             per_node[session.name] = per_node.get(session.name, 0) + session.outstanding
@@ -218,7 +227,10 @@ async def metrics_endpoint(request: Request) -> Response:
     if not token:
         raise HTTPException(404)  # the same answer as any unknown path
     if token.match(bearer_token(request.headers.get("authorization"))) is None:
-        raise ApiError(401, "Missing or wrong metrics token: send RELAY_METRICS_TOKEN as 'Authorization: Bearer <token>'.",
-                       code="invalid_metrics_token")
+        raise ApiError(
+            401,
+            "Missing or wrong metrics token: send RELAY_METRICS_TOKEN as 'Authorization: Bearer <token>'.",
+            code="invalid_metrics_token",
+        )
     body, content_type = request.app.state.metrics.exposition(request.headers.get("accept"))
     return Response(body, headers={"Content-Type": content_type})

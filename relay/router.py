@@ -52,12 +52,7 @@ class Router:
 
     def serving(self, model: str) -> list[tuple[NodeSession, ModelInfo]]:
         """Nodes that answer to ``model`` (a name or alias), least outstanding work first."""
-        found = [
-            (node, info)
-            for node in self.nodes
-            for info in node.models.values()
-            if model == info.name or model in info.aliases
-        ]
+        found = [(node, info) for node in self.nodes for info in node.models.values() if model == info.name or model in info.aliases]
         return sorted(found, key=lambda pair: pair[0].outstanding)
 
     def candidates(self, model: str) -> list[tuple[NodeSession, ModelInfo]]:

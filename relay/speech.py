@@ -38,14 +38,16 @@ async def create_speech(request: HttpRequest) -> SpeechResponse:
     rate = request.app.state.rate_limiter
     wait = rate.take(client)
     if wait:
-        raise ApiError(429, f"Rate limit reached: {rate.per_minute} speech requests a minute for this "
-                       f"{_who(client)}; retry in {retry_after(wait)} s.", code="rate_limit_exceeded",
-                       retry_after=retry_after(wait))
+        raise ApiError(
+            429,
+            f"Rate limit reached: {rate.per_minute} speech requests a minute for this {_who(client)}; retry in {retry_after(wait)} s.",
+            code="rate_limit_exceeded",
+            retry_after=retry_after(wait),
+        )
     body = await read_body(request, MAX_BODY_BYTES)
     speech = parse_speech_request(body)
     observation(request.scope).note_model(speech.model)
-    return SpeechResponse(request.app.state.router, request.app.state.config, speech,
-                          client, request.app.state.open_requests)
+    return SpeechResponse(request.app.state.router, request.app.state.config, speech, client, request.app.state.open_requests)
 
 
 def _who(client: str) -> str:
@@ -95,41 +97,51 @@ async def open_stream(router: Router, config: RelayConfig, speech: SpeechRequest
         else:
             raise _node_refusal(outcome)
     if busy or _untried(router.serving(speech.model), speech, tried):  # the nodes left are at their stream cap
-        raise ApiError(429, "Every node serving this model is at capacity; retry shortly.", code="node_busy",
-                       retry_after=config.retry_after_seconds)
+        raise ApiError(
+            429, "Every node serving this model is at capacity; retry shortly.", code="node_busy", retry_after=config.retry_after_seconds
+        )
     raise ApiError(502, "The node serving this model disconnected.", code="node_failed")
 
 
 def _check_servable(router: Router, config: RelayConfig, speech: SpeechRequest) -> None:
     """Refuse what no connected node could serve, before trying any."""
     if router.draining:
-        raise ApiError(503, "This relay is shutting down; retry shortly.", code="relay_draining",
-                       retry_after=config.retry_after_seconds)
+        raise ApiError(503, "This relay is shutting down; retry shortly.", code="relay_draining", retry_after=config.retry_after_seconds)
     if not router.nodes:
-        raise ApiError(503, "No node is connected to this relay right now.", code="no_node_available",
-                       retry_after=config.retry_after_seconds)
+        raise ApiError(
+            503, "No node is connected to this relay right now.", code="no_node_available", retry_after=config.retry_after_seconds
+        )
     if not router.serving(speech.model):
-        raise ApiError(404, f"The model '{speech.model}' does not exist or no connected node serves it.",
-                       param="model", code="model_not_found")
+        raise ApiError(
+            404, f"The model '{speech.model}' does not exist or no connected node serves it.", param="model", code="model_not_found"
+        )
     if not _untried(router.serving(speech.model), speech, set()):
-        raise ApiError(404, f"The voice '{speech.voice}' is not available for model '{speech.model}'.",
-                       param="voice", code="voice_not_found")
+        raise ApiError(
+            404, f"The voice '{speech.voice}' is not available for model '{speech.model}'.", param="voice", code="voice_not_found"
+        )
 
 
-def _untried(nodes: list[tuple[NodeSession, ModelInfo]], speech: SpeechRequest,
-             tried: set[NodeSession]) -> list[tuple[NodeSession, ModelInfo]]:
+def _untried(
+    nodes: list[tuple[NodeSession, ModelInfo]], speech: SpeechRequest, tried: set[NodeSession]
+) -> list[tuple[NodeSession, ModelInfo]]:
     """Those of ``nodes`` with the request's voice, not tried yet."""
     return [(node, info) for node, info in nodes if (info.any_voice or speech.voice in info.voices) and node not in tried]
 
 
-async def _attempt(node: NodeSession, info: ModelInfo, config: RelayConfig, speech: SpeechRequest,
-                   request_id: str) -> tuple[Stream, Audio | End] | Error | None:
+async def _attempt(
+    node: NodeSession, info: ModelInfo, config: RelayConfig, speech: SpeechRequest, request_id: str
+) -> tuple[Stream, Audio | End] | Error | None:
     """One try on one node: the stream and its first event, the node's error, or None if the node
     left before answering. Raises 504 if the first audio takes too long (the stream is closed)."""
     message = Request(
-        id=node.new_stream_id(), request_id=request_id, model=info.name, voice=speech.voice,
-        input=speech.input, instructions=speech.instructions,
-        response_format=speech.response_format, speed=speech.speed,
+        id=node.new_stream_id(),
+        request_id=request_id,
+        model=info.name,
+        voice=speech.voice,
+        input=speech.input,
+        instructions=speech.instructions,
+        response_format=speech.response_format,
+        speed=speech.speed,
     )
     stream = None
     try:
@@ -161,8 +173,9 @@ class SpeechResponse:
     """An ASGI response that opens the node stream itself, so that a client who hangs up at any
     moment (even before the first byte) cancels the node's work."""
 
-    def __init__(self, router: Router, config: RelayConfig, speech: SpeechRequest, client: str = "",
-                 open_requests: ConcurrencyLimiter | None = None) -> None:
+    def __init__(
+        self, router: Router, config: RelayConfig, speech: SpeechRequest, client: str = "", open_requests: ConcurrencyLimiter | None = None
+    ) -> None:
         self.router = router
         self.config = config
         self.speech = speech
@@ -175,9 +188,12 @@ class SpeechResponse:
         # Counted here, where the request's whole life runs, so that every way out releases it.
         if not self.open_requests.acquire(self.client):
             limit = self.open_requests.limit
-            error = ApiError(429, f"Too many requests open at once for this {_who(self.client)}: at most {limit}; "
-                             "retry when one ends.", code="too_many_concurrent_requests",
-                             retry_after=self.config.retry_after_seconds)
+            error = ApiError(
+                429,
+                f"Too many requests open at once for this {_who(self.client)}: at most {limit}; retry when one ends.",
+                code="too_many_concurrent_requests",
+                retry_after=self.config.retry_after_seconds,
+            )
             await self._answer_error(error, scope, send)
             return
         self.router.responses += 1
@@ -263,8 +279,7 @@ class SpeechResponse:
     def _done(self, end: End) -> bytes:
         if not self.sse:
             return b""
-        usage = {"input_tokens": end.input_tokens, "output_tokens": end.output_tokens,
-                 "total_tokens": end.input_tokens + end.output_tokens}
+        usage = {"input_tokens": end.input_tokens, "output_tokens": end.output_tokens, "total_tokens": end.input_tokens + end.output_tokens}
         return _sse_event({"type": "speech.audio.done", "usage": usage})
 
     async def _fail_mid_stream(self, send: Send, error: ApiError) -> None:

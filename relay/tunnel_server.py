@@ -190,11 +190,11 @@ async def tunnel_challenge(request: HttpRequest) -> JSONResponse:
     address = request.client.host if request.client else "unknown"
     wait = request.app.state.challenge_limiter.take(address)
     if wait:
-        return _tunnel_error(429, "too many challenges asked for from this address", "rate_limit_exceeded",
-                             {"Retry-After": str(retry_after(wait))})
+        return _tunnel_error(
+            429, "too many challenges asked for from this address", "rate_limit_exceeded", {"Retry-After": str(retry_after(wait))}
+        )
     challenges = request.app.state.challenges
-    return JSONResponse({"challenge": challenges.issue(), "expires_in": round(challenges.ttl)},
-                        headers={"Cache-Control": "no-store"})
+    return JSONResponse({"challenge": challenges.issue(), "expires_in": round(challenges.ttl)}, headers={"Cache-Control": "no-store"})
 
 
 async def tunnel_endpoint(websocket: WebSocket) -> None:
@@ -234,8 +234,9 @@ async def _authenticate(websocket: WebSocket) -> str | None:
     if protocol.SUBPROTOCOL not in offered:
         shown = [str(p)[:40] for p in offered[:4]]  # what an unauthenticated peer sent: logged short
         log.warning("refused a node from %s: it speaks %s, this relay %s", _peer(websocket), shown, protocol.SUBPROTOCOL)
-        await _deny(websocket, 426, f"unsupported tunnel protocol {offered}; this relay speaks {protocol.SUBPROTOCOL}",
-                    "unsupported_protocol")
+        await _deny(
+            websocket, 426, f"unsupported tunnel protocol {offered}; this relay speaks {protocol.SUBPROTOCOL}", "unsupported_protocol"
+        )
         return None
     credential = parse_tunnel_authorization(websocket.headers.get("authorization"))
     if credential is None:

@@ -9,8 +9,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # Each test module's kind, for a quick loop (./test.sh -m unit): "system" modules start real relay
 # and node processes (or an in-process uvicorn server), "model" modules load Qwen3-TTS checkpoints or
 # build our kernels; the rest are "unit": pure functions and sans-I/O state, a few seconds in all.
-SYSTEM = {"test_api_errors", "test_drain", "test_e2e_sdk", "test_flow_control", "test_fuzz_http", "test_limits",
-          "test_liveness", "test_metrics", "test_tunnel"}
+SYSTEM = {
+    "test_api_errors",
+    "test_drain",
+    "test_e2e_sdk",
+    "test_flow_control",
+    "test_fuzz_http",
+    "test_limits",
+    "test_liveness",
+    "test_metrics",
+    "test_tunnel",
+}
 MODEL = {"test_codec_stream", "test_cpu_kernels", "test_generation", "test_int8", "test_tiny_model"}
 
 
@@ -51,8 +60,7 @@ def pytest_terminal_summary(terminalreporter):
 
         ran = ", ".join(sorted(TIERS_RUN)) or "NONE"
         skipped = "; ".join(f"{t} ({why})" for t, why in sorted(TIERS_SKIPPED.items())) or "none"
-        terminalreporter.write_line(f"kernel tiers exercised: {ran}; skipped: {skipped}; the node's: "
-                                    f"{cpu_kernels.active_tier()}")
+        terminalreporter.write_line(f"kernel tiers exercised: {ran}; skipped: {skipped}; the node's: {cpu_kernels.active_tier()}")
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -32,22 +32,32 @@ from tunnel.protocol import (
 
 # Derandomized: CI runs the same examples every time, and a failure reproduces as is, without an
 # example database (Hypothesis keeps only its caches in .hypothesis/, which ignores itself in git).
-FUZZ = settings(max_examples=300, derandomize=True, database=None, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=300,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 TYPE_NAMES = ("hello", "request", "credit", "cancel", "draining", "end", "error", "audio")
 
 # --- valid messages -------------------------------------------------------------------------
 
 names = st.text(min_size=1, max_size=12) | st.text(min_size=MAX_NAME_CHARS, max_size=MAX_NAME_CHARS)
 stream_ids = st.integers(0, 4) | st.sampled_from([MAX_STREAM_ID - 1, MAX_STREAM_ID])
-models = st.builds(ModelInfo, names, st.lists(names, max_size=3).map(tuple), st.lists(names, max_size=3).map(tuple),
-                   st.booleans())
+models = st.builds(ModelInfo, names, st.lists(names, max_size=3).map(tuple), st.lists(names, max_size=3).map(tuple), st.booleans())
 hellos = st.builds(Hello, names, st.lists(models, max_size=3).map(tuple))
 requests = st.builds(
-    Request, stream_ids, names, names, names,
+    Request,
+    stream_ids,
+    names,
+    names,
+    names,
     st.text(min_size=1, max_size=40) | st.text(min_size=MAX_INPUT_CHARS, max_size=MAX_INPUT_CHARS),
     st.none() | st.text(max_size=40) | st.just("x" * MAX_INSTRUCTIONS_CHARS),
-    st.sampled_from(RESPONSE_FORMATS), st.floats(MIN_SPEED, MAX_SPEED), st.integers(1, MAX_CREDIT),
+    st.sampled_from(RESPONSE_FORMATS),
+    st.floats(MIN_SPEED, MAX_SPEED),
+    st.integers(1, MAX_CREDIT),
 )
 audio_data = st.binary(min_size=1, max_size=64) | st.sampled_from([1, MAX_AUDIO_PAYLOAD]).map(lambda n: b"\x7f" * n)
 credits = st.builds(Credit, stream_ids, st.integers(1, MAX_CREDIT))
@@ -61,18 +71,47 @@ messages = st.one_of(hellos, requests, credits, cancels, audios, ends, errors, s
 
 SURROGATE = "\ud800"
 scalars = st.one_of(
-    st.none(), st.booleans(),
-    st.integers(), st.sampled_from([-1, 0, 2**31, 2**31 + 1, 2**32 - 1, 2**32, 2**63, 10**30]),
-    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([MIN_SPEED - 1e-9, MAX_SPEED + 1e-9, -0.0]),
-    st.text(max_size=20), st.just(""), st.just(SURROGATE), st.text(max_size=5).map(lambda s: s + "\udfff"),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.sampled_from([-1, 0, 2**31, 2**31 + 1, 2**32 - 1, 2**32, 2**63, 10**30]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([MIN_SPEED - 1e-9, MAX_SPEED + 1e-9, -0.0]),
+    st.text(max_size=20),
+    st.just(""),
+    st.just(SURROGATE),
+    st.text(max_size=5).map(lambda s: s + "\udfff"),
     st.sampled_from([130, 1100, 5000, 70000]).map(lambda n: "é" * n),  # over each length limit
     st.sampled_from(RESPONSE_FORMATS + ERROR_CODES + TYPE_NAMES),
 )
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                           max_leaves=12)
-field_names = st.sampled_from(["type", "id", "node", "models", "name", "aliases", "voices", "any_voice", "request_id",
-                               "model", "voice", "input", "instructions", "response_format", "speed", "window", "size",
-                               "input_tokens", "output_tokens", "code", "message"]) | st.text(max_size=8)
+json_values = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12
+)
+field_names = st.sampled_from(
+    [
+        "type",
+        "id",
+        "node",
+        "models",
+        "name",
+        "aliases",
+        "voices",
+        "any_voice",
+        "request_id",
+        "model",
+        "voice",
+        "input",
+        "instructions",
+        "response_format",
+        "speed",
+        "window",
+        "size",
+        "input_tokens",
+        "output_tokens",
+        "code",
+        "message",
+    ]
+) | st.text(max_size=8)
 
 
 @st.composite
@@ -97,5 +136,3 @@ def near_valid_objects(draw) -> dict:
 
 # Frames a broken or hostile peer might send.
 garbage = st.one_of(st.text(max_size=40), st.binary(max_size=8), near_valid_objects().map(json.dumps))
-
-

@@ -60,11 +60,17 @@ class Process:
 
 
 # The environment every test relay starts with (tests/test_fuzz_http.py serves one in process).
-RELAY_ENV = {"RELAY_API_KEYS": f"test:{API_KEY}", "RELAY_NODE_TOKENS": f"home:{NODE_TOKEN}",
-             "RELAY_FIRST_AUDIO_TIMEOUT": "60", "RELAY_STREAM_IDLE_TIMEOUT": "20", "RELAY_RETRY_AFTER": "1",
-             # Off: most tests send many requests at once with one key. tests/test_limits.py sets them.
-             "RELAY_RATE_LIMIT": "0", "RELAY_MAX_STREAMS_PER_KEY": "0",
-             "RELAY_CHALLENGE_RATE_LIMIT": "0"}
+RELAY_ENV = {
+    "RELAY_API_KEYS": f"test:{API_KEY}",
+    "RELAY_NODE_TOKENS": f"home:{NODE_TOKEN}",
+    "RELAY_FIRST_AUDIO_TIMEOUT": "60",
+    "RELAY_STREAM_IDLE_TIMEOUT": "20",
+    "RELAY_RETRY_AFTER": "1",
+    # Off: most tests send many requests at once with one key. tests/test_limits.py sets them.
+    "RELAY_RATE_LIMIT": "0",
+    "RELAY_MAX_STREAMS_PER_KEY": "0",
+    "RELAY_CHALLENGE_RATE_LIMIT": "0",
+}
 
 
 class Relay(Process):
@@ -72,8 +78,9 @@ class Relay(Process):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.tunnel_url = f"ws://127.0.0.1:{self.port}/v1/tunnel"
-        super().__init__([sys.executable, "-m", "relay", "--port", str(self.port), *args], {**RELAY_ENV, **(env or {})},
-                         tmp / f"relay-{self.port}.log")
+        super().__init__(
+            [sys.executable, "-m", "relay", "--port", str(self.port), *args], {**RELAY_ENV, **(env or {})}, tmp / f"relay-{self.port}.log"
+        )
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -106,19 +113,42 @@ class Relay(Process):
 
 
 class Node(Process):
-    def __init__(self, tmp: Path, relay: Relay | list[Relay], models: dict, name: str = "node", token: str = NODE_TOKEN,
-                 env: dict[str, str] | None = None, relay_options: dict | None = None, **extra) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        relay: Relay | list[Relay],
+        models: dict,
+        name: str = "node",
+        token: str = NODE_TOKEN,
+        env: dict[str, str] | None = None,
+        relay_options: dict | None = None,
+        **extra,
+    ) -> None:
         url = [r.tunnel_url for r in relay] if isinstance(relay, list) else relay.tunnel_url  # several relays
-        config = {"relay": {"url": url, "token_env": "TEST_NODE_TOKEN", "node_name": name, **(relay_options or {})},
-                  "dtype": "bfloat16", "threads": 1, "models": models, **extra}
+        config = {
+            "relay": {"url": url, "token_env": "TEST_NODE_TOKEN", "node_name": name, **(relay_options or {})},
+            "dtype": "bfloat16",
+            "threads": 1,
+            "models": models,
+            **extra,
+        }
         config_path = tmp / f"node-{name}-{free_port()}.yaml"
         config_path.write_text(yaml.safe_dump(config))
-        super().__init__([sys.executable, "-m", "local_node", "--config", str(config_path)],
-                         {"TEST_NODE_TOKEN": token, **(env or {})}, tmp / f"{config_path.stem}.log")
+        super().__init__(
+            [sys.executable, "-m", "local_node", "--config", str(config_path)],
+            {"TEST_NODE_TOKEN": token, **(env or {})},
+            tmp / f"{config_path.stem}.log",
+        )
 
 
-def synthetic_models(name: str = "tone", aliases: tuple[str, ...] = ("tts-1",), max_queue: int = 4,
-                     max_batch: int = 1) -> dict:
+def synthetic_models(name: str = "tone", aliases: tuple[str, ...] = ("tts-1",), max_queue: int = 4, max_batch: int = 1) -> dict:
     """max_batch 1 by default: one synthesis at a time, so tests can tell running from queued."""
-    return {name: {"engine": "synthetic", "aliases": list(aliases), "max_queue": max_queue, "max_batch": max_batch,
-                   "voices": {"alloy": {"speaker": "tone"}, "tone": {"speaker": "tone"}}}}
+    return {
+        name: {
+            "engine": "synthetic",
+            "aliases": list(aliases),
+            "max_queue": max_queue,
+            "max_batch": max_batch,
+            "voices": {"alloy": {"speaker": "tone"}, "tone": {"speaker": "tone"}},
+        }
+    }

@@ -95,8 +95,7 @@ def test_a_revoked_api_key_is_refused_once_the_relay_restarts(tmp_path):
         relay.stop()
         relay = Relay(tmp_path, port=relay.port)  # RELAY_API_KEYS=test:<API_KEY> only
         assert_openai_error(post(relay, GOOD, key=old_key), 401, "invalid_api_key")
-        assert_openai_error(httpx.get(f"{relay.url}/v1/models", headers={"Authorization": f"Bearer {old_key}"}), 401,
-                            "invalid_api_key")
+        assert_openai_error(httpx.get(f"{relay.url}/v1/models", headers={"Authorization": f"Bearer {old_key}"}), 401, "invalid_api_key")
         assert httpx.get(f"{relay.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
         assert old_key not in relay.log()
     finally:

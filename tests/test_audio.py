@@ -38,9 +38,7 @@ def sine(seconds: float = SECONDS, amplitude: float = 0.5) -> np.ndarray:
     return (amplitude * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
 
 
-def encode(
-    fmt: str, pcm: np.ndarray, chunks: list[int] = CHUNKS, speed: float = 1.0
-) -> tuple[bytes, bytes]:
+def encode(fmt: str, pcm: np.ndarray, chunks: list[int] = CHUNKS, speed: float = 1.0) -> tuple[bytes, bytes]:
     """Returns (bytes returned by encode() calls, all bytes including finish())."""
     encoder = StreamEncoder(fmt, speed=speed)
     streamed, start = b"", 0

@@ -42,12 +42,25 @@ def test_the_header_parses_back():
     assert parse_tunnel_authorization(header.replace("Tunnel-HMAC", "tunnel-hmac")) is not None
 
 
-@pytest.mark.parametrize("header", [
-    None, "", "Bearer " + TOKEN, "Tunnel-HMAC", "Tunnel-HMAC abc", "Tunnel-HMAC abc:",
-    "Tunnel-HMAC :" + "0" * 64, "Tunnel-HMAC abc:" + "0" * 63, "Tunnel-HMAC abc:" + "0" * 65,
-    "Tunnel-HMAC abc:" + "G" * 64, "Tunnel-HMAC a=c:" + "0" * 64, "Tunnel-HMAC " + "a" * 129 + ":" + "0" * 64,
-    "Tunnel-HMAC abc:" + "é" * 64, "Tunnel-HMAC abc:" + "0" * 64 + ":extra",
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "",
+        "Bearer " + TOKEN,
+        "Tunnel-HMAC",
+        "Tunnel-HMAC abc",
+        "Tunnel-HMAC abc:",
+        "Tunnel-HMAC :" + "0" * 64,
+        "Tunnel-HMAC abc:" + "0" * 63,
+        "Tunnel-HMAC abc:" + "0" * 65,
+        "Tunnel-HMAC abc:" + "G" * 64,
+        "Tunnel-HMAC a=c:" + "0" * 64,
+        "Tunnel-HMAC " + "a" * 129 + ":" + "0" * 64,
+        "Tunnel-HMAC abc:" + "é" * 64,
+        "Tunnel-HMAC abc:" + "0" * 64 + ":extra",
+    ],
+)
 def test_malformed_headers_are_refused(header):
     assert parse_tunnel_authorization(header) is None
 

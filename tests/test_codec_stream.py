@@ -277,8 +277,7 @@ def test_real_shape_codec_float32(real_decoder):
 
 @pytest.mark.skipif(
     resolve_codec_dtype("auto") != torch.bfloat16 and not os.environ.get("CODEC_STREAM_SLOW_TESTS"),
-    reason="this CPU has no bfloat16 arithmetic, so bfloat16 convolutions are emulated (seconds per "
-    "frame); set CODEC_STREAM_SLOW_TESTS=1",
+    reason="this CPU has no bfloat16 arithmetic, so bfloat16 convolutions are emulated (seconds per frame); set CODEC_STREAM_SLOW_TESTS=1",
 )
 def test_real_shape_codec_bfloat16(real_decoder):
     codes = random_codes(6, seed=9)

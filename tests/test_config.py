@@ -121,13 +121,16 @@ def test_relay_credentials_match_by_name():
     assert config.node_tokens.match("n" * 20) == "home"
 
 
-@pytest.mark.parametrize("url, insecure", [
-    ("wss://relay.example.com/v1/tunnel", False),
-    ("ws://127.0.0.1:8000/v1/tunnel", False),
-    ("ws://localhost:8000/v1/tunnel", False),
-    ("ws://[::1]:8000/v1/tunnel", False),
-    ("ws://192.168.1.5:8000/v1/tunnel", True),  # on purpose, on a trusted network
-])
+@pytest.mark.parametrize(
+    "url, insecure",
+    [
+        ("wss://relay.example.com/v1/tunnel", False),
+        ("ws://127.0.0.1:8000/v1/tunnel", False),
+        ("ws://localhost:8000/v1/tunnel", False),
+        ("ws://[::1]:8000/v1/tunnel", False),
+        ("ws://192.168.1.5:8000/v1/tunnel", True),  # on purpose, on a trusted network
+    ],
+)
 def test_plain_ws_only_to_loopback_unless_asked(url, insecure):
     relay = {"url": url, "token_env": "QWEN3_TTS_NODE_TOKEN", **({"insecure": True} if insecure else {})}
     assert parse_config(minimal(relay=relay), environ=ENV).relay_urls == (url,)

@@ -31,8 +31,22 @@ from local_node.model.packing import PackedLinear
 from local_node.model.qwen_import import import_qwen_tts
 
 # (out, in) of the 0.6B and 1.7B talkers' fused projections and heads, and tiny ones.
-SHAPES = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (3072, 1024), (2048, 1024),
-          (8192, 2048), (2048, 4096), (12288, 2048), (2048, 6144), (3072, 2048), (32, 64), (48, 96), (16, 16)]
+SHAPES = [
+    (4096, 1024),
+    (1024, 2048),
+    (6144, 1024),
+    (1024, 3072),
+    (3072, 1024),
+    (2048, 1024),
+    (8192, 2048),
+    (2048, 4096),
+    (12288, 2048),
+    (2048, 6144),
+    (3072, 2048),
+    (32, 64),
+    (48, 96),
+    (16, 16),
+]
 
 
 def product_error_bound(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,8 +117,12 @@ def test_products_shared_among_cores_equal_one_core_alone(kernels):
     xs = {k: [torch.randn(rows, k, dtype=torch.bfloat16) for rows in (1, 2, 5)] for *_, k in cases}
 
     def products() -> list[torch.Tensor]:
-        return [product for laid, quantized, scale, k in cases for x in xs[k]
-                for product in (kernels.bf16_linear(x, laid), kernels.int8_linear(x, quantized, scale))]
+        return [
+            product
+            for laid, quantized, scale, k in cases
+            for x in xs[k]
+            for product in (kernels.bf16_linear(x, laid), kernels.int8_linear(x, quantized, scale))
+        ]
 
     with kernels.reserved(3):
         alone = products()
@@ -209,9 +227,13 @@ def test_attend_one_is_float32_sdpa_with_the_cache_written(kernels, heads, kv_he
     for j, (row, start) in enumerate(zip(rows, starts)):
         want_keys[row, :, start], want_values[row, :, start] = qk[j, 0, heads:].to(cache), v[j, 0].to(cache)
         q = qk[j : j + 1, :, :heads].transpose(1, 2).float()
-        want = F.scaled_dot_product_attention(q, want_keys[row : row + 1, :, : start + 1].float(),
-                                              want_values[row : row + 1, :, : start + 1].float(), scale=dim**-0.5,
-                                              enable_gqa=True)
+        want = F.scaled_dot_product_attention(
+            q,
+            want_keys[row : row + 1, :, : start + 1].float(),
+            want_values[row : row + 1, :, : start + 1].float(),
+            scale=dim**-0.5,
+            enable_gqa=True,
+        )
         torch.testing.assert_close(got[j, 0].float(), want.transpose(1, 2).reshape(-1), rtol=2**-7, atol=1e-3)
     assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
 
@@ -247,8 +269,7 @@ def test_the_node_runs_the_best_tier_this_cpu_has(monkeypatch):
     """native takes the first tier that runs here; a named tier caps it; portable takes none."""
     runs = [t for t in cpu_kernels.machine_tiers() if cpu_kernels.kernels(t)]
     try:
-        for asked, expected in [("native", runs[0] if runs else None), ("portable", None),
-                                *[(tier, tier) for tier in runs]]:
+        for asked, expected in [("native", runs[0] if runs else None), ("portable", None), *[(tier, tier) for tier in runs]]:
             monkeypatch.setenv("QWEN3_TTS_ISA", asked)
             cpu_kernels.choice.cache_clear()
             kernels, why = cpu_kernels.choice()
@@ -276,8 +297,12 @@ def test_the_aarch64_build_passes_its_self_test_under_qemu(tmp_path):
         pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64 (apt-get install gcc-aarch64-linux-gnu qemu-user)")
     binary = tmp_path / "self_test"
     flags = [f for f in cpu_kernels.COMMON_FLAGS if f not in ("-shared", "-fPIC")] + list(cpu_kernels.BUILDS["neon"])
-    subprocess.run([compiler, *flags, "-static", "-DSELF_TEST", str(cpu_kernels.SOURCE), "-o", str(binary), "-lm"],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [compiler, *flags, "-static", "-DSELF_TEST", str(cpu_kernels.SOURCE), "-o", str(binary), "-lm"],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     run = subprocess.run([qemu, str(binary)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("passed"), run.stdout + run.stderr
     assert "4 float lanes" in run.stdout and "MISMATCH" not in run.stdout
@@ -293,8 +318,13 @@ def test_a_node_asked_for_no_tier_says_so_and_stops(tmp_path):
 
     config = tmp_path / "node.yaml"
     config.write_text("relay: {url: ws://127.0.0.1:9/v1/tunnel, token_env: T}\nmodels: {}\n")
-    run = subprocess.run([sys.executable, "-m", "local_node", "--config", str(config)], capture_output=True, text=True,
-                         env={**os.environ, "QWEN3_TTS_ISA": "sse9", "T": "x" * 32}, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-m", "local_node", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "QWEN3_TTS_ISA": "sse9", "T": "x" * 32},
+        timeout=60,
+    )
     assert run.returncode == 2, run.stderr
     assert "QWEN3_TTS_ISA='sse9' is not a tier" in run.stderr and "avx2" in run.stderr
     assert "Traceback" not in run.stderr

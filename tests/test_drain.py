@@ -21,8 +21,9 @@ def test_a_draining_relay_finishes_open_streams_refuses_new_work_then_exits(tmp_
     node = Node(tmp_path, relay, synthetic_models())
     try:
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
-        with httpx.stream("POST", f"{relay.url}/v1/audio/speech", headers=AUTH, timeout=30,
-                          json={**SPEECH, "input": "x" * 40}) as open_stream:
+        with httpx.stream(
+            "POST", f"{relay.url}/v1/audio/speech", headers=AUTH, timeout=30, json={**SPEECH, "input": "x" * 40}
+        ) as open_stream:
             chunks = open_stream.iter_bytes()
             received = next(chunks)
             relay.proc.send_signal(signal.SIGTERM)
@@ -58,8 +59,9 @@ def test_a_draining_relay_cuts_streams_that_outlive_the_grace(tmp_path):
     node = Node(tmp_path, relay, synthetic_models())
     try:
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
-        with httpx.stream("POST", f"{relay.url}/v1/audio/speech", headers=AUTH, timeout=30,
-                          json={**SPEECH, "input": "x" * 300, "stream_format": "sse"}) as response:
+        with httpx.stream(
+            "POST", f"{relay.url}/v1/audio/speech", headers=AUTH, timeout=30, json={**SPEECH, "input": "x" * 300, "stream_format": "sse"}
+        ) as response:
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")
             relay.proc.send_signal(signal.SIGTERM)
@@ -78,8 +80,9 @@ def test_a_draining_node_gets_no_new_work_finishes_its_streams_then_leaves(tmp_p
     staying = None
     try:
         relay.wait_for_models({"tts-1"}, node=leaving, timeout=60)
-        with httpx.stream("POST", f"{relay.url}/v1/audio/speech", headers=AUTH, timeout=30,
-                          json={**SPEECH, "input": "x" * 40}) as open_stream:
+        with httpx.stream(
+            "POST", f"{relay.url}/v1/audio/speech", headers=AUTH, timeout=30, json={**SPEECH, "input": "x" * 40}
+        ) as open_stream:
             chunks = open_stream.iter_bytes()
             received = next(chunks)
             staying = Node(tmp_path, relay, synthetic_models(), name="staying")
@@ -107,8 +110,9 @@ def test_a_second_signal_stops_a_draining_node_at_once(tmp_path):
     node = Node(tmp_path, relay, synthetic_models(), drain_grace=60)
     try:
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
-        with httpx.stream("POST", f"{relay.url}/v1/audio/speech", headers=AUTH, timeout=30,
-                          json={**SPEECH, "input": "x" * 300}) as open_stream:
+        with httpx.stream(
+            "POST", f"{relay.url}/v1/audio/speech", headers=AUTH, timeout=30, json={**SPEECH, "input": "x" * 300}
+        ) as open_stream:
             next(open_stream.iter_bytes())
             node.proc.send_signal(signal.SIGTERM)
             node.wait_for_log("draining: telling 1 relays")

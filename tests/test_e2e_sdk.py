@@ -26,8 +26,11 @@ TWO_PIECES = "A" * 200 + ". " + "B" * 200 + "."  # too long for one piece (300 c
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     # One checkpoint through the CLI a user would run, the others through the same function.
-    subprocess.run([sys.executable, "-m", "local_node", "tiny-model", str(tmp / "custom_voice"), "--type", "custom_voice"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "local_node", "tiny-model", str(tmp / "custom_voice"), "--type", "custom_voice"],
+        check=True,
+        capture_output=True,
+    )
     write_tiny_checkpoint(tmp / "base", "base")
     write_tiny_checkpoint(tmp / "voice_design", "voice_design")
     t = np.arange(24000 * 2) / 24000
@@ -35,17 +38,31 @@ def stack(tmp_path_factory):
 
     relay = Relay(tmp)
     models = {
-        "custom_voice": {"source": str(tmp / "custom_voice"), "aliases": ["tts-1", "gpt-4o-mini-tts"],
-                         "max_new_frames": MAX_FRAMES, "voices": {"alloy": {"speaker": "vivian"}},
-                         "text_input": "streaming"},
-        "base_small": {"source": str(tmp / "base"), "aliases": ["qwen3-tts-clone"], "max_new_frames": MAX_FRAMES,
-                       "voices": {"me": {"ref_audio": str(tmp / "ref.wav"), "ref_text": "A short reference clip."},
-                                  "timbre": {"ref_audio": str(tmp / "ref.wav")}}},
+        "custom_voice": {
+            "source": str(tmp / "custom_voice"),
+            "aliases": ["tts-1", "gpt-4o-mini-tts"],
+            "max_new_frames": MAX_FRAMES,
+            "voices": {"alloy": {"speaker": "vivian"}},
+            "text_input": "streaming",
+        },
+        "base_small": {
+            "source": str(tmp / "base"),
+            "aliases": ["qwen3-tts-clone"],
+            "max_new_frames": MAX_FRAMES,
+            "voices": {
+                "me": {"ref_audio": str(tmp / "ref.wav"), "ref_text": "A short reference clip."},
+                "timbre": {"ref_audio": str(tmp / "ref.wav")},
+            },
+        },
         # Same weights, one piece of text takes minutes: for cancelling mid-generation.
         "slow": {"source": str(tmp / "custom_voice"), "max_new_frames": 4000, "max_batch": 1, "max_queue": 0},
         "slow_batched": {"source": str(tmp / "custom_voice"), "max_new_frames": 4000, "max_batch": 2, "max_queue": 0},
-        "voice_design": {"source": str(tmp / "voice_design"), "aliases": ["qwen3-tts-design"],
-                         "max_new_frames": MAX_FRAMES, "voices": {"narrator": {"description": "A calm narrator."}}},
+        "voice_design": {
+            "source": str(tmp / "voice_design"),
+            "aliases": ["qwen3-tts-design"],
+            "max_new_frames": MAX_FRAMES,
+            "voices": {"narrator": {"description": "A calm narrator."}},
+        },
     }
     node = Node(tmp, relay, models)
     try:
@@ -79,10 +96,15 @@ RATE = {"opus": 48000}
 
 @pytest.mark.parametrize("response_format", ["mp3", "opus", "aac", "flac", "wav", "pcm"])
 def test_every_format_decodes_to_the_right_audio(client, response_format):
-    response = client.audio.speech.create(model="tts-1", voice="alloy", input="Hello there, how are you?",
-                                          response_format=response_format)
-    content_type = {"mp3": "audio/mpeg", "opus": "audio/opus", "aac": "audio/aac", "flac": "audio/flac",
-                    "wav": "audio/wav", "pcm": "audio/pcm"}[response_format]
+    response = client.audio.speech.create(model="tts-1", voice="alloy", input="Hello there, how are you?", response_format=response_format)
+    content_type = {
+        "mp3": "audio/mpeg",
+        "opus": "audio/opus",
+        "aac": "audio/aac",
+        "flac": "audio/flac",
+        "wav": "audio/wav",
+        "pcm": "audio/pcm",
+    }[response_format]
     assert response.response.headers["content-type"] == content_type
     assert response.response.headers.get("transfer-encoding") == "chunked"
     samples, rate, channels = decode(response.content, response_format)
@@ -113,11 +135,14 @@ def test_streaming_response_delivers_audio_before_synthesis_ends(stack, client):
 @pytest.mark.parametrize("response_format", ["mp3", "wav", "opus", "pcm"])
 def test_sse_deltas_concatenate_to_valid_audio(client, response_format):
     with client.audio.speech.with_streaming_response.create(
-        model="gpt-4o-mini-tts", voice={"id": "alloy"}, input=TWO_PIECES, response_format=response_format,
+        model="gpt-4o-mini-tts",
+        voice={"id": "alloy"},
+        input=TWO_PIECES,
+        response_format=response_format,
         stream_format="sse",
     ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
-        events = [json.loads(line[len("data: "):]) for line in response.iter_lines() if line.startswith("data: ")]
+        events = [json.loads(line[len("data: ") :]) for line in response.iter_lines() if line.startswith("data: ")]
     deltas, done = events[:-1], events[-1]
     assert len(deltas) >= 2 and all(e["type"] == "speech.audio.delta" for e in deltas)
     assert done["type"] == "speech.audio.done"
@@ -142,16 +167,18 @@ def test_speed_changes_duration(client, speed):
 
 def test_cloned_voices_on_the_base_model(client):
     for voice in ("me", "timbre"):  # in-context cloning, and x-vector only
-        samples, rate, _ = decode(client.audio.speech.create(model="qwen3-tts-clone", voice=voice, input="Cloned.",
-                                                             response_format="wav").content, "wav")
+        samples, rate, _ = decode(
+            client.audio.speech.create(model="qwen3-tts-clone", voice=voice, input="Cloned.", response_format="wav").content, "wav"
+        )
         assert rate == 24000 and len(samples) >= 2 * FRAME
     with pytest.raises(openai.NotFoundError):
         client.audio.speech.create(model="qwen3-tts-clone", voice="alloy", input="Hi")
 
 
 def test_voice_design_takes_its_voice_from_instructions(client):
-    response = client.audio.speech.create(model="voice_design", voice="anything-goes", input="Designed.",
-                                          instructions="A bright young female voice.", response_format="flac")
+    response = client.audio.speech.create(
+        model="voice_design", voice="anything-goes", input="Designed.", instructions="A bright young female voice.", response_format="flac"
+    )
     assert len(decode(response.content, "flac")[0]) >= 2 * FRAME
     response = client.audio.speech.create(model="qwen3-tts-design", voice="narrator", input="Configured.", response_format="pcm")
     assert len(response.content) >= 2 * FRAME * 2
@@ -177,8 +204,11 @@ def test_concurrent_requests_are_served_together(client):
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda _: client.audio.speech.create(model="tts-1", voice="alloy", input="Queued.",
-                                                                     response_format="pcm").content, range(2)))
+        results = list(
+            pool.map(
+                lambda _: client.audio.speech.create(model="tts-1", voice="alloy", input="Queued.", response_format="pcm").content, range(2)
+            )
+        )
     assert all(len(r) >= 2 * FRAME * 2 for r in results)
 
 
@@ -188,10 +218,19 @@ def _done_line(node, request_id: str) -> tuple[datetime, int]:
     return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f"), int(line.split("done, ")[1].split(" frames")[0])
 
 
-@pytest.mark.parametrize("response_format, stream_format", [
-    ("mp3", "audio"), ("opus", "audio"), ("aac", "audio"), ("flac", "audio"), ("wav", "audio"), ("pcm", "audio"),
-    ("mp3", "sse"), ("pcm", "sse"),
-])
+@pytest.mark.parametrize(
+    "response_format, stream_format",
+    [
+        ("mp3", "audio"),
+        ("opus", "audio"),
+        ("aac", "audio"),
+        ("flac", "audio"),
+        ("wav", "audio"),
+        ("pcm", "audio"),
+        ("mp3", "sse"),
+        ("pcm", "sse"),
+    ],
+)
 def test_first_audio_arrives_while_the_node_is_still_generating(stack, client, response_format, stream_format):
     """The 'slow' model may generate 4000 frames (minutes). The client takes the first bytes and
     hangs up; the node's log then shows the request ended, cancelled, after a few frames, later
@@ -199,7 +238,10 @@ def test_first_audio_arrives_while_the_node_is_still_generating(stack, client, r
     model was freed."""
     relay, node = stack
     with client.audio.speech.with_streaming_response.create(
-        model="slow", voice="vivian", input="One long sentence.", response_format=response_format,
+        model="slow",
+        voice="vivian",
+        input="One long sentence.",
+        response_format=response_format,
         stream_format=stream_format,
     ) as response:
         request_id = response.headers["x-request-id"]
@@ -208,7 +250,7 @@ def test_first_audio_arrives_while_the_node_is_still_generating(stack, client, r
         first_at = datetime.now()
     assert first
     if stream_format == "sse":
-        assert first.startswith(b"data: {\"type\":\"speech.audio.delta\"")
+        assert first.startswith(b'data: {"type":"speech.audio.delta"')
     done_at, frames = _done_line(node, request_id)
     assert first_at < done_at
     assert 1 <= frames < 4000  # the first chunk is 1 frame; generation stopped long before the cap
@@ -248,9 +290,19 @@ def test_every_format_on_a_lower_tier(tmp_path, tier):
         env.update(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
     write_tiny_checkpoint(tmp_path / "custom_voice", "custom_voice")
     relay = Relay(tmp_path)
-    node = Node(tmp_path, relay, {"custom_voice": {"source": str(tmp_path / "custom_voice"), "aliases": ["tts-1"],
-                                                   "max_new_frames": MAX_FRAMES, "voices": {"alloy": {"speaker": "vivian"}}}},
-                env=env)
+    node = Node(
+        tmp_path,
+        relay,
+        {
+            "custom_voice": {
+                "source": str(tmp_path / "custom_voice"),
+                "aliases": ["tts-1"],
+                "max_new_frames": MAX_FRAMES,
+                "voices": {"alloy": {"speaker": "vivian"}},
+            }
+        },
+        env=env,
+    )
     try:
         relay.wait_for_models({"tts-1"}, node=node, timeout=600)
         assert f"kernels: {tier} (" in node.log()
@@ -258,8 +310,7 @@ def test_every_format_on_a_lower_tier(tmp_path, tier):
             assert "ONEDNN_MAX_CPU_ISA=AVX2" in node.log() and "ATEN_CPU_CAPABILITY=avx2" in node.log()
         client = openai.OpenAI(base_url=f"{relay.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
         for response_format in ("mp3", "opus", "aac", "flac", "wav", "pcm"):
-            response = client.audio.speech.create(model="tts-1", voice="alloy", input="Hello there.",
-                                                  response_format=response_format)
+            response = client.audio.speech.create(model="tts-1", voice="alloy", input="Hello there.", response_format=response_format)
             samples, rate, channels = decode(response.content, response_format)
             assert (rate, channels) == (RATE.get(response_format, 24000), 1), response_format
             assert len(samples) / rate >= 2 * FRAME / 24000 - 0.001 and np.isfinite(samples).all(), response_format

@@ -40,10 +40,17 @@ class SlowReader:
         self.sock.connect(("127.0.0.1", relay.port))
         self.http = h11.Connection(h11.CLIENT)
         payload = json.dumps(body).encode()
-        headers = [("host", "relay"), ("authorization", f"Bearer {API_KEY}"), ("content-type", "application/json"),
-                   ("content-length", str(len(payload)))]
-        self.sock.sendall(self.http.send(h11.Request(method="POST", target="/v1/audio/speech", headers=headers))
-                          + self.http.send(h11.Data(data=payload)) + self.http.send(h11.EndOfMessage()))
+        headers = [
+            ("host", "relay"),
+            ("authorization", f"Bearer {API_KEY}"),
+            ("content-type", "application/json"),
+            ("content-length", str(len(payload))),
+        ]
+        self.sock.sendall(
+            self.http.send(h11.Request(method="POST", target="/v1/audio/speech", headers=headers))
+            + self.http.send(h11.Data(data=payload))
+            + self.http.send(h11.EndOfMessage())
+        )
 
     def read_all(self) -> tuple[int, bytes]:
         """Read the whole response now: (status, body)."""
@@ -181,8 +188,7 @@ class ScriptedRelay:
                 return connection.respond(200, json.dumps({"challenge": "c" * 43, "expires_in": 30}))
             return None
 
-        self.server = await websockets.serve(handler, "127.0.0.1", self.port, subprotocols=[SUBPROTOCOL],
-                                             process_request=challenge)
+        self.server = await websockets.serve(handler, "127.0.0.1", self.port, subprotocols=[SUBPROTOCOL], process_request=challenge)
         return self
 
     async def __aexit__(self, *exc):
@@ -205,8 +211,9 @@ async def test_the_node_sends_no_more_than_its_credit_and_a_stalled_stream_holds
             window = 5000
             frames = 12
             for stream_id in (1, 2):
-                await ws.send(conn.send(Request(stream_id, f"req_{stream_id}", "a", "tone", "x" * frames,
-                                                response_format="pcm", window=window)))
+                await ws.send(
+                    conn.send(Request(stream_id, f"req_{stream_id}", "a", "tone", "x" * frames, response_format="pcm", window=window))
+                )
             received = {1: b"", 2: b""}
             while 2 in conn.open_streams:
                 message = conn.receive(await asyncio.wait_for(ws.recv(), 30))
@@ -237,11 +244,14 @@ def test_a_slow_reader_holds_back_nobody_else(tmp_path):
     try:
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
         slow_frames, fast_frames = 30, 20
-        slow = SlowReader(relay, {"model": "tts-1", "voice": "tone", "input": "s" * slow_frames,
-                                  "response_format": "pcm", "speed": 0.25})
+        slow = SlowReader(relay, {"model": "tts-1", "voice": "tone", "input": "s" * slow_frames, "response_format": "pcm", "speed": 0.25})
         node.wait_for_log(f"voice tone, {slow_frames} chars")
-        fast = httpx.post(f"{relay.url}/v1/audio/speech", headers=AUTH, timeout=60,
-                          json={"model": "tts-1", "voice": "tone", "input": "f" * fast_frames, "response_format": "pcm"})
+        fast = httpx.post(
+            f"{relay.url}/v1/audio/speech",
+            headers=AUTH,
+            timeout=60,
+            json={"model": "tts-1", "voice": "tone", "input": "f" * fast_frames, "response_format": "pcm"},
+        )
         assert fast.status_code == 200
         assert_tone(fast.content, "f" * fast_frames)
 

@@ -60,8 +60,7 @@ class InProcessRelay(Relay):
         # would take for a strategy using it.
         config = RelayConfig.from_env({**RELAY_ENV, "RELAY_PING_INTERVAL": "3600"})
         app = create_app(config)
-        self.server = DrainingServer(server_config(app, config, "127.0.0.1", self.port, "warning"),
-                                     app.state.router, config.drain_grace)
+        self.server = DrainingServer(server_config(app, config, "127.0.0.1", self.port, "warning"), app.state.router, config.drain_grace)
         self.errors = _ErrorLog()  # after server_config: uvicorn configures its loggers there
         for name in ("uvicorn", "relay"):
             logging.getLogger(name).addHandler(self.errors)
@@ -74,6 +73,7 @@ class InProcessRelay(Relay):
 
     def tasks(self) -> int:
         """Tasks on the relay's event loop, not counting the one that counts them."""
+
         async def count() -> int:
             return len(asyncio.all_tasks()) - 1
 
@@ -108,8 +108,9 @@ def _uvicorn_quirk(record: logging.LogRecord) -> bool:
     dropping it. The client gets the 400; nothing leaks (the fixture checks that).
     """
     error = record.exc_info[1] if record.exc_info else None
-    return (record.getMessage() == "Invalid UTF-8 sequence received from client."
-            or (type(error).__name__ == "LocalProtocolError" and "state=MUST_CLOSE" in str(error)))
+    return record.getMessage() == "Invalid UTF-8 sequence received from client." or (
+        type(error).__name__ == "LocalProtocolError" and "state=MUST_CLOSE" in str(error)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -226,42 +227,69 @@ def post_and_check(client: httpx.Client, relay: InProcessRelay, body: bytes, hea
 speech_values = {
     "model": st.sampled_from(["tts-1", "tone", "tts-2", "", "m" * 129]) | json_values,
     "input": st.text(max_size=8) | st.sampled_from([" \n\t", "x" * 4096, "x" * 4097, "\U0001f642" * 30, "a\x00b"]) | json_values,
-    "voice": st.sampled_from(["alloy", "tone", "nobody", ""]) | json_values
+    "voice": st.sampled_from(["alloy", "tone", "nobody", ""])
+    | json_values
     | st.fixed_dictionaries({"id": st.sampled_from(["alloy", "x"]) | json_values}),
     "instructions": st.none() | st.text(max_size=8) | st.just("i" * 4097) | json_values,
     "response_format": st.sampled_from((*RESPONSE_FORMATS, "ogg", "", "PCM")) | json_values,
     "speed": st.sampled_from([0.25, 4, 0.2499999, 4.0000001, math.nan, math.inf, -math.inf, 10**400, 1e308, True, "1"])
-    | st.floats() | json_values,
+    | st.floats()
+    | json_values,
     "stream_format": st.sampled_from(["audio", "sse", "mp3", ""]) | json_values,
 }
 raw_bodies = st.one_of(
     st.binary(max_size=64),
     st.integers(0, 70).map(lambda n: json.dumps(GOOD).encode()[:n]),  # cut short
-    st.sampled_from([
-        b"[" * 100_000,  # deeper than the JSON parser recurses
-        b'{"model": "tts-1", "input": "Hi", "voice": "alloy", "speed": 1' + b"0" * 5000 + b"}",  # past int()'s digit limit
-        b'{"model": "tts-1", "input": "Hi", "voice": "alloy", "speed": NaN}',
-        b'{"model": "tts-1", "input": "Hi", "voice": "alloy", "speed": -Infinity}',
-        b'{"model": "tts-1", "input": "Hi", "voice": "alloy", "speed": 1e999}',
-        b'{"model": "tts-1", "input": "\xff\xfe", "voice": "alloy"}',  # not UTF-8
-        b'{"model": "tts-1", "input": "\\ud800", "voice": "alloy"}',  # a lone surrogate
-        b"\xef\xbb\xbf" + json.dumps(GOOD).encode(),  # a byte-order mark
-        json.dumps(GOOD).encode() + b" " * (MAX_BODY_BYTES - len(json.dumps(GOOD))),  # exactly the limit
-        json.dumps(GOOD).encode() + b" " * (MAX_BODY_BYTES + 1 - len(json.dumps(GOOD))),  # one byte over
-        json.dumps({**GOOD, "input": "x" * 70_000}).encode(),
-        b'{"model": "tts-1", "model": "tts-1", "input": "Hi", "voice": "alloy"}',  # a repeated key
-    ]),
+    st.sampled_from(
+        [
+            b"[" * 100_000,  # deeper than the JSON parser recurses
+            b'{"model": "tts-1", "input": "Hi", "voice": "alloy", "speed": 1' + b"0" * 5000 + b"}",  # past int()'s digit limit
+            b'{"model": "tts-1", "input": "Hi", "voice": "alloy", "speed": NaN}',
+            b'{"model": "tts-1", "input": "Hi", "voice": "alloy", "speed": -Infinity}',
+            b'{"model": "tts-1", "input": "Hi", "voice": "alloy", "speed": 1e999}',
+            b'{"model": "tts-1", "input": "\xff\xfe", "voice": "alloy"}',  # not UTF-8
+            b'{"model": "tts-1", "input": "\\ud800", "voice": "alloy"}',  # a lone surrogate
+            b"\xef\xbb\xbf" + json.dumps(GOOD).encode(),  # a byte-order mark
+            json.dumps(GOOD).encode() + b" " * (MAX_BODY_BYTES - len(json.dumps(GOOD))),  # exactly the limit
+            json.dumps(GOOD).encode() + b" " * (MAX_BODY_BYTES + 1 - len(json.dumps(GOOD))),  # one byte over
+            json.dumps({**GOOD, "input": "x" * 70_000}).encode(),
+            b'{"model": "tts-1", "model": "tts-1", "input": "Hi", "voice": "alloy"}',  # a repeated key
+        ]
+    ),
 )
 
 
 # One of each answer, whatever else Hypothesis draws.
-EDGE_CASES = [{**GOOD, **change} for change in (
-    {"model": "tts-2"}, {"model": "tone"}, {"model": "m" * 129}, {"voice": "nobody"}, {"voice": {"id": "tone"}},
-    {"voice": {"id": "alloy", "x": 1}}, {"voice": {}}, {"input": "x" * 4097}, {"input": " \n"}, {"instructions": "i" * 4097},
-    {"instructions": None}, {"speed": 0.25}, {"speed": 4}, {"speed": 0.2499999}, {"speed": 4.0000001}, {"speed": 10**400},
-    {"speed": math.nan}, {"speed": math.inf}, {"speed": True}, {"response_format": "PCM"}, {"response_format": None},
-    {"stream_format": "sse"}, {"stream_format": "mp3"}, {"model": None}, {"input": "\U0001f642" * 4096},
-)]
+EDGE_CASES = [
+    {**GOOD, **change}
+    for change in (
+        {"model": "tts-2"},
+        {"model": "tone"},
+        {"model": "m" * 129},
+        {"voice": "nobody"},
+        {"voice": {"id": "tone"}},
+        {"voice": {"id": "alloy", "x": 1}},
+        {"voice": {}},
+        {"input": "x" * 4097},
+        {"input": " \n"},
+        {"instructions": "i" * 4097},
+        {"instructions": None},
+        {"speed": 0.25},
+        {"speed": 4},
+        {"speed": 0.2499999},
+        {"speed": 4.0000001},
+        {"speed": 10**400},
+        {"speed": math.nan},
+        {"speed": math.inf},
+        {"speed": True},
+        {"response_format": "PCM"},
+        {"response_format": None},
+        {"stream_format": "sse"},
+        {"stream_format": "mp3"},
+        {"model": None},
+        {"input": "\U0001f642" * 4096},
+    )
+]
 
 
 @st.composite
@@ -302,14 +330,46 @@ def test_fuzzed_speech_bodies_get_the_predicted_answer(relay, body, content_type
 header_values = st.lists(st.sampled_from([*range(0x20, 0x7F), *range(0x80, 0x100)]), max_size=40).map(bytes).map(bytes.strip)
 KEY = API_KEY.encode()
 authorizations = st.one_of(
-    st.none(), st.just(b"Bearer " + KEY), header_values, header_values.map(lambda v: b"Bearer " + v),
-    st.sampled_from([b"bearer " + KEY, b"BEARER " + KEY, b"Bearer   " + KEY, b"Bearer", b"Basic dXNlcjpwYXNz", KEY,
-                     b"Bearer " + KEY + b"x", b"Bearer " + KEY[:-1], b"Bearer " + KEY + b" more", b"Token " + KEY,
-                     b"Bearer \xff\xfe", b"Bearer " + KEY.upper(), b"Bearer " + b"k" * 8000]),
+    st.none(),
+    st.just(b"Bearer " + KEY),
+    header_values,
+    header_values.map(lambda v: b"Bearer " + v),
+    st.sampled_from(
+        [
+            b"bearer " + KEY,
+            b"BEARER " + KEY,
+            b"Bearer   " + KEY,
+            b"Bearer",
+            b"Basic dXNlcjpwYXNz",
+            KEY,
+            b"Bearer " + KEY + b"x",
+            b"Bearer " + KEY[:-1],
+            b"Bearer " + KEY + b" more",
+            b"Token " + KEY,
+            b"Bearer \xff\xfe",
+            b"Bearer " + KEY.upper(),
+            b"Bearer " + b"k" * 8000,
+        ]
+    ),
 )
 odd_headers = st.dictionaries(
-    st.sampled_from(["content-type", "x-forwarded-for", "x-forwarded-proto", "forwarded", "accept", "accept-encoding",
-                     "content-encoding", "cookie", "x-request-id", "origin", "range", "connection", "upgrade"]),
+    st.sampled_from(
+        [
+            "content-type",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "forwarded",
+            "accept",
+            "accept-encoding",
+            "content-encoding",
+            "cookie",
+            "x-request-id",
+            "origin",
+            "range",
+            "connection",
+            "upgrade",
+        ]
+    ),
     header_values | st.sampled_from([b"application/json; charset=utf-16", b"gzip", b"upgrade", b"websocket", b"1.2.3.4, ::1"]),
     max_size=4,
 )
@@ -333,12 +393,24 @@ def test_fuzzed_headers_get_the_predicted_answer(relay, authorization, headers, 
 
 # --- raw HTTP -------------------------------------------------------------------------------
 
-REQUEST_LINES = [b"POST /v1/audio/speech HTTP/1.1", b"POST /v1/audio/speech HTTP/1.0",
-                 b"POST /v1/audio/speech?x=%zz&& HTTP/1.1"]  # all reach the speech endpoint
-ODD_LINES = [b"POST http://relay/v1/audio/speech HTTP/1.1",  # absolute form: uvicorn routes it by its whole URL (404)
-             b"GET /v1/audio/speech HTTP/1.1", b"PUT /v1/audio/speech HTTP/1.1", b"POST /v1/audio/speech/ HTTP/1.1",
-             b"POST /v1//audio/speech HTTP/1.1", b"POST * HTTP/1.1", b"POST /v1/audio/speech HTTP/2.0",
-             b"POST /v1/audio/speech", b"PRI * HTTP/2.0", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"POST /%00 HTTP/1.1"]
+REQUEST_LINES = [
+    b"POST /v1/audio/speech HTTP/1.1",
+    b"POST /v1/audio/speech HTTP/1.0",
+    b"POST /v1/audio/speech?x=%zz&& HTTP/1.1",
+]  # all reach the speech endpoint
+ODD_LINES = [
+    b"POST http://relay/v1/audio/speech HTTP/1.1",  # absolute form: uvicorn routes it by its whole URL (404)
+    b"GET /v1/audio/speech HTTP/1.1",
+    b"PUT /v1/audio/speech HTTP/1.1",
+    b"POST /v1/audio/speech/ HTTP/1.1",
+    b"POST /v1//audio/speech HTTP/1.1",
+    b"POST * HTTP/1.1",
+    b"POST /v1/audio/speech HTTP/2.0",
+    b"POST /v1/audio/speech",
+    b"PRI * HTTP/2.0",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+    b"POST /%00 HTTP/1.1",
+]
 
 
 def chunked(body: bytes, sizes: list[int]) -> bytes:
@@ -397,13 +469,25 @@ def raw_exchanges(draw) -> tuple[bytes, tuple[int, str | None] | None]:
         if framing == "bad-chunks":
             body = draw(st.sampled_from([b"zz\r\n" + body, body[:-5], body.replace(b"\r\n", b"\n", 1), b"-1\r\n" + body]))
     # What follows on the same connection ends with the server closing it, so no wait is needed.
-    pipelined = draw(st.sampled_from([b"", b"", b"GARBAGE\r\n\r\n", b"\x00" * 8 + b"\r\n\r\n", _request(
-        REQUEST_LINES[0], [*_HEADERS, b"Connection: close", b"Content-Length: %d" % len(_GOOD_BODY)], _GOOD_BODY)]))
+    pipelined = draw(
+        st.sampled_from(
+            [
+                b"",
+                b"",
+                b"GARBAGE\r\n\r\n",
+                b"\x00" * 8 + b"\r\n\r\n",
+                _request(REQUEST_LINES[0], [*_HEADERS, b"Connection: close", b"Content-Length: %d" % len(_GOOD_BODY)], _GOOD_BODY),
+            ]
+        )
+    )
     if draw(st.booleans()) or not pipelined:
         headers.append(b"Connection: close")
     data = _request(line, headers, body) + pipelined
-    well_formed = line in REQUEST_LINES and (host or line.endswith(b"1.0")) and (
-        framing == "length" or framing == "chunked" and line.endswith(b"1.1"))
+    well_formed = (
+        line in REQUEST_LINES
+        and (host or line.endswith(b"1.0"))
+        and (framing == "length" or framing == "chunked" and line.endswith(b"1.1"))
+    )
     expected = predicted(_unchunked(body, framing)) if well_formed and authorized else None
     return data, expected
 
@@ -474,12 +558,22 @@ def parse_responses(data: bytes) -> list[tuple[int, dict[bytes, bytes], bytes, b
 
 # The cases that found bugs, run every time whatever Hypothesis draws.
 @example(case=(_request(REQUEST_LINES[0], [*_HEADERS, b"Content-Length: 500"], _GOOD_BODY), None))  # body cut short
-@example(case=(_request(b"POST /v1/audio/speech/ HTTP/1.1", [*_HEADERS, b"Content-Length: %d" % len(_GOOD_BODY),
-                                                              b"Connection: close"], _GOOD_BODY), None))  # trailing slash
+@example(
+    case=(
+        _request(
+            b"POST /v1/audio/speech/ HTTP/1.1", [*_HEADERS, b"Content-Length: %d" % len(_GOOD_BODY), b"Connection: close"], _GOOD_BODY
+        ),
+        None,
+    )
+)  # trailing slash
 @example(case=(_request(REQUEST_LINES[0], [b"Host: relay", b"Transfer-Encoding: chunked"], b"-1\r\nxx\r\n0\r\n\r\n"), None))
-@example(case=(_request(REQUEST_LINES[0], [*_HEADERS, b"Content-Length: %d" % len(_GOOD_BODY)], _GOOD_BODY)
-               + _request(REQUEST_LINES[0], [*_HEADERS, b"Content-Length: %d" % len(_GOOD_BODY), b"Connection: close"], _GOOD_BODY),
-               (200, None)))  # two requests pipelined: two complete streams
+@example(
+    case=(
+        _request(REQUEST_LINES[0], [*_HEADERS, b"Content-Length: %d" % len(_GOOD_BODY)], _GOOD_BODY)
+        + _request(REQUEST_LINES[0], [*_HEADERS, b"Content-Length: %d" % len(_GOOD_BODY), b"Connection: close"], _GOOD_BODY),
+        (200, None),
+    )
+)  # two requests pipelined: two complete streams
 @settings(FUZZ, max_examples=150)
 @given(raw_exchanges())
 def test_raw_http_with_lying_lengths_and_pipelined_garbage(relay, case):
@@ -527,8 +621,12 @@ class BadText(bytes):
 
 over_limit = st.sampled_from([MAX_FRAME_BYTES + 1, WS_MAX_SIZE, WS_MAX_SIZE + 1, 100_000])
 tunnel_frames = st.one_of(
-    garbage, messages.map(encode), messages.map(encode), hellos.map(encode),
-    over_limit.map(lambda n: '{"type": "draining"' + " " * n + "}"), over_limit.map(lambda n: b"\x00\x00\x00\x01" + b"a" * n),
+    garbage,
+    messages.map(encode),
+    messages.map(encode),
+    hellos.map(encode),
+    over_limit.map(lambda n: '{"type": "draining"' + " " * n + "}"),
+    over_limit.map(lambda n: b"\x00\x00\x00\x01" + b"a" * n),
     st.sampled_from([b"\xff\xfe", b'{"type": "draining", "x": "\xc3"}']).map(BadText),
 )
 
@@ -557,8 +655,14 @@ def test_fuzzed_tunnel_frames_close_that_tunnel_with_the_protocol_error(relay, h
     order; "not json" at the end, so that every conversation breaks the protocol somewhere."""
     frames = [_on_the_wire(frame) for frame in ([encode(FUZZ_HELLO)] if hello else []) + frames + ["not json"]]
     last, code, reason = expected_close(frames)
-    with ws_connect(relay.tunnel_url, additional_headers=relay.tunnel_headers(), subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
-                    max_size=None, open_timeout=10, close_timeout=5) as ws:
+    with ws_connect(
+        relay.tunnel_url,
+        additional_headers=relay.tunnel_headers(),
+        subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+        max_size=None,
+        open_timeout=10,
+        close_timeout=5,
+    ) as ws:
         try:
             for frame in frames[: last + 1]:
                 ws.send(bytes(frame), text=True) if isinstance(frame, BadText) else ws.send(frame)

@@ -109,9 +109,12 @@ def test_arbitrary_text_is_decoded_or_refused(frame):
 
 
 @FUZZ
-@given(st.binary(max_size=128) | st.integers(0, 2).flatmap(
-    lambda k: st.sampled_from([0, 3, 4, 5, MAX_FRAME_BYTES - 1, MAX_FRAME_BYTES, MAX_FRAME_BYTES + 1]).map(
-        lambda n: bytes([k]) * n)))
+@given(
+    st.binary(max_size=128)
+    | st.integers(0, 2).flatmap(
+        lambda k: st.sampled_from([0, 3, 4, 5, MAX_FRAME_BYTES - 1, MAX_FRAME_BYTES, MAX_FRAME_BYTES + 1]).map(lambda n: bytes([k]) * n)
+    )
+)
 def test_arbitrary_bytes_are_decoded_or_refused(frame):
     message = decodes_or_refuses(frame)
     assert (message is not None) == (4 < len(frame) <= MAX_FRAME_BYTES)
@@ -120,6 +123,7 @@ def test_arbitrary_bytes_are_decoded_or_refused(frame):
 
 
 # --- near-valid JSON ------------------------------------------------------------------------
+
 
 @FUZZ
 @given(near_valid_objects(), st.booleans())
@@ -132,7 +136,10 @@ def test_near_valid_json_is_decoded_or_refused(body, ascii_only):
 SAMPLES = [
     Request(7, "req_1", "m", "v", "Hello.", "calm", "wav", 1.5, window=100),
     Hello("home", (ModelInfo("m", ("tts-1",), ("v",), False),)),
-    Credit(7, 10), Cancel(7), End(7, 1, 2), Error(7, "busy", "full"),
+    Credit(7, 10),
+    Cancel(7),
+    End(7, 1, 2),
+    Error(7, "busy", "full"),
 ]
 FIELDS = [(sample, key) for sample in SAMPLES for key in json.loads(encode(sample))]  # type: ignore[arg-type]
 FIELDS += [(SAMPLES[1], f"models.0.{key}") for key in ("name", "aliases", "voices", "any_voice", "extra")]
@@ -149,20 +156,24 @@ def test_each_field_with_edge_values_is_decoded_or_refused(sample, key, value):
     decodes_or_refuses(json.dumps(body, ensure_ascii=False))
 
 
-@pytest.mark.parametrize("frame", [
-    '{"type": "cancel", "id": ' + "9" * 5000 + "}",  # beyond Python's int-from-text digit limit
-    '{"type": "credit", "id": 1, "size": 1e999}',
-    '{"type": "cancel", "id": NaN}',
-    '{"type": "cancel", "id": 1, "id": 2, "x": ' + "[" * 5000 + "]" * 5000 + "}",
-    '{"type": "end", "id": 1, "input_tokens": -0, "output_tokens": 1.0}',
-    '{"type": "cancel", "id": 1}\ud800',
-])
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"type": "cancel", "id": ' + "9" * 5000 + "}",  # beyond Python's int-from-text digit limit
+        '{"type": "credit", "id": 1, "size": 1e999}',
+        '{"type": "cancel", "id": NaN}',
+        '{"type": "cancel", "id": 1, "id": 2, "x": ' + "[" * 5000 + "]" * 5000 + "}",
+        '{"type": "end", "id": 1, "input_tokens": -0, "output_tokens": 1.0}',
+        '{"type": "cancel", "id": 1}\ud800',
+    ],
+)
 def test_pathological_json_is_refused(frame):
     with pytest.raises(ProtocolError):
         decode(frame)
 
 
 # --- one connection, any input in any order ---------------------------------------------------
+
 
 def check_books(conn: Connection) -> None:
     assert all(credit >= 0 for credit in conn.open_streams.values()), conn.open_streams
@@ -224,11 +235,14 @@ class OneSideUnderFire(RuleBasedStateMachine):
         credit = self.conn.credit(stream)
         if self.role == "relay":
             size = data.draw(st.sampled_from(sorted({1, max(1, credit), credit + 1, MAX_AUDIO_PAYLOAD})))
-            message = data.draw(st.sampled_from([Audio(stream, b"a" * size), End(stream, 1, 1),
-                                                 Error(stream, "busy", ""), Draining()]) | hellos)
+            message = data.draw(
+                st.sampled_from([Audio(stream, b"a" * size), End(stream, 1, 1), Error(stream, "busy", ""), Draining()]) | hellos
+            )
         else:
-            message = data.draw(st.sampled_from([Cancel(stream), Credit(stream, 5), Draining()])
-                                | requests.map(lambda r: Request(**{**r.__dict__, "id": stream, "window": 300})))
+            message = data.draw(
+                st.sampled_from([Cancel(stream), Credit(stream, 5), Draining()])
+                | requests.map(lambda r: Request(**{**r.__dict__, "id": stream, "window": 300}))
+            )
         receive_checked(self.conn, encode(message))
 
     @invariant()

@@ -218,8 +218,7 @@ def test_a_whole_stack_step_in_c_is_the_per_op_path(load, kernels, int8, tmp_pat
 
     from local_node.model.decoder_stack import DecoderStack
 
-    model = Qwen3TTSModel.from_pretrained(str(write_tiny_checkpoint(tmp_path / "m", "custom_voice")),
-                                          dtype=torch.bfloat16).model
+    model = Qwen3TTSModel.from_pretrained(str(write_tiny_checkpoint(tmp_path / "m", "custom_voice")), dtype=torch.bfloat16).model
     prepare_for_generation(model, int8=int8, tier=kernels.tier)
     stacks = [DecoderStack(model.talker.model, capacity=8, batch=2) for _ in range(2)]
     assert stacks[0]._table is not None
@@ -237,8 +236,10 @@ def test_a_whole_stack_step_in_c_is_the_per_op_path(load, kernels, int8, tmp_pat
 def _recording(model, into: dict[str, list]) -> list:
     """Hooks appending the talker's and the code predictor's last-position logits to ``into``."""
     heads = [(model.talker.codec_head, "talker"), *[(h, "predictor") for h in model.talker.code_predictor.lm_head]]
-    return [head.register_forward_hook(lambda m, i, out, name=name: into[name].append(out.reshape(-1, out.shape[-1])[-1:].float()))
-            for head, name in heads]
+    return [
+        head.register_forward_hook(lambda m, i, out, name=name: into[name].append(out.reshape(-1, out.shape[-1])[-1:].float()))
+        for head, name in heads
+    ]
 
 
 def reference_logits(tts, kind: str, voice: dict, frames: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -311,8 +312,7 @@ def test_teacher_forced_logits_follow_qwen_tts(load, clone_prompts, case, dtype)
     """Talker and code predictor logits of our loop (the node's kernels in bfloat16) against
     qwen-tts' generate on the same codes."""
     checkpoint, kind, voice = case_inputs(case, dtype, clone_prompts)
-    assert_follows(teacher_forced_logits(load(checkpoint, dtype), load(checkpoint, dtype, prepared=True), kind, voice, 13),
-                   dtype)
+    assert_follows(teacher_forced_logits(load(checkpoint, dtype), load(checkpoint, dtype, prepared=True), kind, voice, 13), dtype)
 
 
 @pytest.mark.parametrize("tier", [*conftest_kernel_tiers(), "portable"])
@@ -358,6 +358,7 @@ def test_prompt_is_qwen_tts_own(load, clone_prompts):
         prepare_prompt(tts, kind="custom_voice", text=TEXT, speaker="vivian")
     with pytest.raises(ValueError, match="Unsupported speakers"):
         prepare_prompt(load("custom_voice"), kind="custom_voice", text=TEXT, speaker="nobody")
+
     # The wrapper's quirks come along: a 1.7B CustomVoice model takes an instruct, a 0.6B one drops it.
     def length(checkpoint, instruct):
         voice = dict(kind="custom_voice", text=TEXT, speaker="vivian", instruct=instruct)
@@ -465,15 +466,20 @@ def test_batcher_decodes_the_last_chunk_on_generations_cores_too(load):
     prompt = prepare_prompt(tts, kind="custom_voice", text="Hello.", language="English", speaker="ryan")
     batcher = Batcher(tts.model, rows=1, name="test", threads=1)
     seen = []
-    calls = batcher.run(prompt, SamplingConfig.from_tts(tts, max_new_tokens=4, **GREEDY), threading.Event(),
-                        on_frame=lambda codes: seen.append(("frame", torch.get_num_threads())),
-                        on_end=lambda: seen.append(("end", torch.get_num_threads())))
+    calls = batcher.run(
+        prompt,
+        SamplingConfig.from_tts(tts, max_new_tokens=4, **GREEDY),
+        threading.Event(),
+        on_frame=lambda codes: seen.append(("frame", torch.get_num_threads())),
+        on_end=lambda: seen.append(("end", torch.get_num_threads())),
+    )
     assert list(calls) == []
     assert seen == [("frame", 1)] * 3 + [("end", 2)]
 
 
 def _run_collecting(batcher, prompt, sampling, on_frame, into: dict, key) -> threading.Thread:
     """Run one request on its own thread, as a worker does; its outputs or its error go to into[key]."""
+
     def run():
         try:
             into[key] = list(batcher.run(prompt, sampling, threading.Event(), on_frame=on_frame, on_end=lambda: "end"))
@@ -527,8 +533,10 @@ def test_batcher_a_failing_callback_ends_that_request_only(load):
         return "frame"
 
     results: dict = {}
-    threads = [_run_collecting(batcher, prompt, sampling, failing, results, "failing"),
-               _run_collecting(batcher, prompt, sampling, lambda codes: "frame", results, "other")]
+    threads = [
+        _run_collecting(batcher, prompt, sampling, failing, results, "failing"),
+        _run_collecting(batcher, prompt, sampling, lambda codes: "frame", results, "other"),
+    ]
     for thread in threads:
         thread.join(timeout=120)
     assert isinstance(results["failing"], ValueError)
@@ -555,7 +563,9 @@ def test_real_shape_0_6b_teacher_forced_logits_and_timing(load):
         item = VoiceClonePromptItem(
             ref_code=torch.randint(0, 2048, (13, 16)),
             ref_spk_embedding=torch.randn(1024, dtype=torch.bfloat16),
-            x_vector_only_mode=False, icl_mode=True, ref_text="A short reference.",
+            x_vector_only_mode=False,
+            icl_mode=True,
+            ref_text="A short reference.",
         )
     tiny = load("base")  # for its (real) text tokenizer and generation defaults
     tts = qwen_tts.Qwen3TTSModel(model, tiny.processor, tiny.generate_defaults)
@@ -569,8 +579,10 @@ def test_real_shape_0_6b_teacher_forced_logits_and_timing(load):
     started = time.perf_counter()
     ours = forced_logits(tts, "base", voice, codes)
     our_time = time.perf_counter() - started
-    print(f"\n0.6B bf16, {frames} frames incl. prefill: qwen-tts {ref_time / frames * 1000:.0f} ms/frame, "
-          f"ours {our_time / frames * 1000:.0f} ms/frame")
+    print(
+        f"\n0.6B bf16, {frames} frames incl. prefill: qwen-tts {ref_time / frames * 1000:.0f} ms/frame, "
+        f"ours {our_time / frames * 1000:.0f} ms/frame"
+    )
     for name in ref:
         kl, relative, agreeing = logit_drift(ref[name], ours[name])
         print(f"{name}: largest KL {kl:.2e}, relative error {relative:.3f}, top-1 agreement {agreeing:.0%}")

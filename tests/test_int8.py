@@ -104,8 +104,9 @@ def test_quantized_stacks_norm_and_attend_in_c_as_the_torch_ops_would(folder, ke
     for stack in stacks:
         for row, prompt in enumerate(prompts):
             stack.forward(prompt, rows=[row])
-        outs.append([stack.forward(torch.randn(2, 1, hidden, generator=torch.Generator().manual_seed(step)).bfloat16())
-                     for step in range(4)])
+        outs.append(
+            [stack.forward(torch.randn(2, 1, hidden, generator=torch.Generator().manual_seed(step)).bfloat16()) for step in range(4)]
+        )
     for got, want in zip(*outs):
         torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)
     assert stacks[0].lengths == stacks[1].lengths == [7, 11]

@@ -105,14 +105,17 @@ def test_each_node_layer_uses_only_the_layers_below_it():
     assert bad == {}
 
 
-@pytest.mark.parametrize("package, line, check", [
-    ("tunnel", "import numpy", test_the_tunnel_package_uses_only_the_standard_library),
-    ("relay", "from local_node import config", test_the_relay_imports_neither_torch_nor_the_node),
-    ("local_node", "    from relay.errors import ApiError", test_the_node_imports_nothing_of_the_relay),
-    ("local_node/model", "from local_node.engine.base import Job", test_each_node_layer_uses_only_the_layers_below_it),
-    ("local_node/kernels", "    from ..model import packing", test_each_node_layer_uses_only_the_layers_below_it),
-    ("local_node/serving", "from local_node.testing import tiny_model", test_each_node_layer_uses_only_the_layers_below_it),
-])
+@pytest.mark.parametrize(
+    "package, line, check",
+    [
+        ("tunnel", "import numpy", test_the_tunnel_package_uses_only_the_standard_library),
+        ("relay", "from local_node import config", test_the_relay_imports_neither_torch_nor_the_node),
+        ("local_node", "    from relay.errors import ApiError", test_the_node_imports_nothing_of_the_relay),
+        ("local_node/model", "from local_node.engine.base import Job", test_each_node_layer_uses_only_the_layers_below_it),
+        ("local_node/kernels", "    from ..model import packing", test_each_node_layer_uses_only_the_layers_below_it),
+        ("local_node/serving", "from local_node.testing import tiny_model", test_each_node_layer_uses_only_the_layers_below_it),
+    ],
+)
 def test_a_forbidden_import_fails_the_check(tmp_path, monkeypatch, package, line, check):
     """Each rule above fails when such an import is added (in a function body, for the node)."""
     import shutil

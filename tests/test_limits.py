@@ -83,11 +83,14 @@ def test_limit_settings():
     config = RelayConfig.from_env(base)
     assert (config.rate_limit, config.max_streams_per_key, config.max_streams_per_node) == (60, 8, 64)
     assert config.challenge_rate_limit == 60
-    config = RelayConfig.from_env({**base, "RELAY_RATE_LIMIT": "0", "RELAY_MAX_STREAMS_PER_KEY": "2",
-                                   "RELAY_MAX_STREAMS_PER_NODE": "0"})
+    config = RelayConfig.from_env({**base, "RELAY_RATE_LIMIT": "0", "RELAY_MAX_STREAMS_PER_KEY": "2", "RELAY_MAX_STREAMS_PER_NODE": "0"})
     assert (config.rate_limit, config.max_streams_per_key, config.max_streams_per_node) == (0, 2, 0)
-    for key, value in [("RELAY_RATE_LIMIT", "-1"), ("RELAY_RATE_LIMIT", "1.5"), ("RELAY_MAX_STREAMS_PER_KEY", "many"),
-                       ("RELAY_MAX_STREAMS_PER_NODE", "-3")]:
+    for key, value in [
+        ("RELAY_RATE_LIMIT", "-1"),
+        ("RELAY_RATE_LIMIT", "1.5"),
+        ("RELAY_MAX_STREAMS_PER_KEY", "many"),
+        ("RELAY_MAX_STREAMS_PER_NODE", "-3"),
+    ]:
         with pytest.raises(ConfigError, match=key):
             RelayConfig.from_env({**base, key: value})
 
@@ -152,8 +155,9 @@ def test_the_sdk_sees_a_rate_limit_error(tmp_path):
 
 def long_stream(client: httpx.Client, relay: Relay, frames: int = 100):
     """A streaming request kept open (about 8 s of audio at real-time pace) until its context ends."""
-    return client.stream("POST", f"{relay.url}/v1/audio/speech", headers={"Authorization": f"Bearer {API_KEY}"},
-                         json={**SPEECH, "input": "x" * frames})
+    return client.stream(
+        "POST", f"{relay.url}/v1/audio/speech", headers={"Authorization": f"Bearer {API_KEY}"}, json={**SPEECH, "input": "x" * frames}
+    )
 
 
 async def test_a_key_with_its_streams_all_open_gets_429_until_one_ends(tmp_path):
@@ -161,9 +165,11 @@ async def test_a_key_with_its_streams_all_open_gets_429_until_one_ends(tmp_path)
     relay = Relay(tmp_path, env={**TWO_KEYS, "RELAY_MAX_STREAMS_PER_KEY": "2"})
     try:
         async with ScriptedNode(relay) as node, httpx.AsyncClient(timeout=30) as client:
+
             async def request(key: str = API_KEY) -> httpx.Response:
-                return await client.post(f"{relay.url}/v1/audio/speech", json={**SPEECH, "input": "Hi"},
-                                         headers={"Authorization": f"Bearer {key}"})
+                return await client.post(
+                    f"{relay.url}/v1/audio/speech", json={**SPEECH, "input": "Hi"}, headers={"Authorization": f"Bearer {key}"}
+                )
 
             async def next_request() -> Request:
                 while not isinstance(message := await node.next_message(), Request):

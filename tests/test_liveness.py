@@ -59,8 +59,9 @@ def test_a_frozen_node_is_dropped_its_started_stream_ends_with_an_error_and_its_
     spare = None
     try:
         relay.wait_for_models({"tts-1"}, node=frozen, timeout=60)
-        with httpx.stream("POST", f"{relay.url}/v1/audio/speech", headers=AUTH, timeout=60,
-                          json={**SPEECH, "input": "x" * 300, "stream_format": "sse"}) as started:
+        with httpx.stream(
+            "POST", f"{relay.url}/v1/audio/speech", headers=AUTH, timeout=60, json={**SPEECH, "input": "x" * 300, "stream_format": "sse"}
+        ) as started:
             events = started.iter_lines()
             assert next(events).startswith("data: ")  # audio is flowing from the node about to freeze
             with ThreadPoolExecutor(1) as pool:
@@ -140,35 +141,41 @@ def test_a_refused_relay_among_several_is_left_alone_and_the_others_served(tmp_p
 
 
 def node_config(**relay):
-    data = {"relay": {"url": "ws://127.0.0.1:9/v1/tunnel", "token": "t", **relay},
-            "models": {"a": {"engine": "synthetic"}}}
+    data = {"relay": {"url": "ws://127.0.0.1:9/v1/tunnel", "token": "t", **relay}, "models": {"a": {"engine": "synthetic"}}}
     return parse_config(data, environ={})
 
 
 def test_node_config_lists_relays_and_sets_heartbeats():
-    config = node_config(url=["wss://one.example/v1/tunnel", "wss://two.example/v1/tunnel"], ping_interval=5,
-                         ping_timeout=2.5)
+    config = node_config(url=["wss://one.example/v1/tunnel", "wss://two.example/v1/tunnel"], ping_interval=5, ping_timeout=2.5)
     assert config.relay_urls == ("wss://one.example/v1/tunnel", "wss://two.example/v1/tunnel")
     assert (config.ping_interval, config.ping_timeout, config.drain_grace) == (5.0, 2.5, 120.0)
     assert node_config().relay_urls == ("ws://127.0.0.1:9/v1/tunnel",)
 
 
-@pytest.mark.parametrize("relay, named", [
-    ({"url": []}, "relay.url"),
-    ({"url": ["ws://127.0.0.1:1/v1/tunnel", "ws://127.0.0.1:1/v1/tunnel"]}, "relay.url"),
-    ({"url": ["ws://127.0.0.1:1/v1/tunnel", "http://b"]}, "relay.url"),
-    ({"url": ["ws://127.0.0.1:1/v1/tunnel", 5]}, "relay.url"),
-    ({"ping_interval": 0}, "relay.ping_interval"),
-    ({"ping_timeout": "soon"}, "relay.ping_timeout"),
-])
+@pytest.mark.parametrize(
+    "relay, named",
+    [
+        ({"url": []}, "relay.url"),
+        ({"url": ["ws://127.0.0.1:1/v1/tunnel", "ws://127.0.0.1:1/v1/tunnel"]}, "relay.url"),
+        ({"url": ["ws://127.0.0.1:1/v1/tunnel", "http://b"]}, "relay.url"),
+        ({"url": ["ws://127.0.0.1:1/v1/tunnel", 5]}, "relay.url"),
+        ({"ping_interval": 0}, "relay.ping_interval"),
+        ({"ping_timeout": "soon"}, "relay.ping_timeout"),
+    ],
+)
 def test_bad_relay_settings_are_named(relay, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         node_config(**relay)
 
 
 def test_relay_reads_heartbeat_and_drain_settings_from_the_environment():
-    env = {"RELAY_API_KEYS": "k" * 16, "RELAY_NODE_TOKENS": "n" * 16, "RELAY_PING_INTERVAL": "3",
-           "RELAY_PING_TIMEOUT": "4", "RELAY_DRAIN_GRACE": "5"}
+    env = {
+        "RELAY_API_KEYS": "k" * 16,
+        "RELAY_NODE_TOKENS": "n" * 16,
+        "RELAY_PING_INTERVAL": "3",
+        "RELAY_PING_TIMEOUT": "4",
+        "RELAY_DRAIN_GRACE": "5",
+    }
     config = RelayConfig.from_env(env)
     assert (config.ping_interval, config.ping_timeout, config.drain_grace) == (3, 4, 5)
     with pytest.raises(RelayConfigError, match="RELAY_PING_TIMEOUT"):

@@ -33,8 +33,7 @@ SPEECH = {"model": "tts-1", "voice": "alloy", "response_format": "pcm"}
 
 def parse(text: str) -> dict[tuple[str, tuple], float]:
     """{(sample name, sorted labels): value}."""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def value(samples: dict, name: str, **labels) -> float | None:
@@ -105,8 +104,9 @@ def test_relay_metrics_follow_requests_nodes_and_failures(tmp_path):
             httpx.post(f"{relay.url}/v1/audio/speech", json={**SPEECH, "input": "x", "model": "nope"}, headers=AUTH),
             httpx.post(f"{relay.url}/v1/audio/speech", json={**SPEECH, "input": "x", "voice": "nobody"}, headers=AUTH),
             httpx.post(f"{relay.url}/v1/audio/speech", json={**SPEECH, "input": ""}, headers=AUTH),
-            httpx.post(f"{relay.url}/v1/audio/speech", json={**SPEECH, "input": "x"},
-                       headers={"Authorization": "Bearer sk-wrong-0123456789abcdef"}),
+            httpx.post(
+                f"{relay.url}/v1/audio/speech", json={**SPEECH, "input": "x"}, headers={"Authorization": "Bearer sk-wrong-0123456789abcdef"}
+            ),
         ]
         assert [r.status_code for r in refusals] == [404, 404, 400, 401]
         with pytest.raises(InvalidStatus):  # a node with a wrong token
@@ -128,8 +128,9 @@ def test_relay_metrics_follow_requests_nodes_and_failures(tmp_path):
         assert value(after, "relay_auth_failures_total", door="tunnel") == 1
 
         # A long stream in flight, then its node dies under it.
-        with httpx.stream("POST", f"{relay.url}/v1/audio/speech", json={**SPEECH, "input": "x" * 200},
-                          headers=AUTH, timeout=30) as response:
+        with httpx.stream(
+            "POST", f"{relay.url}/v1/audio/speech", json={**SPEECH, "input": "x" * 200}, headers=AUTH, timeout=30
+        ) as response:
             chunks = response.iter_bytes()
             next(chunks)
             during = scrape(metrics_url)
@@ -138,8 +139,9 @@ def test_relay_metrics_follow_requests_nodes_and_failures(tmp_path):
             with pytest.raises(httpx.RemoteProtocolError):
                 for _ in chunks:
                     pass
-        gone = wait_until(lambda: (s := scrape(metrics_url)) and value(s, "relay_nodes_connected") == 0 and s,
-                          what="nodes_connected back to 0")
+        gone = wait_until(
+            lambda: (s := scrape(metrics_url)) and value(s, "relay_nodes_connected") == 0 and s, what="nodes_connected back to 0"
+        )
         assert not [key for key in gone if key[0] == "relay_node_streams_in_flight"]  # the series left with the node
         assert value(gone, "relay_stream_failures_total", model="tone", code="node_failed") == 1
         assert value(gone, "relay_requests_total", model="tone", status="200") == 3  # its status was already sent
@@ -166,8 +168,13 @@ async def _dial(url: str, headers: dict) -> None:
 def test_node_metrics_count_the_frames_it_streamed_and_stop_with_the_node(tmp_path):
     relay = Relay(tmp_path)
     port = free_port()
-    node = Node(tmp_path, relay, synthetic_models(max_queue=2), env={"NODE_METRICS_TOKEN": NODE_METRICS_TOKEN},
-                metrics={"listen": f"127.0.0.1:{port}", "token_env": "NODE_METRICS_TOKEN"})
+    node = Node(
+        tmp_path,
+        relay,
+        synthetic_models(max_queue=2),
+        env={"NODE_METRICS_TOKEN": NODE_METRICS_TOKEN},
+        metrics={"listen": f"127.0.0.1:{port}", "token_env": "NODE_METRICS_TOKEN"},
+    )
     url = f"http://127.0.0.1:{port}/metrics"
     try:
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
@@ -182,17 +189,21 @@ def test_node_metrics_count_the_frames_it_streamed_and_stop_with_the_node(tmp_pa
 
         frames = 0
         for text in ("Hello", "Hi there", "Hey"):
-            response = httpx.post(f"{relay.url}/v1/audio/speech", headers=AUTH, timeout=30,
-                                  json={**SPEECH, "input": text, "stream_format": "sse"})
+            response = httpx.post(
+                f"{relay.url}/v1/audio/speech", headers=AUTH, timeout=30, json={**SPEECH, "input": text, "stream_format": "sse"}
+            )
             done = [line for line in response.text.splitlines() if "speech.audio.done" in line]
             frames += int(done[0].split('"output_tokens":')[1].split(",")[0])
         assert frames == len("Hello") + len("Hi there") + len("Hey")
-        with httpx.stream("POST", f"{relay.url}/v1/audio/speech", json={**SPEECH, "input": "x" * 200},
-                          headers=AUTH, timeout=30) as response:
+        with httpx.stream(
+            "POST", f"{relay.url}/v1/audio/speech", json={**SPEECH, "input": "x" * 200}, headers=AUTH, timeout=30
+        ) as response:
             next(response.iter_bytes())
             assert value(scrape(url, NODE_METRICS_TOKEN), "node_queue_depth", model="tone") == 1
-        wait_until(lambda: value(scrape(url, NODE_METRICS_TOKEN), "node_requests_total", model="tone",
-                                 outcome="cancelled") == 1, what="the cancelled request counted")
+        wait_until(
+            lambda: value(scrape(url, NODE_METRICS_TOKEN), "node_requests_total", model="tone", outcome="cancelled") == 1,
+            what="the cancelled request counted",
+        )
 
         samples = scrape(url, NODE_METRICS_TOKEN)
         cancelled_frames = int(node.log().split("done, ")[-1].split(" frames")[0])
@@ -202,8 +213,9 @@ def test_node_metrics_count_the_frames_it_streamed_and_stop_with_the_node(tmp_pa
         assert value(samples, "node_queue_depth", model="tone") == 0
 
         relay.kill()  # the node sees its relay go, then come back
-        wait_until(lambda: value(scrape(url, NODE_METRICS_TOKEN), "node_relay_connected", relay=relay.tunnel_url) == 0,
-                   what="relay_connected 0")
+        wait_until(
+            lambda: value(scrape(url, NODE_METRICS_TOKEN), "node_relay_connected", relay=relay.tunnel_url) == 0, what="relay_connected 0"
+        )
         relay = Relay(tmp_path, port=relay.port)
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
         samples = scrape(url, NODE_METRICS_TOKEN)
@@ -282,8 +294,11 @@ def test_openmetrics_when_the_scraper_asks_for_it():
 
 
 def test_relay_metrics_door_in_process():
-    config = RelayConfig(api_keys=Credentials({"a": "k" * 20}), node_tokens=Credentials({"n": "n" * 20}),
-                         metrics_token=Credentials({"metrics": METRICS_TOKEN}))
+    config = RelayConfig(
+        api_keys=Credentials({"a": "k" * 20}),
+        node_tokens=Credentials({"n": "n" * 20}),
+        metrics_token=Credentials({"metrics": METRICS_TOKEN}),
+    )
     from relay.app import create_app
 
     client = TestClient(create_app(config))
@@ -339,8 +354,7 @@ def test_a_step_that_produced_nothing_is_not_a_frame_time():
 
 async def test_worker_outcomes_and_synthetic_frames():
     metrics = NodeMetrics()
-    engine = SyntheticEngine(ModelConfig("tone", True, "", engine="synthetic", max_batch=1,
-                                         voices=(VoiceConfig("alloy", speaker="x"),)))
+    engine = SyntheticEngine(ModelConfig("tone", True, "", engine="synthetic", max_batch=1, voices=(VoiceConfig("alloy", speaker="x"),)))
     worker = ModelWorker(engine, max_queue=0, metrics=metrics)
 
     def request(text: str, voice: str = "alloy", id: int = 1) -> Request:
@@ -373,8 +387,11 @@ ENV = {"QWEN3_TTS_NODE_TOKEN": "secret-token-1234567890", "NODE_METRICS_TOKEN": 
 
 
 def node_config(**metrics):
-    return {"relay": {"url": "ws://127.0.0.1:9/v1/tunnel", "token_env": "QWEN3_TTS_NODE_TOKEN"},
-            "models": {"a": {"engine": "synthetic"}}, **({"metrics": metrics} if metrics else {})}
+    return {
+        "relay": {"url": "ws://127.0.0.1:9/v1/tunnel", "token_env": "QWEN3_TTS_NODE_TOKEN"},
+        "models": {"a": {"engine": "synthetic"}},
+        **({"metrics": metrics} if metrics else {}),
+    }
 
 
 def test_node_metrics_section():
@@ -386,18 +403,21 @@ def test_node_metrics_section():
     assert (config.metrics.host, config.metrics.port) == ("::1", 9464)
 
 
-@pytest.mark.parametrize("metrics, named", [
-    ({"listen": "127.0.0.1:9464"}, "metrics.token"),  # a listener needs a token
-    ({"token": NODE_METRICS_TOKEN}, "metrics.listen"),
-    ({"listen": "127.0.0.1:9464", "token": NODE_METRICS_TOKEN, "path": "/m"}, "metrics.path"),
-    ({"listen": "9464", "token": NODE_METRICS_TOKEN}, "metrics.listen"),
-    ({"listen": "127.0.0.1:0", "token": NODE_METRICS_TOKEN}, "metrics.listen"),
-    ({"listen": "127.0.0.1:http", "token": NODE_METRICS_TOKEN}, "metrics.listen"),
-    ({"listen": 9464, "token": NODE_METRICS_TOKEN}, "metrics.listen"),
-    ({"listen": "127.0.0.1:9464", "token": "short"}, "metrics.token"),
-    ({"listen": "127.0.0.1:9464", "token_env": "UNSET_VARIABLE"}, "UNSET_VARIABLE"),
-    ({"listen": "127.0.0.1:9464", "token": NODE_METRICS_TOKEN, "token_env": "NODE_METRICS_TOKEN"}, "token_env"),
-])
+@pytest.mark.parametrize(
+    "metrics, named",
+    [
+        ({"listen": "127.0.0.1:9464"}, "metrics.token"),  # a listener needs a token
+        ({"token": NODE_METRICS_TOKEN}, "metrics.listen"),
+        ({"listen": "127.0.0.1:9464", "token": NODE_METRICS_TOKEN, "path": "/m"}, "metrics.path"),
+        ({"listen": "9464", "token": NODE_METRICS_TOKEN}, "metrics.listen"),
+        ({"listen": "127.0.0.1:0", "token": NODE_METRICS_TOKEN}, "metrics.listen"),
+        ({"listen": "127.0.0.1:http", "token": NODE_METRICS_TOKEN}, "metrics.listen"),
+        ({"listen": 9464, "token": NODE_METRICS_TOKEN}, "metrics.listen"),
+        ({"listen": "127.0.0.1:9464", "token": "short"}, "metrics.token"),
+        ({"listen": "127.0.0.1:9464", "token_env": "UNSET_VARIABLE"}, "UNSET_VARIABLE"),
+        ({"listen": "127.0.0.1:9464", "token": NODE_METRICS_TOKEN, "token_env": "NODE_METRICS_TOKEN"}, "token_env"),
+    ],
+)
 def test_node_metrics_section_refusals(metrics, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         parse_config(node_config(**metrics), environ=ENV)
@@ -419,8 +439,15 @@ def test_node_metrics_with_a_tiny_qwen_model(tmp_path):
     write_tiny_checkpoint(tmp_path / "custom_voice", "custom_voice")
     relay = Relay(tmp_path)
     port = free_port()
-    models = {"custom_voice": {"source": str(tmp_path / "custom_voice"), "aliases": ["tts-1"], "max_new_frames": 6,
-                               "max_batch": 2, "voices": {"alloy": {"speaker": "vivian"}}}}
+    models = {
+        "custom_voice": {
+            "source": str(tmp_path / "custom_voice"),
+            "aliases": ["tts-1"],
+            "max_new_frames": 6,
+            "max_batch": 2,
+            "voices": {"alloy": {"speaker": "vivian"}},
+        }
+    }
     node = Node(tmp_path, relay, models, metrics={"listen": f"127.0.0.1:{port}", "token": NODE_METRICS_TOKEN})
     url = f"http://127.0.0.1:{port}/metrics"
     try:
@@ -429,9 +456,12 @@ def test_node_metrics_with_a_tiny_qwen_model(tmp_path):
 
         async def speak_twice():
             async with httpx.AsyncClient(timeout=120) as client:
-                return await asyncio.gather(*(client.post(
-                    f"{relay.url}/v1/audio/speech", headers=AUTH,
-                    json={**SPEECH, "input": text, "stream_format": "sse"}) for text in ("Hello there.", "Good morning.")))
+                return await asyncio.gather(
+                    *(
+                        client.post(f"{relay.url}/v1/audio/speech", headers=AUTH, json={**SPEECH, "input": text, "stream_format": "sse"})
+                        for text in ("Hello there.", "Good morning.")
+                    )
+                )
 
         per_request = []
         for response in asyncio.run(speak_twice()):

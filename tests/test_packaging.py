@@ -18,5 +18,6 @@ def test_base_install_requires_none_of_them():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = {dep.split(">")[0].split("=")[0].split("<")[0].strip().replace("-", "_") for dep in project["dependencies"]}
     assert not names & NODE_ONLY
-    assert {"torch", "qwen_tts", "av", "pyyaml"} <= {d.split(">")[0].split("=")[0].strip().replace("-", "_")
-                                           for d in project["optional-dependencies"]["node"]}
+    assert {"torch", "qwen_tts", "av", "pyyaml"} <= {
+        d.split(">")[0].split("=")[0].strip().replace("-", "_") for d in project["optional-dependencies"]["node"]
+    }

@@ -28,8 +28,17 @@ REQUEST = Request(7, "req_1", "custom_voice", "alloy", "Hello there.", None, "wa
 
 @pytest.mark.parametrize(
     "message",
-    [HELLO, REQUEST, Request(1, "r", "m", "v", "x", "be calm", "pcm", 0.25), Cancel(3), End(3, 4, 25), Error(3, "busy", "full"),
-     Audio(9, b"\x00\x01" * 10), Credit(3, 65536), Draining()],
+    [
+        HELLO,
+        REQUEST,
+        Request(1, "r", "m", "v", "x", "be calm", "pcm", 0.25),
+        Cancel(3),
+        End(3, 4, 25),
+        Error(3, "busy", "full"),
+        Audio(9, b"\x00\x01" * 10),
+        Credit(3, 65536),
+        Draining(),
+    ],
 )
 def test_round_trip(message):
     assert decode(encode(message)) == message
@@ -37,11 +46,23 @@ def test_round_trip(message):
 
 def test_the_wire_names_every_field():
     """The JSON a peer sees, written out: an attribute renamed in the dataclasses must not change it."""
-    assert json.loads(encode(HELLO)) == {"type": "hello", "node": "home", "models": [
-        {"name": "custom_voice", "aliases": ["tts-1"], "voices": ["vivian", "alloy"], "any_voice": False}]}
-    assert json.loads(encode(REQUEST)) == {"type": "request", "id": 7, "request_id": "req_1", "model": "custom_voice",
-                                           "voice": "alloy", "input": "Hello there.", "instructions": None,
-                                           "response_format": "wav", "speed": 1.5, "window": 100}
+    assert json.loads(encode(HELLO)) == {
+        "type": "hello",
+        "node": "home",
+        "models": [{"name": "custom_voice", "aliases": ["tts-1"], "voices": ["vivian", "alloy"], "any_voice": False}],
+    }
+    assert json.loads(encode(REQUEST)) == {
+        "type": "request",
+        "id": 7,
+        "request_id": "req_1",
+        "model": "custom_voice",
+        "voice": "alloy",
+        "input": "Hello there.",
+        "instructions": None,
+        "response_format": "wav",
+        "speed": 1.5,
+        "window": 100,
+    }
     assert json.loads(encode(Credit(3, 10))) == {"type": "credit", "id": 3, "size": 10}
     assert json.loads(encode(Cancel(3))) == {"type": "cancel", "id": 3}
     assert json.loads(encode(Draining())) == {"type": "draining"}
@@ -83,30 +104,59 @@ def _text(**body):
         _text(type="hello", node="n", models=[{"name": "m", "aliases": [], "voices": [3], "any_voice": False}]),
         _text(type="hello", node="n", models=[{"name": "m", "aliases": [], "voices": [], "any_voice": 0}]),
         _text(type="hello", node="", models=[]),
-        _text(type="request", id=1, request_id="r", model="m", voice="v", input="", instructions=None,
-              response_format="wav", speed=1.0, window=1),
-        _text(type="request", id=1, request_id="r", model="m", voice="v", input="hi", instructions=None,
-              response_format="wav", speed=1.0),  # no window: a version 1 relay
-        _text(type="request", id=1, request_id="r", model="m", voice="v", input="hi", instructions=None,
-              response_format="wav", speed=1.0, window=0),
+        _text(
+            type="request",
+            id=1,
+            request_id="r",
+            model="m",
+            voice="v",
+            input="",
+            instructions=None,
+            response_format="wav",
+            speed=1.0,
+            window=1,
+        ),
+        _text(
+            type="request", id=1, request_id="r", model="m", voice="v", input="hi", instructions=None, response_format="wav", speed=1.0
+        ),  # no window: a version 1 relay
+        _text(
+            type="request",
+            id=1,
+            request_id="r",
+            model="m",
+            voice="v",
+            input="hi",
+            instructions=None,
+            response_format="wav",
+            speed=1.0,
+            window=0,
+        ),
         _text(type="credit", id=1),
         _text(type="credit", id=1, size=0),
         _text(type="credit", id=1, size=2**31 + 1),
         _text(type="credit", id=1, size=1.5),
         _text(type="draining", now=True),
-        _text(type="request", id=1, request_id="r", model="m", voice="v", input="hi", instructions=None,
-              response_format="ogg", speed=1.0),
-        _text(type="request", id=1, request_id="r", model="m", voice="v", input="hi", instructions=None,
-              response_format="wav", speed=9.0),
-        _text(type="request", id=1, request_id="r", model="m", voice="v", input="x" * 5000, instructions=None,
-              response_format="wav", speed=1.0),
+        _text(type="request", id=1, request_id="r", model="m", voice="v", input="hi", instructions=None, response_format="ogg", speed=1.0),
+        _text(type="request", id=1, request_id="r", model="m", voice="v", input="hi", instructions=None, response_format="wav", speed=9.0),
+        _text(
+            type="request",
+            id=1,
+            request_id="r",
+            model="m",
+            voice="v",
+            input="x" * 5000,
+            instructions=None,
+            response_format="wav",
+            speed=1.0,
+        ),
         '{"type": "cancel", "id": 1' + " " * MAX_FRAME_BYTES + "}",
         b"",
         b"\x00\x00\x00\x01",
         b"\x00\x00\x00\x01" + b"x" * MAX_FRAME_BYTES,
         "[" * 100000,
-        _text(type="request", id=1, request_id="r", model="m", voice="v", input="hi", instructions=None,
-              response_format="wav", speed=10**400),
+        _text(
+            type="request", id=1, request_id="r", model="m", voice="v", input="hi", instructions=None, response_format="wav", speed=10**400
+        ),
         '{"type": "hello", "node": "\\ud800", "models": []}',  # a lone surrogate is not text
     ],
 )

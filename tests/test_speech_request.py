@@ -24,8 +24,9 @@ def test_defaults():
 
 
 def test_all_fields_and_voice_object():
-    request = parse(model="m", input="Hi", voice={"id": "vivian"}, instructions="calm", response_format="flac",
-                    speed=2, stream_format="sse")
+    request = parse(
+        model="m", input="Hi", voice={"id": "vivian"}, instructions="calm", response_format="flac", speed=2, stream_format="sse"
+    )
     assert request == SpeechRequest("m", "Hi", "vivian", "calm", "flac", 2.0, "sse")
 
 
@@ -82,20 +83,26 @@ def test_nan_speed_is_rejected():
     assert (error.status, error.param) == (400, "speed")
 
 
-@pytest.mark.parametrize("raw", [
-    b'{"model": "m", "input": "hi", "voice": "v", "speed": 1' + b"0" * 400 + b"}",
-    b'{"model": "m", "input": "hi", "voice": "v", "speed": -1e400}',
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model": "m", "input": "hi", "voice": "v", "speed": 1' + b"0" * 400 + b"}",
+        b'{"model": "m", "input": "hi", "voice": "v", "speed": -1e400}',
+    ],
+)
 def test_huge_numbers_are_out_of_range(raw):
     error = rejected(raw)
     assert (error.status, error.param) == (400, "speed")
 
 
-@pytest.mark.parametrize("raw", [  # "\\ud800" in the source is the JSON escape \ud800 on the wire
-    b'{"model": "m", "input": "\\ud800", "voice": "v"}',
-    b'{"model": "\\udfff", "input": "hi", "voice": "v"}',
-    b'{"\\ud800": 1, "model": "m", "input": "hi", "voice": "v"}',
-])
+@pytest.mark.parametrize(
+    "raw",
+    [  # "\\ud800" in the source is the JSON escape \ud800 on the wire
+        b'{"model": "m", "input": "\\ud800", "voice": "v"}',
+        b'{"model": "\\udfff", "input": "hi", "voice": "v"}',
+        b'{"\\ud800": 1, "model": "m", "input": "hi", "voice": "v"}',
+    ],
+)
 def test_lone_surrogates_are_not_text(raw):
     error = rejected(raw)
     assert (error.status, error.code) == (400, "invalid_json")

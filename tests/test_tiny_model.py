@@ -130,17 +130,11 @@ def test_folder_is_small_and_keeps_the_real_ids(folder, model_type, real_config)
 
 
 def test_custom_voice_generates(custom_voice):
-    _check_audio(
-        custom_voice.generate_custom_voice(TEXT, speaker="vivian", max_new_tokens=MAX_NEW_TOKENS)
-    )
+    _check_audio(custom_voice.generate_custom_voice(TEXT, speaker="vivian", max_new_tokens=MAX_NEW_TOKENS))
 
 
 def test_voice_design_generates(voice_design):
-    _check_audio(
-        voice_design.generate_voice_design(
-            TEXT, instruct="A calm, low voice.", max_new_tokens=MAX_NEW_TOKENS
-        )
-    )
+    _check_audio(voice_design.generate_voice_design(TEXT, instruct="A calm, low voice.", max_new_tokens=MAX_NEW_TOKENS))
 
 
 @pytest.fixture(scope="module")
@@ -155,18 +149,14 @@ def test_base_clones_in_context(base, reference_audio):
     assert tuple(items[0].ref_code.shape) == (13, 16)
     assert items[0].ref_code.max() < 2048
     # The reference frames are decoded with the new ones and then cut off again.
-    _check_audio(
-        base.generate_voice_clone(TEXT, voice_clone_prompt=items, max_new_tokens=MAX_NEW_TOKENS)
-    )
+    _check_audio(base.generate_voice_clone(TEXT, voice_clone_prompt=items, max_new_tokens=MAX_NEW_TOKENS))
 
 
 def test_base_clones_from_x_vector_only(base, reference_audio):
     items = base.create_voice_clone_prompt(ref_audio=reference_audio, x_vector_only_mode=True)
     assert items[0].ref_code is None
     assert torch.isfinite(items[0].ref_spk_embedding.float()).all()
-    _check_audio(
-        base.generate_voice_clone(TEXT, voice_clone_prompt=items, max_new_tokens=MAX_NEW_TOKENS)
-    )
+    _check_audio(base.generate_voice_clone(TEXT, voice_clone_prompt=items, max_new_tokens=MAX_NEW_TOKENS))
 
 
 def test_loads_in_float32(folder):

@@ -70,8 +70,9 @@ def test_the_node_token_never_travels(relay):
 async def refusal(relay, headers, subprotocols=(SUBPROTOCOL,)):
     """The refused handshake's (status, error code)."""
     with pytest.raises(InvalidStatus) as info:
-        async with websockets.connect(relay.tunnel_url, additional_headers=headers,
-                                      subprotocols=list(subprotocols) if subprotocols is not None else None):
+        async with websockets.connect(
+            relay.tunnel_url, additional_headers=headers, subprotocols=list(subprotocols) if subprotocols is not None else None
+        ):
             pass
     response = info.value.response
     return response.status_code, json.loads(response.body)["error"]["code"]
@@ -86,10 +87,8 @@ async def test_handshake_refusals(relay):
         ({}, [SUBPROTOCOL], (401, "missing_node_credential")),
         ({"Authorization": f"Bearer {NODE_TOKEN}"}, [SUBPROTOCOL], (401, "missing_node_credential")),  # v2's way
         ({"Authorization": "Tunnel-HMAC nonsense"}, [SUBPROTOCOL], (401, "missing_node_credential")),
-        ({"Authorization": tunnel_authorization("wrong-token-wrong-token", challenge())}, [SUBPROTOCOL],
-         (401, "invalid_node_token")),
-        ({"Authorization": tunnel_authorization(NODE_TOKEN, "never-issued-by-this-relay")}, [SUBPROTOCOL],
-         (401, "invalid_challenge")),
+        ({"Authorization": tunnel_authorization("wrong-token-wrong-token", challenge())}, [SUBPROTOCOL], (401, "invalid_node_token")),
+        ({"Authorization": tunnel_authorization(NODE_TOKEN, "never-issued-by-this-relay")}, [SUBPROTOCOL], (401, "invalid_challenge")),
         # The version is checked before the credential: an old node learns it must upgrade.
         ({}, ["qwen3-tts-tunnel.v2"], (426, "unsupported_protocol")),
         ({"Authorization": f"Bearer {NODE_TOKEN}"}, ["qwen3-tts-tunnel.v2"], (426, "unsupported_protocol")),
@@ -113,8 +112,7 @@ async def test_a_replayed_handshake_is_refused(relay):
     assert await refusal(relay, headers) == (401, "invalid_challenge")
     # A challenge presented with a wrong proof is used up too: the right proof cannot follow.
     challenge = httpx.get(f"{relay.url}/v1/tunnel/challenge", timeout=5).json()["challenge"]
-    assert await refusal(relay, {"Authorization": tunnel_authorization("not-the-token-at-all", challenge)}) == \
-        (401, "invalid_node_token")
+    assert await refusal(relay, {"Authorization": tunnel_authorization("not-the-token-at-all", challenge)}) == (401, "invalid_node_token")
     assert await refusal(relay, {"Authorization": tunnel_authorization(NODE_TOKEN, challenge)}) == (401, "invalid_challenge")
 
 
@@ -160,8 +158,9 @@ def test_a_node_retries_while_it_gets_no_challenge(tmp_path):
     port = free_port()
     node = Node(tmp_path, SimpleNamespace(tunnel_url=f"ws://127.0.0.1:{port}/v1/tunnel"), synthetic_models())
     try:
-        node.wait_for_log(f"relay ws://127.0.0.1:{port}/v1/tunnel unreachable: no challenge from "
-                          f"http://127.0.0.1:{port}/v1/tunnel/challenge", timeout=60)
+        node.wait_for_log(
+            f"relay ws://127.0.0.1:{port}/v1/tunnel unreachable: no challenge from http://127.0.0.1:{port}/v1/tunnel/challenge", timeout=60
+        )
         node.wait_for_log("reconnecting to", timeout=10)
         relay = Relay(tmp_path, port=port)
         try:
@@ -210,8 +209,7 @@ async def test_malformed_tunnel_frames_close_that_tunnel_only(tmp_path, relay, f
     node = Node(tmp_path, relay, synthetic_models())
     try:
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
-        async with websockets.connect(relay.tunnel_url, additional_headers=relay.tunnel_headers(),
-                                      subprotocols=[SUBPROTOCOL]) as ws:
+        async with websockets.connect(relay.tunnel_url, additional_headers=relay.tunnel_headers(), subprotocols=[SUBPROTOCOL]) as ws:
             for frame in frames:
                 await ws.send(frame)
             with pytest.raises(ConnectionClosed) as info:
@@ -227,8 +225,9 @@ def test_client_disconnect_cancels_the_node_work(tmp_path, relay):
     node = Node(tmp_path, relay, synthetic_models(max_queue=0))
     try:
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
-        with httpx.stream("POST", f"{relay.url}/v1/audio/speech", json={**SPEECH, "input": "x" * 200},
-                          headers=AUTH, timeout=30) as response:  # 200 frames: 16 s at real-time pace
+        with httpx.stream(
+            "POST", f"{relay.url}/v1/audio/speech", json={**SPEECH, "input": "x" * 200}, headers=AUTH, timeout=30
+        ) as response:  # 200 frames: 16 s at real-time pace
             next(response.iter_bytes())
         node.wait_for_log("cancelled by the relay", timeout=10)
         node.wait_for_log("done,", timeout=5)
@@ -245,8 +244,13 @@ def test_node_killed_mid_stream_ends_the_response_with_an_error_then_recovers(tm
     try:
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
         received = b""
-        with httpx.stream("POST", f"{relay.url}/v1/audio/speech", headers=AUTH, timeout=30,
-                          json={**SPEECH, "input": "x" * 200, "stream_format": stream_format}) as response:
+        with httpx.stream(
+            "POST",
+            f"{relay.url}/v1/audio/speech",
+            headers=AUTH,
+            timeout=30,
+            json={**SPEECH, "input": "x" * 200, "stream_format": stream_format},
+        ) as response:
             chunks = response.iter_bytes()
             received += next(chunks)
             node.kill()
@@ -297,8 +301,9 @@ class ScriptedNode:
         from tunnel.protocol import Connection, Hello, ModelInfo
 
         self.conn = Connection("node")
-        self.ws = await websockets.connect(self.relay.tunnel_url, subprotocols=[SUBPROTOCOL],
-                                           additional_headers=self.relay.tunnel_headers())
+        self.ws = await websockets.connect(
+            self.relay.tunnel_url, subprotocols=[SUBPROTOCOL], additional_headers=self.relay.tunnel_headers()
+        )
         # The marker model shows in /v1/models once the relay has taken this node's hello.
         models = (ModelInfo(self.model, self.aliases, ("alloy",)), ModelInfo("scripted-marker"))
         await self.ws.send(self.conn.send(Hello("scripted", models)))
@@ -351,8 +356,7 @@ async def test_a_node_that_drops_before_the_first_byte_is_replaced_by_another(tm
         await asyncio.to_thread(relay.wait_for_models, {"tts-1"}, 60.0, real)
         # The scripted node is idle while the real one is busy with a long request: it gets picked next.
         async with httpx.AsyncClient(timeout=60) as client:
-            async with client.stream("POST", f"{relay.url}/v1/audio/speech", headers=AUTH,
-                                     json={**SPEECH, "input": "x" * 50}) as busy:
+            async with client.stream("POST", f"{relay.url}/v1/audio/speech", headers=AUTH, json={**SPEECH, "input": "x" * 50}) as busy:
                 busy_chunks = busy.aiter_bytes()
                 await busy_chunks.__anext__()
                 node = await ScriptedNode(relay).__aenter__()
@@ -382,9 +386,9 @@ async def test_fifty_concurrent_requests_across_two_nodes_all_complete_with_the_
         client = openai.AsyncOpenAI(base_url=f"{relay.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
         # 1 to 4 frames each, of 20 pitches: a response delivered to the wrong client would show.
         texts = [chr(ord("a") + i % 20) * (1 + i % 4) for i in range(50)]
-        responses = await asyncio.gather(*(
-            client.audio.speech.create(model="tts-1", voice="alloy", input=text, response_format="wav") for text in texts
-        ))
+        responses = await asyncio.gather(
+            *(client.audio.speech.create(model="tts-1", voice="alloy", input=text, response_format="wav") for text in texts)
+        )
         for text, response in zip(texts, responses):
             samples, rate = soundfile.read(io.BytesIO(response.content), dtype="float32")
             assert rate == 24000
@@ -402,15 +406,17 @@ def test_every_node_log_line_about_a_request_carries_the_relays_request_id(tmp_p
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
         served = speak(relay, "Tagged")
         refused = speak(relay, "Tagged", voice="nobody")
-        with httpx.stream("POST", f"{relay.url}/v1/audio/speech", json={**SPEECH, "input": "x" * 100},
-                          headers=AUTH, timeout=30) as response:
+        with httpx.stream(
+            "POST", f"{relay.url}/v1/audio/speech", json={**SPEECH, "input": "x" * 100}, headers=AUTH, timeout=30
+        ) as response:
             cancelled = response.headers["x-request-id"]
             next(response.iter_bytes())
         node.wait_for_log(f"{cancelled}: done", timeout=10)
         assert served.status_code == 200 and refused.status_code == 404
         ids = {served.headers["x-request-id"], cancelled}
-        lines = [line for line in node.log().splitlines() if "stream " in line or "done," in line
-                 or "cancelled" in line or "answered" in line]
+        lines = [
+            line for line in node.log().splitlines() if "stream " in line or "done," in line or "cancelled" in line or "answered" in line
+        ]
         assert len(lines) == 5  # start and end of the two streams, and the cancel
         assert all(line.split(": ")[1].split(":")[0] in ids for line in lines), lines
         assert all(request_id in relay.log() for request_id in ids)

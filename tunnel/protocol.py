@@ -160,8 +160,7 @@ Frame = Union[str, bytes]
 
 _FROM_NODE = (Hello, Audio, End, Error, Draining)
 _FROM_RELAY = (Request, Credit, Cancel, Draining)
-_TYPE_NAMES = {Hello: "hello", Request: "request", Credit: "credit", Cancel: "cancel", Draining: "draining",
-               End: "end", Error: "error"}
+_TYPE_NAMES = {Hello: "hello", Request: "request", Credit: "credit", Cancel: "cancel", Draining: "draining", End: "end", Error: "error"}
 _TYPES_BY_NAME = {name: cls for cls, name in _TYPE_NAMES.items()}
 
 
@@ -183,9 +182,17 @@ def _fields(message: Message) -> dict[str, Any]:
         case Hello():
             return {"node": message.node, "models": [_model_fields(m) for m in message.models]}
         case Request():
-            return {"id": message.id, "request_id": message.request_id, "model": message.model, "voice": message.voice,
-                    "input": message.input, "instructions": message.instructions,
-                    "response_format": message.response_format, "speed": message.speed, "window": message.window}
+            return {
+                "id": message.id,
+                "request_id": message.request_id,
+                "model": message.model,
+                "voice": message.voice,
+                "input": message.input,
+                "instructions": message.instructions,
+                "response_format": message.response_format,
+                "speed": message.speed,
+                "window": message.window,
+            }
         case Credit():
             return {"id": message.id, "size": message.size}
         case Cancel():

@@ -91,8 +91,14 @@ class Batcher:
         threading.Thread(target=self._generate, name=f"generate-{name}", daemon=True).start()
         threading.Thread(target=self._decode, name=f"decode-{name}", daemon=True).start()
 
-    def run(self, prompt: Prompt, sampling: SamplingConfig, cancelled: threading.Event,
-            on_frame: Callable[[torch.Tensor], Any], on_end: Callable[[], Any]) -> Iterator[Any]:
+    def run(
+        self,
+        prompt: Prompt,
+        sampling: SamplingConfig,
+        cancelled: threading.Event,
+        on_frame: Callable[[torch.Tensor], Any],
+        on_end: Callable[[], Any],
+    ) -> Iterator[Any]:
         """Generate the utterance; on the decoding thread call ``on_frame(codes)`` for each frame
         and ``on_end()`` after the last, and yield here whatever they return that is not None.
         Once ``cancelled`` is set the batch drops it before its next frame (``on_end`` is not

@@ -119,8 +119,11 @@ class QwenEngine:
         if self.kind == "voice_design":
             voice = self.voices.get(job.voice)
             if not job.instructions and voice is None:
-                raise JobError("invalid_request", "A VoiceDesign model needs the voice described in 'instructions' "
-                               f"(or a configured voice: {', '.join(self.voices) or 'none'}).")
+                raise JobError(
+                    "invalid_request",
+                    "A VoiceDesign model needs the voice described in 'instructions' "
+                    f"(or a configured voice: {', '.join(self.voices) or 'none'}).",
+                )
         elif job.voice not in self.voices:
             raise JobError("unknown_voice", f"Voice '{job.voice}' is not available; choose from {', '.join(self.voices)}.")
 
@@ -161,8 +164,12 @@ class QwenEngine:
 
     def _prompt(self, text: str, job: Job) -> Prompt:
         voice = self.voices.get(job.voice)
-        common = dict(kind=self.kind, text=text, language=voice.language if voice else self.default_language,
-                      non_streaming_mode=_NON_STREAMING_MODE[self.config.text_input])
+        common = dict(
+            kind=self.kind,
+            text=text,
+            language=voice.language if voice else self.default_language,
+            non_streaming_mode=_NON_STREAMING_MODE[self.config.text_input],
+        )
         if self.kind == "custom_voice":
             return prepare_prompt(self.tts, speaker=voice.speaker, instruct=job.instructions, **common)
         if self.kind == "voice_design":

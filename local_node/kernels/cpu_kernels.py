@@ -85,8 +85,9 @@ class Kernels:
         n, k = weight.shape
         rows = _rows(x, k)
         out = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
-        self._library.bf16_linear(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0], n, k,
-                                  self._block_rows(n) // self.lanes)
+        self._library.bf16_linear(
+            rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0], n, k, self._block_rows(n) // self.lanes
+        )
         return out.view(*x.shape[:-1], n)
 
     def int8_layout(self, weight: torch.Tensor) -> torch.Tensor | None:
@@ -111,8 +112,9 @@ class Kernels:
         n, k = weight.shape
         rows = _rows(x, k)
         out = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
-        self._library.q8_linear(rows.data_ptr(), weight.data_ptr(), scale.data_ptr(), out.data_ptr(), rows.shape[0], n,
-                                k, self._block_rows(n) // self.lanes)
+        self._library.q8_linear(
+            rows.data_ptr(), weight.data_ptr(), scale.data_ptr(), out.data_ptr(), rows.shape[0], n, k, self._block_rows(n) // self.lanes
+        )
         return out.view(*x.shape[:-1], n)
 
     def _block_rows(self, n: int) -> int:
@@ -121,8 +123,9 @@ class Kernels:
 
     # --- norms and attention ------------------------------------------------------------------
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor | None = None,
-                 sin: torch.Tensor | None = None) -> torch.Tensor:
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Qwen3TTSRMSNorm over the last dimension of bfloat16 x [..., dim], weight [dim]; or of x
         [..., heads, dim] with a weight row per head, weight [heads, dim]. With cos and sin
         (bfloat16, [..., dim], one row per position: x's dimensions before the heads), the result
@@ -137,16 +140,23 @@ class Kernels:
         out = torch.empty(x.shape, dtype=torch.bfloat16)
         rotation = (None, None)
         if cos is not None:
-            if not (sin is not None and cos.dtype == sin.dtype == torch.bfloat16 and cos.is_contiguous()
-                    and sin.is_contiguous() and cos.numel() == sin.numel() == rows.shape[0] * dim):
+            if not (
+                sin is not None
+                and cos.dtype == sin.dtype == torch.bfloat16
+                and cos.is_contiguous()
+                and sin.is_contiguous()
+                and cos.numel() == sin.numel() == rows.shape[0] * dim
+            ):
                 raise ValueError("cos and sin: contiguous bfloat16, one row of dim per position")
             rotation = (cos.data_ptr(), sin.data_ptr())
-        self._library.rms_norm(rows.data_ptr(), rows.stride(0), heads, weight.data_ptr(), out.data_ptr(),
-                               rows.shape[0] * heads, dim, eps, *rotation)
+        self._library.rms_norm(
+            rows.data_ptr(), rows.stride(0), heads, weight.data_ptr(), out.data_ptr(), rows.shape[0] * heads, dim, eps, *rotation
+        )
         return out
 
-    def attend_one(self, qk: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: list[int],
-                   starts: list[int], scale: float) -> torch.Tensor:
+    def attend_one(
+        self, qk: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: list[int], starts: list[int], scale: float
+    ) -> torch.Tensor:
         """Attention for one new position per sequence, grouped-query heads: ``rows[j]``'s new key
         (the last kv heads of ``qk`` [n, 1, heads + kv_heads, dim], normed and rotated) and value
         (``v`` [n, 1, kv_heads, dim]), bfloat16, are written at position ``starts[j]`` of cache row
@@ -156,17 +166,46 @@ class Kernels:
         n, _, all_heads, dim = qk.shape
         cache_rows, kv_heads, capacity, _ = keys.shape
         heads = all_heads - kv_heads
-        shapes = (heads > 0 and heads % kv_heads == 0 and dim % 16 == 0 and dim <= MAX_DIM and keys.shape == values.shape
-                  and keys.shape[3] == dim and v.shape == (n, 1, kv_heads, dim) and len(rows) == len(starts) == n
-                  and 0 <= min(rows) <= max(rows) < cache_rows and 0 <= min(starts) <= max(starts) < capacity)
-        layouts = (qk.dtype == v.dtype == torch.bfloat16 and keys.dtype == values.dtype in (torch.float32, torch.bfloat16)
-                   and qk.is_contiguous() and v[0].is_contiguous() and keys.is_contiguous() and values.is_contiguous())
+        shapes = (
+            heads > 0
+            and heads % kv_heads == 0
+            and dim % 16 == 0
+            and dim <= MAX_DIM
+            and keys.shape == values.shape
+            and keys.shape[3] == dim
+            and v.shape == (n, 1, kv_heads, dim)
+            and len(rows) == len(starts) == n
+            and 0 <= min(rows) <= max(rows) < cache_rows
+            and 0 <= min(starts) <= max(starts) < capacity
+        )
+        layouts = (
+            qk.dtype == v.dtype == torch.bfloat16
+            and keys.dtype == values.dtype in (torch.float32, torch.bfloat16)
+            and qk.is_contiguous()
+            and v[0].is_contiguous()
+            and keys.is_contiguous()
+            and values.is_contiguous()
+        )
         if not (shapes and layouts):
             raise ValueError("attend_one: see its docstring for the shapes and dtypes it takes")
         out = torch.empty(n, 1, heads * dim, dtype=torch.bfloat16)
-        self._library.attend_one(qk.data_ptr(), v.data_ptr(), v.stride(0), keys.data_ptr(), values.data_ptr(), capacity,
-                                 (ctypes.c_int * n)(*rows), (ctypes.c_int * n)(*starts), n, heads, kv_heads, dim, scale,
-                                 keys.dtype == torch.bfloat16, out.data_ptr())
+        self._library.attend_one(
+            qk.data_ptr(),
+            v.data_ptr(),
+            v.stride(0),
+            keys.data_ptr(),
+            values.data_ptr(),
+            capacity,
+            (ctypes.c_int * n)(*rows),
+            (ctypes.c_int * n)(*starts),
+            n,
+            heads,
+            kv_heads,
+            dim,
+            scale,
+            keys.dtype == torch.bfloat16,
+            out.data_ptr(),
+        )
         return out
 
     # --- whole decoder layers --------------------------------------------------------------
@@ -184,8 +223,15 @@ class Kernels:
                 if getattr(module, "kernels", None) is not self:
                     return None
                 scale = getattr(module, "scale", None)
-                setattr(entry, name, _Product(module.weight.data_ptr(), None if scale is None else scale.data_ptr(),
-                                              self._block_rows(module.out_features) // self.lanes))
+                setattr(
+                    entry,
+                    name,
+                    _Product(
+                        module.weight.data_ptr(),
+                        None if scale is None else scale.data_ptr(),
+                        self._block_rows(module.out_features) // self.lanes,
+                    ),
+                )
             for name in ("input_norm", "post_norm", "qk_norm"):
                 if layer[name].dtype != torch.bfloat16 or not layer[name].is_contiguous():
                     return None
@@ -193,26 +239,67 @@ class Kernels:
             entry.norm_eps, entry.qk_eps, entry.scale = layer["norm_eps"], layer["qk_eps"], layer["scale"]
         return table
 
-    def stack_step(self, table: Any, x: torch.Tensor, heads: int, kv_heads: int, intermediate: int, keys: torch.Tensor,
-                   values: torch.Tensor, rows: list[int], starts: list[int], cos: torch.Tensor,
-                   sin: torch.Tensor) -> torch.Tensor:
+    def stack_step(
+        self,
+        table: Any,
+        x: torch.Tensor,
+        heads: int,
+        kv_heads: int,
+        intermediate: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        rows: list[int],
+        starts: list[int],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
         """x [n, 1, hidden] bfloat16, one new position per sequence, through every layer of
         ``table`` in one call (cpu_kernels.c: stack_step): the per-op path's arithmetic, each
         sequence's key and value written at ``starts[j]`` of cache row ``rows[j]`` of ``keys`` /
         ``values`` ([layers, cache rows, kv_heads, capacity, dim], bfloat16). Returns a new tensor."""
         n, steps, hidden = x.shape
         layers, cache_rows, kv, capacity, dim = keys.shape
-        if not (steps == 1 and x.dtype == keys.dtype == values.dtype == torch.bfloat16 and keys.shape == values.shape
-                and layers == len(table) and kv == kv_heads and heads % kv_heads == 0 and dim % 16 == 0
-                and max(dim, hidden) <= MAX_DIM and keys.is_contiguous() and values.is_contiguous()
-                and len(rows) == len(starts) == n and 0 <= min(rows) <= max(rows) < cache_rows
-                and 0 <= min(starts) <= max(starts) < capacity and cos.is_contiguous() and sin.is_contiguous()
-                and cos.numel() == sin.numel() == n * dim and cos.dtype == sin.dtype == torch.bfloat16):
+        if not (
+            steps == 1
+            and x.dtype == keys.dtype == values.dtype == torch.bfloat16
+            and keys.shape == values.shape
+            and layers == len(table)
+            and kv == kv_heads
+            and heads % kv_heads == 0
+            and dim % 16 == 0
+            and max(dim, hidden) <= MAX_DIM
+            and keys.is_contiguous()
+            and values.is_contiguous()
+            and len(rows) == len(starts) == n
+            and 0 <= min(rows) <= max(rows) < cache_rows
+            and 0 <= min(starts) <= max(starts) < capacity
+            and cos.is_contiguous()
+            and sin.is_contiguous()
+            and cos.numel() == sin.numel() == n * dim
+            and cos.dtype == sin.dtype == torch.bfloat16
+        ):
             raise ValueError("stack_step: see its docstring for the shapes and dtypes it takes")
         out = x.contiguous().clone()
-        self._library.stack_step(table, len(table), out.data_ptr(), n, hidden, heads, kv_heads, dim, intermediate,
-                                 keys.data_ptr(), values.data_ptr(), keys.stride(0), capacity, (ctypes.c_int * n)(*rows),
-                                 (ctypes.c_int * n)(*starts), cos.data_ptr(), sin.data_ptr(), 1)
+        self._library.stack_step(
+            table,
+            len(table),
+            out.data_ptr(),
+            n,
+            hidden,
+            heads,
+            kv_heads,
+            dim,
+            intermediate,
+            keys.data_ptr(),
+            values.data_ptr(),
+            keys.stride(0),
+            capacity,
+            (ctypes.c_int * n)(*rows),
+            (ctypes.c_int * n)(*starts),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            1,
+        )
         return out
 
     # --- threads and the machine ------------------------------------------------------------
@@ -269,7 +356,7 @@ def choice() -> tuple[Kernels | None, str]:
             return None, "QWEN3_TTS_ISA=portable: PyTorch's kernels only"
         if asked not in candidates:
             return None, f"QWEN3_TTS_ISA={asked} does not run on {machine}: PyTorch's kernels only"
-        candidates = candidates[candidates.index(asked):]
+        candidates = candidates[candidates.index(asked) :]
     skipped = []
     for tier in candidates:
         found = kernels(tier)
@@ -298,8 +385,13 @@ def kernels(tier: str) -> Kernels | None:
         library = ctypes.CDLL(str(_build(tier)))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", b"") or b""
-        log.warning("could not build the %s kernels (%s%s): %s", tier, e, f": {detail.decode(errors='replace')[-300:]}"
-                    if detail else "", "a lower tier, or PyTorch's kernels")
+        log.warning(
+            "could not build the %s kernels (%s%s): %s",
+            tier,
+            e,
+            f": {detail.decode(errors='replace')[-300:]}" if detail else "",
+            "a lower tier, or PyTorch's kernels",
+        )
         return None
     if not library.supported():
         return None
@@ -312,9 +404,18 @@ class _Product(ctypes.Structure):
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [("qkv", _Product), ("o", _Product), ("gate_up", _Product), ("down", _Product),
-                ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("qk_norm", ctypes.c_void_p),
-                ("norm_eps", ctypes.c_float), ("qk_eps", ctypes.c_float), ("scale", ctypes.c_float)]
+    _fields_ = [
+        ("qkv", _Product),
+        ("o", _Product),
+        ("gate_up", _Product),
+        ("down", _Product),
+        ("input_norm", ctypes.c_void_p),
+        ("post_norm", ctypes.c_void_p),
+        ("qk_norm", ctypes.c_void_p),
+        ("norm_eps", ctypes.c_float),
+        ("qk_eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+    ]
 
 
 def machine_tiers() -> tuple[str, ...]:
@@ -364,7 +465,6 @@ def _build(tier: str) -> Path:
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as scratch:
             partial = Path(scratch) / built.name
-            subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial), "-lm"], check=True, capture_output=True,
-                           timeout=120)
+            subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial), "-lm"], check=True, capture_output=True, timeout=120)
             os.replace(partial, built)
     return built

@@ -118,9 +118,7 @@ class _Plan:
 
     def _causal_lookback(self, module: nn.Module) -> int:
         """Input samples a stride-1 causal module looks back: its convolutions' left padding."""
-        convs = [
-            c for c in module.modules() if isinstance(c, self._m.Qwen3TTSTokenizerV2CausalConvNet)
-        ]
+        convs = [c for c in module.modules() if isinstance(c, self._m.Qwen3TTSTokenizerV2CausalConvNet)]
         for conv in convs:
             if conv.stride != 1 or conv.padding != conv.kernel_size - 1:
                 raise NotImplementedError(f"cannot stream a strided causal conv: {conv}")
@@ -249,9 +247,7 @@ class StreamingDecoder:
         self._chunks = 0  # chunks returned so far in this utterance
         self._frames = 0  # frames decoded (or primed) so far in this utterance
         # The frames a restart of the reference's chunking warms up on.
-        self._recent: collections.deque[torch.Tensor] = collections.deque(
-            maxlen=self._restart_context
-        )
+        self._recent: collections.deque[torch.Tensor] = collections.deque(maxlen=self._restart_context)
 
     def _check_frames(self, codes: Any, *, single: bool) -> torch.Tensor:
         codes = torch.as_tensor(codes)
@@ -259,15 +255,10 @@ class StreamingDecoder:
             raise TypeError(f"codec ids must be integers, not {codes.dtype}")
         if single:
             if codes.shape != (self.num_quantizers,):
-                raise ValueError(
-                    f"expected one frame of shape ({self.num_quantizers},), "
-                    f"got {tuple(codes.shape)}"
-                )
+                raise ValueError(f"expected one frame of shape ({self.num_quantizers},), got {tuple(codes.shape)}")
             codes = codes[None]
         elif codes.dim() != 2 or codes.shape[1] != self.num_quantizers:
-            raise ValueError(
-                f"expected codes of shape (frames, {self.num_quantizers}), got {tuple(codes.shape)}"
-            )
+            raise ValueError(f"expected codes of shape (frames, {self.num_quantizers}), got {tuple(codes.shape)}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
             raise ValueError(f"codec ids must be in [0, {self.codebook_size})")
         return codes.to(device=self._device, dtype=torch.long)
@@ -322,12 +313,8 @@ class StreamingDecoder:
         """Codes [T, Q] -> transformer output [1, latent, T]."""
         decoder = self._decoder
         hidden = decoder.quantizer.decode(frames.T[None])  # per frame, no state
-        hidden, state.pre_conv = _causal_call(
-            decoder.pre_conv, hidden, state.pre_conv, self._plan.pre_conv_lookback
-        )
-        hidden = decoder.pre_transformer(
-            inputs_embeds=hidden.transpose(1, 2), past_key_values=state.kv, use_cache=True
-        ).last_hidden_state
+        hidden, state.pre_conv = _causal_call(decoder.pre_conv, hidden, state.pre_conv, self._plan.pre_conv_lookback)
+        hidden = decoder.pre_transformer(inputs_embeds=hidden.transpose(1, 2), past_key_values=state.kv, use_cache=True).last_hidden_state
         return hidden.transpose(1, 2)
 
     def _back(self, hidden: torch.Tensor, state: _State) -> torch.Tensor:
@@ -342,9 +329,7 @@ class StreamingDecoder:
         return hidden
 
 
-def _causal_call(
-    module: nn.Module, x: torch.Tensor, history: torch.Tensor | None, keep: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _causal_call(module: nn.Module, x: torch.Tensor, history: torch.Tensor | None, keep: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run a causal stride-1 ``module`` on new input samples ``x`` that follow ``history``.
 
     The module is called unmodified on ``history + x``; the outputs of the history samples,
@@ -361,9 +346,7 @@ def _causal_call(
     return module(x)[..., old:], new_history
 
 
-def _transposed_call(
-    conv: nn.ConvTranspose1d, x: torch.Tensor, carry: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _transposed_call(conv: nn.ConvTranspose1d, x: torch.Tensor, carry: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """A causal transposed convolution (kernel ``m * s``, stride ``s``, the last ``k - s``
     outputs trimmed) on new input samples ``x`` [1, C_in, T], by overlap-add.
 

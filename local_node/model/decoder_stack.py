@@ -56,8 +56,9 @@ class DecoderStack:
         self.dtype = model.norm.weight.dtype
         # The kernels the weights were laid out for: norms and one-position attention too.
         self.kernels: cpu_kernels.Kernels | None = getattr(self.layers[0].qkv, "kernels", None)
-        if self.kernels is not None and (not own_ops or self.dtype != torch.bfloat16 or self.head_dim % 16
-                                         or max(self.head_dim, cfg.hidden_size) > cpu_kernels.MAX_DIM):
+        if self.kernels is not None and (
+            not own_ops or self.dtype != torch.bfloat16 or self.head_dim % 16 or max(self.head_dim, cfg.hidden_size) > cpu_kernels.MAX_DIM
+        ):
             self.kernels = None
         self._norm = _rms_norm if self.kernels is None else self.kernels.rms_norm
         # One new position through every layer in one C call, where all the products are ours.
@@ -82,8 +83,9 @@ class DecoderStack:
             self._grow(max(starts) + steps)
         cos, sin = self._rope(starts, steps)
         if self._table is not None and steps == 1:
-            x = self.kernels.stack_step(self._table, x, self.n_heads, self.n_kv_heads, self.intermediate, self.keys,
-                                        self.values, rows, starts, cos, sin)
+            x = self.kernels.stack_step(
+                self._table, x, self.n_heads, self.n_kv_heads, self.intermediate, self.keys, self.values, rows, starts, cos, sin
+            )
         else:
             for i, layer in enumerate(self.layers):
                 x = x + self._attend(layer, self._norm(x, *layer.input_norm), i, rows, starts, cos, sin)
@@ -93,8 +95,9 @@ class DecoderStack:
             self.lengths[r] += steps
         return self._norm(x, *self.final_norm)
 
-    def _attend(self, layer: _Layer, h: torch.Tensor, i: int, rows: list[int], starts: list[int], cos: torch.Tensor,
-                sin: torch.Tensor) -> torch.Tensor:
+    def _attend(
+        self, layer: _Layer, h: torch.Tensor, i: int, rows: list[int], starts: list[int], cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
         heads, kv_heads, dim = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = layer.qkv(h).unflatten(-1, (heads + 2 * kv_heads, dim))
         # q and k heads side by side, each with its own norm weight: one norm and one rotation
@@ -110,8 +113,7 @@ class DecoderStack:
             qk = qk * cos + _rotate_half(qk) * sin
         return layer.o(self._sdpa(layer, i, qk, qkv[:, :, heads + kv_heads :].transpose(1, 2), rows, starts))
 
-    def _sdpa(self, layer: _Layer, i: int, qk: torch.Tensor, v: torch.Tensor, rows: list[int],
-              starts: list[int]) -> torch.Tensor:
+    def _sdpa(self, layer: _Layer, i: int, qk: torch.Tensor, v: torch.Tensor, rows: list[int], starts: list[int]) -> torch.Tensor:
         """PyTorch's SDPA as transformers calls it: write the new keys and values ([n, heads,
         steps, dim]) into the cache, attend (causally over several new positions); [n, steps,
         heads * dim]."""
@@ -122,8 +124,12 @@ class DecoderStack:
             self.keys[i, first : first + n, :, start:end] = k
             self.values[i, first : first + n, :, start:end] = v
             out = F.scaled_dot_product_attention(
-                q, self.keys[i, first : first + n, :, :end], self.values[i, first : first + n, :, :end],
-                is_causal=steps > 1, scale=layer.scaling, enable_gqa=True,
+                q,
+                self.keys[i, first : first + n, :, :end],
+                self.values[i, first : first + n, :, :end],
+                is_causal=steps > 1,
+                scale=layer.scaling,
+                enable_gqa=True,
             )
         else:  # sequences of different lengths: attention row by row
             outs = []
@@ -131,10 +137,16 @@ class DecoderStack:
                 end = start + steps
                 self.keys[i, row, :, start:end] = k[j]
                 self.values[i, row, :, start:end] = v[j]
-                outs.append(F.scaled_dot_product_attention(
-                    q[j : j + 1], self.keys[i, row : row + 1, :, :end], self.values[i, row : row + 1, :, :end],
-                    is_causal=steps > 1, scale=layer.scaling, enable_gqa=True,
-                ))
+                outs.append(
+                    F.scaled_dot_product_attention(
+                        q[j : j + 1],
+                        self.keys[i, row : row + 1, :, :end],
+                        self.values[i, row : row + 1, :, :end],
+                        is_causal=steps > 1,
+                        scale=layer.scaling,
+                        enable_gqa=True,
+                    )
+                )
             out = torch.cat(outs)
         return out.transpose(1, 2).reshape(n, steps, -1)
 
@@ -177,9 +189,18 @@ class _Layer:
         """What ``Kernels.layer_table`` reads."""
         if self.input_norm[1] != self.post_attention_norm[1]:
             raise NotImplementedError("input and post-attention norms with different epsilons")
-        return dict(qkv=self.qkv, o=self.o, gate_up=self.gate_up, down=self.down, input_norm=self.input_norm[0],
-                    post_norm=self.post_attention_norm[0], qk_norm=self.qk_norm[0], norm_eps=self.input_norm[1],
-                    qk_eps=self.qk_norm[1], scale=self.scaling)
+        return dict(
+            qkv=self.qkv,
+            o=self.o,
+            gate_up=self.gate_up,
+            down=self.down,
+            input_norm=self.input_norm[0],
+            post_norm=self.post_attention_norm[0],
+            qk_norm=self.qk_norm[0],
+            norm_eps=self.input_norm[1],
+            qk_eps=self.qk_norm[1],
+            scale=self.scaling,
+        )
 
 
 def _norm_args(norm: Any) -> tuple[torch.Tensor, float]:

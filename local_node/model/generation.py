@@ -138,9 +138,7 @@ def prepare_prompt(
     if kind not in ("base", "custom_voice", "voice_design"):
         raise ValueError(f"kind must be base, custom_voice or voice_design, not {kind!r}")
     if kind == "base" and voice_clone_prompt is None:
-        voice_clone_prompt = tts.create_voice_clone_prompt(
-            ref_audio=ref_audio, ref_text=ref_text, x_vector_only_mode=x_vector_only_mode
-        )
+        voice_clone_prompt = tts.create_voice_clone_prompt(ref_audio=ref_audio, ref_text=ref_text, x_vector_only_mode=x_vector_only_mode)
     if kind == "base" and not isinstance(voice_clone_prompt, (list, dict)):
         voice_clone_prompt = [voice_clone_prompt]  # one VoiceClonePromptItem
     common: dict[str, Any] = dict(text=text, language=language)
@@ -277,10 +275,14 @@ class FrameBatch:
         frames to make (``max_new_tokens`` < 2) comes back ``done`` without joining."""
         device = self.model.talker.device
         utterance = Utterance(
-            prompt=prompt, sampling=sampling, generator=generator, row=-1,
+            prompt=prompt,
+            sampling=sampling,
+            generator=generator,
+            row=-1,
             talker_processors=_talker_processors(sampling, self.cfg, device),
             predictor_processors=_predictor_processors(sampling),
-            inputs=prompt.inputs_embeds, history=torch.empty(1, 0, dtype=torch.long, device=device),
+            inputs=prompt.inputs_embeds,
+            history=torch.empty(1, 0, dtype=torch.long, device=device),
         )
         if sampling.max_new_tokens - 1 < 1:
             utterance.done = True
@@ -357,10 +359,14 @@ class FrameBatch:
         for group in range(self.cfg.num_code_groups - 1):
             out = self.predictor.forward(predictor.small_to_mtp_projection(embeds[-1]))
             logits = predictor.lm_head[group](out[:, -1])
-            codes.append(torch.cat([
-                _pick(_process(u.predictor_processors, None, row), u.sampling.subtalker_dosample, u.generator)
-                for u, row in zip(going, logits.split(1))
-            ]))
+            codes.append(
+                torch.cat(
+                    [
+                        _pick(_process(u.predictor_processors, None, row), u.sampling.subtalker_dosample, u.generator)
+                        for u, row in zip(going, logits.split(1))
+                    ]
+                )
+            )
             embeds.append(predictor.model.codec_embedding[group](codes[-1][:, None]))
         return torch.stack(codes, dim=1), torch.cat(embeds, dim=1)
 

@@ -76,13 +76,9 @@ def _atempo_factors(speed: float) -> list[float]:
 class StreamEncoder:
     """Turns float32 mono PCM, pushed in chunks, into one ``response_format`` byte stream."""
 
-    def __init__(
-        self, response_format: str, speed: float = 1.0, sample_rate: int = SAMPLE_RATE
-    ) -> None:
+    def __init__(self, response_format: str, speed: float = 1.0, sample_rate: int = SAMPLE_RATE) -> None:
         if response_format not in FORMATS:
-            raise ValueError(
-                f"unknown response_format {response_format!r}; expected one of {', '.join(FORMATS)}"
-            )
+            raise ValueError(f"unknown response_format {response_format!r}; expected one of {', '.join(FORMATS)}")
         if not MIN_SPEED <= speed <= MAX_SPEED:  # also rejects NaN
             raise ValueError(f"speed must be between {MIN_SPEED} and {MAX_SPEED}, got {speed!r}")
         self.response_format = response_format
@@ -95,9 +91,7 @@ class StreamEncoder:
         self._tempo: av.filter.Graph | None = None
         if speed != 1.0:
             self._tempo = av.filter.Graph()
-            source = self._tempo.add_abuffer(
-                sample_rate=sample_rate, format="s16", layout="mono", time_base=self._time_base
-            )
+            source = self._tempo.add_abuffer(sample_rate=sample_rate, format="s16", layout="mono", time_base=self._time_base)
             tempos = [self._tempo.add("atempo", f"{f:.6f}") for f in _atempo_factors(speed)]
             self._tempo.link_nodes(source, *tempos, self._tempo.add("abuffersink"))
             self._tempo.configure()

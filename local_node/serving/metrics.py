@@ -40,25 +40,29 @@ class NodeMetrics:
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
         self.frames = Counter(
-            "node_frames_generated", "Codec frames generated (12.5 per second of audio), by model.",
-            ["model"], registry=registry)
+            "node_frames_generated", "Codec frames generated (12.5 per second of audio), by model.", ["model"], registry=registry
+        )
         self.step_seconds = Histogram(
-            "node_frame_seconds", "Time per generation step (the codec decodes on its own thread); a step gives every "
+            "node_frame_seconds",
+            "Time per generation step (the codec decodes on its own thread); a step gives every "
             "utterance in the batch its next frame (under 0.08 s: faster than real time).",
-            ["model"], buckets=STEP_BUCKETS, registry=registry)
-        self.queue_depth = Gauge(
-            "node_queue_depth", "Requests admitted: generating plus waiting for a slot.", ["model"], registry=registry)
+            ["model"],
+            buckets=STEP_BUCKETS,
+            registry=registry,
+        )
+        self.queue_depth = Gauge("node_queue_depth", "Requests admitted: generating plus waiting for a slot.", ["model"], registry=registry)
         self.queue_capacity = Gauge(
-            "node_queue_capacity", "max_batch + max_queue: beyond this, requests are answered busy.",
-            ["model"], registry=registry)
+            "node_queue_capacity", "max_batch + max_queue: beyond this, requests are answered busy.", ["model"], registry=registry
+        )
         self.requests = Counter(
-            "node_requests", "Requests ended, by model and outcome: done, cancelled (the relay or the tunnel "
+            "node_requests",
+            "Requests ended, by model and outcome: done, cancelled (the relay or the tunnel "
             "stopped it), error, busy (queue full), invalid (the engine refused it).",
-            ["model", "outcome"], registry=registry)
-        self.relay_connected = Gauge(
-            "node_relay_connected", "1 while the tunnel to this relay is open.", ["relay"], registry=registry)
-        self.reconnects = Counter(
-            "node_reconnects", "Tunnels to this relay opened again after one closed.", ["relay"], registry=registry)
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.relay_connected = Gauge("node_relay_connected", "1 while the tunnel to this relay is open.", ["relay"], registry=registry)
+        self.reconnects = Counter("node_reconnects", "Tunnels to this relay opened again after one closed.", ["relay"], registry=registry)
         ProcessCollector(registry=registry)
 
     def model(self, name: str, depth: Callable[[], int], capacity: int) -> ModelMetrics:
@@ -152,8 +156,16 @@ class MetricsListener:
             raise
         self.url = f"http://{config.host}:{self.socket.getsockname()[1]}/metrics"
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start-up chatter; ours is below
-        self._server = _Server(uvicorn.Config(metrics_app(metrics, config.token), log_config=None, access_log=False,
-                                              lifespan="off", ws="none", timeout_graceful_shutdown=1))
+        self._server = _Server(
+            uvicorn.Config(
+                metrics_app(metrics, config.token),
+                log_config=None,
+                access_log=False,
+                lifespan="off",
+                ws="none",
+                timeout_graceful_shutdown=1,
+            )
+        )
         self._task: asyncio.Task | None = None
 
     async def __aenter__(self) -> MetricsListener:

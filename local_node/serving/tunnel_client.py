@@ -42,7 +42,6 @@ from tunnel.protocol import (
 log = logging.getLogger("local_node.tunnel")
 
 
-
 class Refused(Exception):
     """The relay refused this node for good (wrong token, other protocol version): do not retry."""
 
@@ -116,8 +115,9 @@ class Backoff:
     hammered.
     """
 
-    def __init__(self, base: float = 1.0, cap: float = 30.0, stable_after: float = 60.0,
-                 uniform: Callable[[float, float], float] = random.uniform) -> None:
+    def __init__(
+        self, base: float = 1.0, cap: float = 30.0, stable_after: float = 60.0, uniform: Callable[[float, float], float] = random.uniform
+    ) -> None:
         self.base, self.cap, self.stable_after = base, cap, stable_after
         self.attempt = 0
         self._uniform = uniform
@@ -145,8 +145,16 @@ class _Job:
 class TunnelClient:
     """One relay: keep a connection to it and serve the requests it sends."""
 
-    def __init__(self, url: str, token: str, node_name: str, workers: dict[str, ModelWorker],
-                 ping_interval: float = 10.0, ping_timeout: float = 10.0, metrics: NodeMetrics | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        node_name: str,
+        workers: dict[str, ModelWorker],
+        ping_interval: float = 10.0,
+        ping_timeout: float = 10.0,
+        metrics: NodeMetrics | None = None,
+    ) -> None:
         self.url = url
         self._link = (metrics or NodeMetrics()).link(url)
         self._token = token
@@ -185,14 +193,19 @@ class TunnelClient:
                 if status == 401 and _denial_code(exc.response.body) == "invalid_challenge":
                     # Not the token: this relay did not issue the challenge (it restarted between the
                     # two requests, or something in front spreads them over several relays).
-                    log.warning("relay %s did not know the challenge it handed out; if this repeats, make sure "
-                                "this URL reaches one relay process", self.url)
+                    log.warning(
+                        "relay %s did not know the challenge it handed out; if this repeats, make sure this URL reaches one relay process",
+                        self.url,
+                    )
                 elif status in (401, 403):
-                    raise Refused(f"the relay {self.url} refused this node's token (HTTP {status}). Check relay.token / "
-                                  "relay.token_env in the node config against RELAY_NODE_TOKENS on the relay.") from None
+                    raise Refused(
+                        f"the relay {self.url} refused this node's token (HTTP {status}). Check relay.token / "
+                        "relay.token_env in the node config against RELAY_NODE_TOKENS on the relay."
+                    ) from None
                 elif status == 426:
-                    raise Refused(f"the relay {self.url} speaks another tunnel protocol version: {detail}. "
-                                  "Upgrade the older side.") from None
+                    raise Refused(
+                        f"the relay {self.url} speaks another tunnel protocol version: {detail}. Upgrade the older side."
+                    ) from None
                 else:
                     log.warning("relay %s answered HTTP %s: %s", self.url, status, detail)
             except NoChallenge as exc:
@@ -277,8 +290,15 @@ class TunnelClient:
 
     async def _handle(self, ws: ClientConnection, conn: Connection, job: _Job) -> None:
         request = job.request
-        log.info("%s: stream %d, model %s, voice %s, %d chars, %s",
-                 request.request_id, request.id, request.model, request.voice, len(request.input), request.response_format)
+        log.info(
+            "%s: stream %d, model %s, voice %s, %d chars, %s",
+            request.request_id,
+            request.id,
+            request.model,
+            request.voice,
+            len(request.input),
+            request.response_format,
+        )
         started = time.monotonic()
 
         async def emit(data: bytes) -> None:
