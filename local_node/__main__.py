@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunnel.credentials import RedactCredentials
 
@@ -19,6 +20,9 @@ try:
     from local_node.serving.worker import ModelWorker
 except ImportError as missing:  # a relay-only install (`pip install .`) has no node dependencies
     sys.exit(f"local_node: {missing.name} is not installed; the node needs its extra: pip install 'qwen3-tts-relay[node]'")
+
+if TYPE_CHECKING:
+    from local_node.serving.voices import VoiceKeeper
 
 log = logging.getLogger("local_node")
 
@@ -82,6 +86,17 @@ def build_workers(config: NodeConfig, metrics: NodeMetrics | None = None) -> dic
     return workers
 
 
+def build_keeper(config: NodeConfig, workers: dict[str, ModelWorker]) -> VoiceKeeper:
+    """The voices and consents this node keeps, given to the models that speak them."""
+    from local_node.serving.voice_store import VoiceStore
+    from local_node.serving.voices import VoiceKeeper
+
+    cloners = {name: worker.engine for name, worker in workers.items() if worker.engine.info.clones}
+    keeper = VoiceKeeper(VoiceStore(config.voices_dir), cloners)  # type: ignore[arg-type]  # info.clones: a Cloner
+    keeper.load()
+    return keeper
+
+
 def run(config: NodeConfig) -> int:
     from local_node.engine.base import ModelUnavailable
     from local_node.serving.tunnel_client import Refused, TunnelClient, serve_relays
@@ -116,8 +131,15 @@ def run(config: NodeConfig) -> int:
     except ConfigError as exc:
         log.error("config: %s", exc)
         return 2
+    try:
+        keeper = build_keeper(config, workers)
+    except OSError as exc:
+        log.error("config: voices_dir: cannot use %s: %s", config.voices_dir, exc.strerror or exc)
+        return 2
     clients = [
-        TunnelClient(url, config.token, config.node_name, workers, config.ping_interval, config.ping_timeout, metrics=metrics)
+        TunnelClient(
+            url, config.token, config.node_name, workers, config.ping_interval, config.ping_timeout, metrics=metrics, keeper=keeper
+        )
         for url in config.relay_urls
     ]
 

@@ -82,6 +82,9 @@ class NodeConfig:
     ping_timeout: float = 10.0
     drain_grace: float = 120.0  # seconds open streams may take to finish after SIGTERM
     metrics: MetricsConfig | None = None  # None: no metrics listener
+    # Uploaded voices and consent recordings (local_node/serving/voice_store.py); relative paths
+    # are from the config file's folder.
+    voices_dir: Path = Path("voices")
 
     @property
     def enabled_models(self) -> tuple[ModelConfig, ...]:
@@ -145,6 +148,7 @@ def parse_config(data: Any, base_dir: Path = Path("."), environ: Mapping[str, st
     elif isinstance(threads, str) or threads < 1:
         raise ConfigError(f"threads must be 'auto' or a positive integer, not {threads!r}")
 
+    voices_dir = (base_dir / Path(top.pop("voices_dir", str, default="voices")).expanduser()).resolve()
     models_data = top.pop("models", dict)
     models = tuple(_model(name, spec, base_dir) for name, spec in models_data.items())
     top.finish()
@@ -171,6 +175,7 @@ def parse_config(data: Any, base_dir: Path = Path("."), environ: Mapping[str, st
         ping_timeout=ping_timeout,
         drain_grace=drain_grace,
         metrics=metrics,
+        voices_dir=voices_dir,
     )
 
 

@@ -15,6 +15,7 @@ from starlette.types import ASGIApp
 
 from tunnel.credentials import bearer_token
 
+from . import voices
 from .auth import ChallengeStore
 from .config import RelayConfig
 from .errors import ApiError
@@ -27,10 +28,13 @@ from .tunnel_server import tunnel_challenge, tunnel_endpoint
 Endpoint = Callable[[Request], Awaitable[ASGIApp]]  # a Response, or the speech route's streaming app
 
 
-def api_key_required(endpoint: Endpoint) -> Endpoint:
+def api_key_required(endpoint: Endpoint, catalogue: bool = False) -> Endpoint:
+    """``endpoint`` behind the API key; a ``catalogue`` (a model or voice list) is open to all
+    when RELAY_PUBLIC_CATALOGUE is on."""
+
     async def guarded(request: Request) -> ASGIApp:
         config: RelayConfig = request.app.state.config
-        if config.require_api_key:
+        if config.require_api_key and not (catalogue and config.public_catalogue):
             token = bearer_token(request.headers.get("authorization"))
             if token is None:
                 raise ApiError(401, "Missing API key: send it as 'Authorization: Bearer <key>'.", code="missing_api_key")
@@ -52,14 +56,6 @@ async def list_models(request: Request) -> JSONResponse:
     for info in request.app.state.router.catalogue().values():
         for model_id in (info.name, *info.aliases):
             data.append({"id": model_id, "object": "model", "created": created, "owned_by": "qwen3-tts", "root": info.name})
-    return JSONResponse({"object": "list", "data": data})
-
-
-async def list_voices(request: Request) -> JSONResponse:
-    data = [
-        {"model": info.name, "aliases": list(info.aliases), "voices": list(info.voices), "any_voice": info.any_voice}
-        for info in request.app.state.router.catalogue().values()
-    ]
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -95,8 +91,17 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 def create_app(config: RelayConfig) -> Starlette:
     routes = [
         Route("/v1/audio/speech", api_key_required(create_speech), methods=["POST"]),
-        Route("/v1/models", api_key_required(list_models), methods=["GET"]),
-        Route("/v1/audio/voices", api_key_required(list_voices), methods=["GET"]),
+        Route("/v1/models", api_key_required(list_models, catalogue=True), methods=["GET"]),
+        Route("/v1/audio/models", api_key_required(voices.list_audio_models, catalogue=True), methods=["GET"]),
+        Route("/v1/audio/voices", api_key_required(voices.list_voices, catalogue=True), methods=["GET"]),
+        Route("/v1/audio/voices", api_key_required(voices.create_voice), methods=["POST"]),
+        Route("/v1/audio/voices/{voice_id}", api_key_required(voices.get_voice), methods=["GET"]),
+        Route("/v1/audio/voices/{voice_id}", api_key_required(voices.delete_voice), methods=["DELETE"]),
+        Route("/v1/audio/voice_consents", api_key_required(voices.list_consents), methods=["GET"]),
+        Route("/v1/audio/voice_consents", api_key_required(voices.create_consent), methods=["POST"]),
+        Route("/v1/audio/voice_consents/{consent_id}", api_key_required(voices.get_consent), methods=["GET"]),
+        Route("/v1/audio/voice_consents/{consent_id}", api_key_required(voices.update_consent), methods=["POST"]),
+        Route("/v1/audio/voice_consents/{consent_id}", api_key_required(voices.delete_consent), methods=["DELETE"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),  # 404 unless RELAY_METRICS_TOKEN is set

@@ -36,6 +36,11 @@ class RelayConfig:
     challenge_rate_limit: int = 60
     max_streams_per_key: int = 8  # speech requests open at once
     max_streams_per_node: int = 64  # streams this relay keeps open on one node
+    # Serve the model and voice lists (GET /v1/models, /v1/audio/models, /v1/audio/voices) without
+    # an API key, for clients that ask for them without one (most Open WebUI versions).
+    public_catalogue: bool = False
+    # A voice made from an uploaded sample names a consent recording uploaded first, as OpenAI asks.
+    require_voice_consent: bool = True
     # Bearer token for GET /metrics; empty (unset): /metrics answers 404, nothing is exposed.
     metrics_token: Credentials = field(default_factory=lambda: Credentials({}))
 
@@ -67,6 +72,8 @@ class RelayConfig:
             max_streams_per_key=_count(environ, "RELAY_MAX_STREAMS_PER_KEY", cls.max_streams_per_key),
             max_streams_per_node=_count(environ, "RELAY_MAX_STREAMS_PER_NODE", cls.max_streams_per_node),
             metrics_token=_metrics_token(environ),
+            public_catalogue=_flag(environ, "RELAY_PUBLIC_CATALOGUE", cls.public_catalogue),
+            require_voice_consent=_flag(environ, "RELAY_REQUIRE_VOICE_CONSENT", cls.require_voice_consent),
         )
 
 

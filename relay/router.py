@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from tunnel.protocol import ModelInfo
+from tunnel.protocol import Consent, KeptVoice, ModelInfo
 
 from .tunnel_server import NodeSession
 
@@ -55,10 +55,6 @@ class Router:
         found = [(node, info) for node in self.nodes for info in node.models.values() if model == info.name or model in info.aliases]
         return sorted(found, key=lambda pair: pair[0].outstanding)
 
-    def candidates(self, model: str) -> list[tuple[NodeSession, ModelInfo]]:
-        """Nodes that serve ``model`` and may take another stream, least outstanding work first."""
-        return [(node, info) for node, info in self.serving(model) if self.has_room(node)]
-
     def has_room(self, node: NodeSession) -> bool:
         """Whether ``node`` may take another stream from this relay (RELAY_MAX_STREAMS_PER_NODE)."""
         return not self.max_streams_per_node or node.outstanding < self.max_streams_per_node
@@ -77,5 +73,27 @@ class Router:
                         tuple(dict.fromkeys(seen.aliases + info.aliases)),
                         tuple(dict.fromkeys(seen.voices + info.voices)),
                         seen.any_voice or info.any_voice,
+                        seen.clones or info.clones,
                     )
         return merged
+
+    def kept_voices(self) -> dict[str, tuple[KeptVoice, list[NodeSession]]]:
+        """Every voice the connected nodes keep, by id, with the nodes that keep it (least busy first)."""
+        found: dict[str, tuple[KeptVoice, list[NodeSession]]] = {}
+        for node in sorted(self.nodes, key=lambda node: node.outstanding):
+            if node.clones:
+                for voice in node.kept_voices.values():
+                    found.setdefault(voice.id, (voice, []))[1].append(node)
+        return found
+
+    def kept_voice(self, voice: str) -> tuple[KeptVoice, list[NodeSession]] | None:
+        """The kept voice ``voice`` names, by id or else by name (the newest of that name)."""
+        kept = self.kept_voices()
+        if voice in kept:
+            return kept[voice]
+        named = [entry for entry in kept.values() if entry[0].name == voice]
+        return max(named, key=lambda entry: entry[0].created_at, default=None)
+
+    def consents(self) -> dict[str, Consent]:
+        """Every consent recording the connected nodes keep, by id."""
+        return {consent.id: consent for node in self.nodes for consent in node.consents.values()}

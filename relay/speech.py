@@ -7,13 +7,14 @@ import base64
 import json
 import logging
 import secrets
+from dataclasses import dataclass
 
-from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.types import Receive, Scope, Send
 
 from tunnel.protocol import Audio, End, Error, ModelInfo, Request
 
+from .bodies import read_body
 from .config import RelayConfig
 from .errors import ApiError
 from .limits import ConcurrencyLimiter, retry_after
@@ -29,6 +30,7 @@ _NODE_ERRORS = {  # node error code -> (HTTP status, OpenAI error code)
     "unknown_model": (404, "model_not_found"),
     "unknown_voice": (404, "voice_not_found"),
     "invalid_request": (400, "invalid_value"),
+    "not_found": (404, "not_found"),
     "internal_error": (502, "node_error"),
 }
 
@@ -54,22 +56,40 @@ def _who(client: str) -> str:
     return "API key" if client.startswith("key:") else "address"
 
 
-async def read_body(request: HttpRequest, limit: int) -> bytes:
-    """The request body, refusing to buffer more than ``limit`` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
-    body = bytearray()
-    try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise ApiError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
-    except ClientDisconnect:
-        # The client hung up mid-body (found by fuzzing: it used to end as an unhandled exception,
-        # a 500 and a traceback per hang-up). The answer reaches nobody; it only ends the request.
-        raise ApiError(400, "The request body ended before its declared length.", code="incomplete_body") from None
-    return bytes(body)
+@dataclass(frozen=True)
+class Route:
+    """Where a request may go: a node, its model, and the voice as that node names it."""
+
+    node: NodeSession
+    model: ModelInfo
+    voice: str
+
+
+def routes(router: Router, speech: SpeechRequest) -> list[Route]:
+    """Every place the request could be served, least busy first (stream caps aside).
+
+    The nodes whose model (by name or alias) has the voice; else, for a voice the nodes keep
+    (uploaded, named by id or by name), the nodes that keep it, on the model that speaks kept
+    voices: the one asked for where it does, so that ``tts-1`` or ``gpt-4o-mini-tts`` with an
+    uploaded voice reaches a Base model. A kept voice's id wins over a model's voice of that name.
+    """
+    kept = router.kept_voices().get(speech.voice)
+    if kept is None:
+        direct = [
+            Route(node, info, speech.voice) for node, info in router.serving(speech.model) if info.any_voice or speech.voice in info.voices
+        ]
+        if direct:
+            return direct
+        kept = router.kept_voice(speech.voice)
+    if kept is None:
+        return []
+    voice, nodes = kept
+    found = []
+    for node in nodes:
+        speakers = [info for info in node.models.values() if info.clones]
+        asked = [info for info in speakers if speech.model == info.name or speech.model in info.aliases]
+        found.append(Route(node, (asked or speakers)[0], voice.id))
+    return found
 
 
 async def open_stream(router: Router, config: RelayConfig, speech: SpeechRequest, request_id: str) -> tuple[Stream, Audio | End]:
@@ -83,20 +103,20 @@ async def open_stream(router: Router, config: RelayConfig, speech: SpeechRequest
     busy = False
     # Asked anew after every attempt, since nodes come, go and take work meanwhile; least busy
     # first, and none at RELAY_MAX_STREAMS_PER_NODE.
-    while candidates := _untried(router.candidates(speech.model), speech, tried):
-        node, info = candidates[0]
-        tried.add(node)
-        outcome = await _attempt(node, info, config, speech, request_id)
+    while candidates := [r for r in _untried(router, speech, tried) if router.has_room(r.node)]:
+        route = candidates[0]
+        tried.add(route.node)
+        outcome = await _attempt(route, config, speech, request_id)
         if isinstance(outcome, tuple):
-            log.info("%s: streaming from node %s (%s)", request_id, node.name, info.name)
+            log.info("%s: streaming from node %s (%s)", request_id, route.node.name, route.model.name)
             return outcome
         if outcome is None:
-            log.warning("%s: node %s left before answering; trying another", request_id, node.name)
+            log.warning("%s: node %s left before answering; trying another", request_id, route.node.name)
         elif outcome.code == "busy":
             busy = True
         else:
             raise _node_refusal(outcome)
-    if busy or _untried(router.serving(speech.model), speech, tried):  # the nodes left are at their stream cap
+    if busy or _untried(router, speech, tried):  # the nodes left are at their stream cap
         raise ApiError(
             429, "Every node serving this model is at capacity; retry shortly.", code="node_busy", retry_after=config.retry_after_seconds
         )
@@ -111,33 +131,27 @@ def _check_servable(router: Router, config: RelayConfig, speech: SpeechRequest) 
         raise ApiError(
             503, "No node is connected to this relay right now.", code="no_node_available", retry_after=config.retry_after_seconds
         )
+    if routes(router, speech):
+        return
     if not router.serving(speech.model):
         raise ApiError(
             404, f"The model '{speech.model}' does not exist or no connected node serves it.", param="model", code="model_not_found"
         )
-    if not _untried(router.serving(speech.model), speech, set()):
-        raise ApiError(
-            404, f"The voice '{speech.voice}' is not available for model '{speech.model}'.", param="voice", code="voice_not_found"
-        )
+    raise ApiError(404, f"The voice '{speech.voice}' is not available for model '{speech.model}'.", param="voice", code="voice_not_found")
 
 
-def _untried(
-    nodes: list[tuple[NodeSession, ModelInfo]], speech: SpeechRequest, tried: set[NodeSession]
-) -> list[tuple[NodeSession, ModelInfo]]:
-    """Those of ``nodes`` with the request's voice, not tried yet."""
-    return [(node, info) for node, info in nodes if (info.any_voice or speech.voice in info.voices) and node not in tried]
+def _untried(router: Router, speech: SpeechRequest, tried: set[NodeSession]) -> list[Route]:
+    return [route for route in routes(router, speech) if route.node not in tried]
 
 
-async def _attempt(
-    node: NodeSession, info: ModelInfo, config: RelayConfig, speech: SpeechRequest, request_id: str
-) -> tuple[Stream, Audio | End] | Error | None:
+async def _attempt(route: Route, config: RelayConfig, speech: SpeechRequest, request_id: str) -> tuple[Stream, Audio | End] | Error | None:
     """One try on one node: the stream and its first event, the node's error, or None if the node
     left before answering. Raises 504 if the first audio takes too long (the stream is closed)."""
     message = Request(
-        id=node.new_stream_id(),
+        id=route.node.new_stream_id(),
         request_id=request_id,
-        model=info.name,
-        voice=speech.voice,
+        model=route.model.name,
+        voice=route.voice,
         input=speech.input,
         instructions=speech.instructions,
         response_format=speech.response_format,
@@ -145,7 +159,7 @@ async def _attempt(
     )
     stream = None
     try:
-        stream = await node.open_stream(message)
+        stream = await route.node.open_stream(message)
         first = await stream.next_event(config.first_audio_timeout)
     except NodeGone:
         return None

@@ -12,7 +12,27 @@ from starlette.websockets import WebSocket
 
 from tunnel import protocol
 from tunnel.handshake import parse_tunnel_authorization
-from tunnel.protocol import Audio, Cancel, Connection, Credit, Draining, End, Error, Hello, ModelInfo, ProtocolError, Request
+from tunnel.protocol import (
+    MAX_AUDIO_PAYLOAD,
+    Audio,
+    Body,
+    Call,
+    Cancel,
+    Connection,
+    Consent,
+    ConsentList,
+    Credit,
+    Done,
+    Draining,
+    End,
+    Error,
+    Hello,
+    KeptVoice,
+    ModelInfo,
+    ProtocolError,
+    Request,
+    VoiceList,
+)
 
 from .limits import retry_after
 
@@ -66,6 +86,14 @@ class Stream:
             await self.session.cancel(self)
 
 
+class _PendingCall:
+    """A call sent to the node, waiting for credit to send its upload and for the node's answer."""
+
+    def __init__(self) -> None:
+        self.credited = asyncio.Event()
+        self.answer: asyncio.Future[Done | Error] = asyncio.get_running_loop().create_future()
+
+
 class NodeSession:
     """A connected, authenticated node."""
 
@@ -73,6 +101,9 @@ class NodeSession:
         self.websocket = websocket
         self.name = name
         self.models: dict[str, ModelInfo] = {}
+        self.kept_voices: dict[str, KeptVoice] = {}  # by id, as the node last listed them
+        self.consents: dict[str, Consent] = {}
+        self._calls: dict[int, _PendingCall] = {}
         self.conn = Connection("relay")
         self.streams: dict[int, Stream] = {}
         self._send_lock = asyncio.Lock()
@@ -112,6 +143,34 @@ class NodeSession:
     def new_stream_id(self) -> int:
         return self.conn.new_stream_id()
 
+    @property
+    def clones(self) -> bool:
+        """Whether the node keeps voices: it serves a model that speaks them (a Base model)."""
+        return any(info.clones for info in self.models.values())
+
+    async def call(self, message: Call, body: bytes, timeout: float) -> Done | Error:
+        """Send a call (with its upload, within the node's credit) and wait for the node's answer.
+        Raises NodeGone if the node leaves first, TimeoutError if it takes longer than ``timeout``."""
+        if self.closed or self.draining or self.conn.draining_sent:
+            raise NodeGone()
+        pending = self._calls[message.id] = _PendingCall()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._send(message)
+                while body:
+                    credit = min(self.conn.credit(message.id), MAX_AUDIO_PAYLOAD)
+                    if not credit:
+                        pending.credited.clear()
+                        await pending.credited.wait()  # also set by the answer, or the node leaving
+                        if pending.answer.done():  # answered before taking it all: an error
+                            break
+                        continue
+                    await self._send(Body(message.id, body[:credit]))
+                    body = body[credit:]
+                return await pending.answer
+        finally:
+            self._calls.pop(message.id, None)
+
     async def cancel(self, stream: Stream) -> None:
         self.streams.pop(stream.id, None)
         if not self.closed:
@@ -126,12 +185,15 @@ class NodeSession:
         if not self.closed and not self.conn.draining_sent:
             await self._send(Draining())
 
-    async def _send(self, message: Request | Credit | Cancel | Draining) -> None:
+    async def _send(self, message: Request | Credit | Cancel | Draining | Call | Body) -> None:
         frame = self.conn.send(message)
         try:
             async with asyncio.timeout(self.send_timeout):
                 async with self._send_lock:
-                    await self.websocket.send_text(frame)  # type: ignore[arg-type]
+                    if isinstance(frame, bytes):
+                        await self.websocket.send_bytes(frame)
+                    else:
+                        await self.websocket.send_text(frame)
         except TimeoutError:
             log.warning("node %s took none of our frames for %.0f s; dropping it", self.name, self.send_timeout)
             self.drop()
@@ -156,20 +218,31 @@ class NodeSession:
         frame = await asyncio.wait_for(self._receive_frame(), HELLO_TIMEOUT)
         while frame is not None:
             message = self.conn.receive(frame)
-            if isinstance(message, Hello):
-                self.models = {model.name: model for model in message.models}
-                log.info("node %s (%s) serves %s", self.name, message.node, ", ".join(self.models) or "nothing yet")
-                router.add(self)
-                if router.draining:  # it connected just before the relay began to drain
-                    await self.announce_draining()
-            elif isinstance(message, Draining):
-                log.info("node %s is draining: no new work for it; %d streams finish", self.name, self.outstanding)
-            elif message is not None:
-                stream = self.streams.get(message.id)
-                if isinstance(message, (End, Error)):
-                    self.streams.pop(message.id, None)
-                if stream is not None:
-                    stream.deliver(message)  # type: ignore[arg-type]
+            match message:
+                case Hello():
+                    self.models = {model.name: model for model in message.models}
+                    log.info("node %s (%s) serves %s", self.name, message.node, ", ".join(self.models) or "nothing yet")
+                    router.add(self)
+                    if router.draining:  # it connected just before the relay began to drain
+                        await self.announce_draining()
+                case VoiceList():
+                    self.kept_voices = {voice.id: voice for voice in message.voices}
+                case ConsentList():
+                    self.consents = {consent.id: consent for consent in message.consents}
+                case Draining():
+                    log.info("node %s is draining: no new work for it; %d streams finish", self.name, self.outstanding)
+                case Credit():  # for an upload
+                    if message.id in self._calls:
+                        self._calls[message.id].credited.set()
+                case Done() | Error() if message.id in self._calls:
+                    self._calls[message.id].answer.set_result(message)
+                    self._calls[message.id].credited.set()
+                case Audio() | End() | Error():
+                    stream = self.streams.get(message.id)
+                    if isinstance(message, (End, Error)):
+                        self.streams.pop(message.id, None)
+                    if stream is not None:
+                        stream.deliver(message)
             frame = await self._receive_frame()
 
     async def _receive_frame(self) -> str | bytes | None:
@@ -183,6 +256,10 @@ class NodeSession:
         for stream in self.streams.values():
             stream.deliver(NodeGone())
         self.streams.clear()
+        for pending in self._calls.values():
+            if not pending.answer.done():
+                pending.answer.set_exception(NodeGone())
+            pending.credited.set()
 
 
 async def tunnel_challenge(request: HttpRequest) -> JSONResponse:

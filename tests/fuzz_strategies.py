@@ -9,24 +9,36 @@ from hypothesis import strategies as st
 
 from tunnel.protocol import (
     ERROR_CODES,
+    KINDS,
     MAX_AUDIO_PAYLOAD,
     MAX_CREDIT,
+    MAX_ID_CHARS,
     MAX_INPUT_CHARS,
     MAX_INSTRUCTIONS_CHARS,
+    MAX_KEPT,
     MAX_NAME_CHARS,
     MAX_SPEED,
     MAX_STREAM_ID,
+    MAX_UPLOAD_BYTES,
     MIN_SPEED,
     RESPONSE_FORMATS,
     Audio,
     Cancel,
+    Consent,
+    ConsentList,
     Credit,
+    Done,
     Draining,
     End,
     Error,
+    Forget,
     Hello,
+    KeptVoice,
     ModelInfo,
+    Rename,
     Request,
+    Upload,
+    VoiceList,
     encode,
 )
 
@@ -39,13 +51,30 @@ FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-TYPE_NAMES = ("hello", "request", "credit", "cancel", "draining", "end", "error", "audio")
+TYPE_NAMES = (
+    "hello",
+    "request",
+    "credit",
+    "cancel",
+    "draining",
+    "end",
+    "error",
+    "audio",
+    "upload",
+    "forget",
+    "rename",
+    "done",
+    "voices",
+    "consents",
+)
 
 # --- valid messages -------------------------------------------------------------------------
 
 names = st.text(min_size=1, max_size=12) | st.text(min_size=MAX_NAME_CHARS, max_size=MAX_NAME_CHARS)
 stream_ids = st.integers(0, 4) | st.sampled_from([MAX_STREAM_ID - 1, MAX_STREAM_ID])
-models = st.builds(ModelInfo, names, st.lists(names, max_size=3).map(tuple), st.lists(names, max_size=3).map(tuple), st.booleans())
+models = st.builds(
+    ModelInfo, names, st.lists(names, max_size=3).map(tuple), st.lists(names, max_size=3).map(tuple), st.booleans(), st.booleans()
+)
 hellos = st.builds(Hello, names, st.lists(models, max_size=3).map(tuple))
 requests = st.builds(
     Request,
@@ -65,7 +94,47 @@ cancels = st.builds(Cancel, stream_ids)
 audios = st.builds(Audio, stream_ids, audio_data)
 ends = st.builds(End, stream_ids, st.integers(0, 2**31), st.integers(0, 2**31))
 errors = st.builds(Error, stream_ids, st.sampled_from(ERROR_CODES), st.text(max_size=40) | st.just("m" * 1024))
-messages = st.one_of(hellos, requests, credits, cancels, audios, ends, errors, st.just(Draining()))
+ids = st.text(min_size=1, max_size=12) | st.just("i" * MAX_ID_CHARS)
+languages = st.none() | st.sampled_from(["en-US", "English", "x" * 35])
+times = st.integers(0, 2**63)
+kinds = st.sampled_from(KINDS)
+uploads = st.builds(
+    Upload,
+    stream_ids,
+    kinds,
+    ids,
+    names,
+    times,
+    st.integers(1, MAX_UPLOAD_BYTES),
+    languages,
+    st.none() | ids,
+    st.none() | st.text(min_size=1, max_size=40),
+)
+forgets = st.builds(Forget, stream_ids, kinds, ids)
+renames = st.builds(Rename, stream_ids, ids, names)
+dones = st.builds(Done, stream_ids)
+voice_lists = st.builds(
+    VoiceList, st.lists(st.builds(KeptVoice, ids, names, times, languages, st.none() | ids), max_size=MAX_KEPT).map(tuple)
+)
+consent_lists = st.builds(
+    ConsentList, st.lists(st.builds(Consent, ids, names, st.sampled_from(["en-US", "x" * 35]), times), max_size=3).map(tuple)
+)
+messages = st.one_of(
+    hellos,
+    requests,
+    credits,
+    cancels,
+    audios,
+    ends,
+    errors,
+    st.just(Draining()),
+    uploads,
+    forgets,
+    renames,
+    dones,
+    voice_lists,
+    consent_lists,
+)
 
 # --- JSON that is almost right --------------------------------------------------------------
 
@@ -110,6 +179,14 @@ field_names = st.sampled_from(
         "output_tokens",
         "code",
         "message",
+        "clones",
+        "kind",
+        "object_id",
+        "created_at",
+        "language",
+        "consent",
+        "ref_text",
+        "consents",
     ]
 ) | st.text(max_size=8)
 

@@ -7,22 +7,38 @@ import pytest
 from tunnel.protocol import (
     MAX_AUDIO_PAYLOAD,
     MAX_FRAME_BYTES,
+    MAX_ID_CHARS,
+    MAX_KEPT,
+    MAX_NAME_CHARS,
+    UPLOAD_WINDOW,
     Audio,
+    Body,
     Cancel,
     Connection,
+    Consent,
+    ConsentList,
     Credit,
+    Done,
     Draining,
     End,
     Error,
+    Forget,
     Hello,
+    KeptVoice,
     ModelInfo,
     ProtocolError,
+    Rename,
     Request,
+    Upload,
+    VoiceList,
     decode,
     encode,
 )
 
-HELLO = Hello("home", (ModelInfo("custom_voice", ("tts-1",), ("vivian", "alloy")),))
+HELLO = Hello("home", (ModelInfo("custom_voice", ("tts-1",), ("vivian", "alloy")), ModelInfo("base", clones=True)))
+UPLOAD = Upload(5, "voice", "voice_abc", "Grandma", 1700000000, 100, language="en-US", consent="cons_1", ref_text="Hello.")
+VOICES = VoiceList((KeptVoice("voice_abc", "Grandma", 1700000000, "en-US", "cons_1"), KeptVoice("voice_d", "D", 1)))
+CONSENTS = ConsentList((Consent("cons_1", "Me", "en-US", 1700000000),))
 REQUEST = Request(7, "req_1", "custom_voice", "alloy", "Hello there.", None, "wav", 1.5, window=100)
 
 
@@ -38,6 +54,14 @@ REQUEST = Request(7, "req_1", "custom_voice", "alloy", "Hello there.", None, "wa
         Audio(9, b"\x00\x01" * 10),
         Credit(3, 65536),
         Draining(),
+        UPLOAD,
+        Upload(6, "consent", "cons_1", "Me", 0, 1),
+        Forget(7, "consent", "cons_1"),
+        Rename(8, "cons_1", "Me again"),
+        Done(5),
+        VOICES,
+        CONSENTS,
+        ConsentList(()),
     ],
 )
 def test_round_trip(message):
@@ -49,7 +73,10 @@ def test_the_wire_names_every_field():
     assert json.loads(encode(HELLO)) == {
         "type": "hello",
         "node": "home",
-        "models": [{"name": "custom_voice", "aliases": ["tts-1"], "voices": ["vivian", "alloy"], "any_voice": False}],
+        "models": [
+            {"name": "custom_voice", "aliases": ["tts-1"], "voices": ["vivian", "alloy"], "any_voice": False, "clones": False},
+            {"name": "base", "aliases": [], "voices": [], "any_voice": False, "clones": True},
+        ],
     }
     assert json.loads(encode(REQUEST)) == {
         "type": "request",
@@ -69,6 +96,33 @@ def test_the_wire_names_every_field():
     assert json.loads(encode(End(3, 4, 25))) == {"type": "end", "id": 3, "input_tokens": 4, "output_tokens": 25}
     assert json.loads(encode(Error(3, "busy", "full"))) == {"type": "error", "id": 3, "code": "busy", "message": "full"}
     assert encode(Audio(258, b"ab")) == b"\x00\x00\x01\x02ab"
+    assert json.loads(encode(UPLOAD)) == {
+        "type": "upload",
+        "id": 5,
+        "kind": "voice",
+        "object_id": "voice_abc",
+        "name": "Grandma",
+        "created_at": 1700000000,
+        "size": 100,
+        "language": "en-US",
+        "consent": "cons_1",
+        "ref_text": "Hello.",
+    }
+    assert encode(Body(258, b"ab")) == b"\x00\x00\x01\x02ab"
+    assert json.loads(encode(Forget(7, "voice", "voice_abc"))) == {"type": "forget", "id": 7, "kind": "voice", "object_id": "voice_abc"}
+    assert json.loads(encode(Rename(8, "cons_1", "Me"))) == {"type": "rename", "id": 8, "object_id": "cons_1", "name": "Me"}
+    assert json.loads(encode(Done(5))) == {"type": "done", "id": 5}
+    assert json.loads(encode(VOICES))["voices"][0] == {
+        "id": "voice_abc",
+        "name": "Grandma",
+        "created_at": 1700000000,
+        "language": "en-US",
+        "consent": "cons_1",
+    }
+    assert json.loads(encode(CONSENTS)) == {
+        "type": "consents",
+        "consents": [{"id": "cons_1", "name": "Me", "language": "en-US", "created_at": 1700000000}],
+    }
 
 
 def test_audio_frames_stay_under_64_kib():
@@ -158,6 +212,21 @@ def _text(**body):
             type="request", id=1, request_id="r", model="m", voice="v", input="hi", instructions=None, response_format="wav", speed=10**400
         ),
         '{"type": "hello", "node": "\\ud800", "models": []}',  # a lone surrogate is not text
+        _text(type="hello", node="n", models=[{"name": "m", "aliases": [], "voices": [], "any_voice": False}]),  # a version 3 node
+        _text(
+            type="upload", id=1, kind="speaker", object_id="x", name="n", created_at=0, size=1, language=None, consent=None, ref_text=None
+        ),
+        _text(type="upload", id=1, kind="voice", object_id="x", name="n", created_at=0, size=0, language=None, consent=None, ref_text=None),
+        _text(
+            type="upload", id=1, kind="voice", object_id="x", name="n", created_at=0, size=2**30, language=None, consent=None, ref_text=None
+        ),
+        _text(type="upload", id=1, kind="voice", object_id="x" * (MAX_ID_CHARS + 1), name="n", created_at=0, size=1),
+        _text(type="forget", id=1, kind="voice"),
+        _text(type="rename", id=1, object_id="c", name=""),
+        _text(type="done"),
+        _text(type="voices", voices=[{"id": "v", "name": "n", "created_at": "0", "language": None}]),
+        _text(type="voices", voices=[{"id": "v", "name": "n" * (MAX_NAME_CHARS + 1), "created_at": 0, "language": None, "consent": None}]),
+        _text(type="consents", consents=[{"id": "c", "name": "n", "language": "en", "created_at": 0}] * (MAX_KEPT + 1)),
     ],
 )
 def test_malformed_frames_are_refused(frame):
@@ -322,3 +391,97 @@ def test_node_takes_requests_that_crossed_its_own_draining_notice():
     node.send(HELLO)
     node.send(Draining())
     assert node.receive(encode(REQUEST)) == REQUEST
+
+
+# --- calls: uploads, forgets, renames ---------------------------------------------------------
+
+
+def _relay_after_hello() -> Connection:
+    relay = Connection("relay")
+    relay.receive(encode(HELLO))
+    return relay
+
+
+def test_an_upload_flows_within_the_credit_the_node_grants_and_its_size():
+    relay, node = _relay_after_hello(), Connection("node")
+    upload = Upload(1, "voice", "voice_a", "A", 0, UPLOAD_WINDOW + 10)
+    assert node.receive(relay.send(upload)) == upload
+    assert relay.credit(1) == node.credit(1) == UPLOAD_WINDOW
+    first = relay.send(Body(1, b"x" * MAX_AUDIO_PAYLOAD))
+    assert isinstance(first, bytes) and node.receive(first) == Body(1, b"x" * MAX_AUDIO_PAYLOAD)
+    rest = UPLOAD_WINDOW - MAX_AUDIO_PAYLOAD
+    while rest:
+        size = min(rest, MAX_AUDIO_PAYLOAD)
+        node.receive(relay.send(Body(1, b"x" * size)))
+        rest -= size
+    with pytest.raises(ValueError):  # the window is used up
+        relay.send(Body(1, b"x"))
+    relay.receive(node.send(Credit(1, UPLOAD_WINDOW)))
+    assert relay.credit(1) == 10  # credit beyond the upload's size does not count
+    node.receive(relay.send(Body(1, b"x" * 10)))
+    with pytest.raises(ValueError):
+        relay.send(Body(1, b"x"))
+    assert relay.receive(node.send(VOICES)) == VOICES  # the new list goes before the answer
+    assert relay.receive(node.send(Done(1))) == Done(1)
+    assert not relay.calls and not node.calls
+
+
+def test_a_node_refuses_upload_bytes_beyond_its_credit_or_the_size():
+    node = Connection("node")
+    node.receive(encode(Upload(1, "consent", "cons_a", "A", 0, UPLOAD_WINDOW + 5)))
+    with pytest.raises(ProtocolError):
+        node.receive(encode(Audio(1, b"x" * (UPLOAD_WINDOW + 1))))  # more than the window at once
+    small = Connection("node")
+    small.receive(encode(Upload(1, "consent", "cons_a", "A", 0, 3)))
+    with pytest.raises(ProtocolError):
+        small.receive(encode(Audio(1, b"abcd")))
+    with pytest.raises(ProtocolError):  # no upload on a forget
+        forget = Connection("node")
+        forget.receive(encode(Forget(2, "voice", "voice_a")))
+        forget.receive(encode(Audio(2, b"x")))
+
+
+def test_a_call_is_answered_once_and_only_calls_are_answered_with_done():
+    relay = _relay_after_hello()
+    relay.send(Forget(1, "voice", "voice_a"))
+    assert relay.receive(encode(Error(1, "not_found", "none"))) == Error(1, "not_found", "none")
+    with pytest.raises(ProtocolError):
+        relay.receive(encode(Done(1)))
+    relay.send(Request(2, "r", "custom_voice", "alloy", "hi"))
+    with pytest.raises(ProtocolError):
+        relay.receive(encode(Done(2)))
+    with pytest.raises(ProtocolError):  # credit for no call
+        _relay_after_hello().receive(encode(Credit(9, 1)))
+
+
+def test_calls_and_streams_share_ids_and_neither_reuses_an_open_one():
+    node = Connection("node")
+    node.receive(encode(REQUEST))
+    with pytest.raises(ProtocolError):
+        node.receive(encode(Rename(REQUEST.id, "cons_a", "A")))
+    node.receive(encode(Rename(REQUEST.id + 1, "cons_a", "A")))
+    with pytest.raises(ProtocolError):
+        node.receive(encode(Upload(REQUEST.id + 1, "voice", "voice_a", "A", 0, 1)))
+
+
+def test_no_calls_once_either_side_is_draining():
+    relay = _relay_after_hello()
+    relay.receive(encode(Draining()))
+    with pytest.raises(ValueError):
+        relay.send(Forget(1, "voice", "voice_a"))
+    node = Connection("node")
+    node.receive(encode(Draining()))
+    with pytest.raises(ProtocolError):
+        node.receive(encode(Forget(1, "voice", "voice_a")))
+
+
+def test_the_longest_lists_a_node_keeps_fit_one_frame():
+    """MAX_KEPT voices (or consents) with the longest names and ids, in characters that take the
+    most bytes on the wire, still make a frame the peer accepts."""
+    name, long_id = "\u0001" * MAX_NAME_CHARS, "v" * MAX_ID_CHARS
+    voices = VoiceList(tuple(KeptVoice(long_id, name, 2**62, "x" * 35, long_id) for _ in range(MAX_KEPT)))
+    consents = ConsentList(tuple(Consent(long_id, name, "x" * 35, 2**62) for _ in range(MAX_KEPT)))
+    for message in (voices, consents):
+        frame = encode(message)
+        assert len(frame.encode()) <= MAX_FRAME_BYTES
+        assert decode(frame) == message

@@ -28,8 +28,11 @@ Frames after the handshake:
     1 to ``MAX_AUDIO_PAYLOAD`` bytes, so a frame never exceeds 64 KiB.
 
 Conversation:
-  node  -> relay  hello    {node, models: [{name, aliases, voices, any_voice}]}   first, and again
-                                                                                   whenever it changes
+  node  -> relay  hello    {node, models: [{name, aliases, voices, any_voice, clones}]}   first, and
+                                                                          again whenever it changes
+  node  -> relay  voices   {voices: [{id, name, created_at, language, consent}]}   the voices this
+  node  -> relay  consents {consents: [{id, name, language, created_at}]}          node keeps, whole,
+                                                                  after hello and after every change
   relay -> node   request  {id, request_id, model, voice, input, instructions, response_format, speed,
                             window}
   node  -> relay  audio    (binary) ... then exactly one of
@@ -40,11 +43,23 @@ Conversation:
   either way      draining {}           the sender is shutting down: the relay sends no new
                                         requests; open streams run to their end
 
+Calls (since version 4): the relay asks a node to keep or forget a voice or a consent recording.
+  relay -> node   upload   {id, kind: voice|consent, object_id, name, created_at, size, language,
+                            consent, ref_text}   then ``size`` bytes of the recording as binary
+                            frames on the call's id (same framing as audio)
+  relay -> node   forget   {id, kind, object_id}
+  relay -> node   rename   {id, object_id, name}          a consent's label
+  node  -> relay  done     {id}   or   error {id, code, message}   exactly one per call; a node
+                            sends its new ``voices``/``consents`` list before ``done``
+  node  -> relay  credit   {id, size}   the node took ``size`` more bytes of the upload
+
 Flow control (since version 2): each stream has its own byte credit. It starts at the request's
 ``window``; every ``credit`` adds to it and every audio byte the node sends takes from it, so the
 relay never holds more than ``window`` unforwarded bytes of a stream, and a client that reads
 slowly holds back its own stream only. The relay grants credit as it hands audio to the client.
-Audio beyond the credit is a protocol error.
+Audio beyond the credit is a protocol error. Uploads flow the other way under the same rule: the
+relay may send ``UPLOAD_WINDOW`` bytes of a recording, then as much more as the node credits, so
+a 10 MiB upload never sits in front of other streams' frames; more than ``size`` is an error.
 
 Liveness is the websocket's own ping/pong, on both ends (see the README for the intervals).
 
@@ -59,7 +74,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Union
 
-PROTOCOL_VERSION = 3  # 2: per-stream credit, draining; 3: challenge-response handshake
+PROTOCOL_VERSION = 4  # 2: per-stream credit, draining; 3: challenge-response handshake; 4: voices
 SUBPROTOCOL = f"qwen3-tts-tunnel.v{PROTOCOL_VERSION}"
 MAX_FRAME_BYTES = 64 * 1024
 _AUDIO_HEADER = struct.Struct(">I")
@@ -75,12 +90,19 @@ MAX_INPUT_CHARS = 4096
 MAX_INSTRUCTIONS_CHARS = 4096
 MIN_SPEED, MAX_SPEED = 0.25, 4.0
 
-# Why a node could not serve a request; the relay maps each to an HTTP status.
-ERROR_CODES = ("busy", "unknown_model", "unknown_voice", "invalid_request", "internal_error")
+# Why a node could not serve a request or a call; the relay maps each to an HTTP status.
+ERROR_CODES = ("busy", "unknown_model", "unknown_voice", "invalid_request", "not_found", "internal_error")
 
 MAX_NAME_CHARS = 128  # node, model, alias and voice names
 MAX_MODELS = 64
 MAX_NAMES = 1024  # aliases or voices of one model
+
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # one recording, as OpenAI's API takes it
+UPLOAD_WINDOW = 256 * 1024  # an upload's first credit, in bytes
+MAX_KEPT = 64  # voices, or consents, one node keeps: each list fits one frame
+MAX_ID_CHARS = 64  # ids of kept voices and consents
+MAX_LANGUAGE_CHARS = 35  # a BCP 47 tag, or a Qwen language name
+KINDS = ("voice", "consent")
 
 
 class ProtocolError(Exception):
@@ -96,12 +118,86 @@ class ModelInfo:
     aliases: tuple[str, ...] = ()
     voices: tuple[str, ...] = ()
     any_voice: bool = False  # VoiceDesign: the voice is described by `instructions`
+    clones: bool = False  # Base: speaks the voices this node keeps (``VoiceList``)
 
 
 @dataclass(frozen=True)
 class Hello:
     node: str
     models: tuple[ModelInfo, ...]
+
+
+@dataclass(frozen=True)
+class KeptVoice:
+    """A voice made from an uploaded recording, kept by a node."""
+
+    id: str
+    name: str
+    created_at: int
+    language: str | None = None
+    consent: str | None = None  # the consent recording's id
+
+
+@dataclass(frozen=True)
+class Consent:
+    """A consent recording, kept by a node."""
+
+    id: str
+    name: str
+    language: str
+    created_at: int
+
+
+@dataclass(frozen=True)
+class VoiceList:
+    voices: tuple[KeptVoice, ...]
+
+
+@dataclass(frozen=True)
+class ConsentList:
+    consents: tuple[Consent, ...]
+
+
+@dataclass(frozen=True)
+class Upload:
+    """Keep a recording: a voice's sample or a consent; ``size`` bytes follow as ``Body`` frames."""
+
+    id: int
+    kind: str  # one of KINDS
+    object_id: str
+    name: str
+    created_at: int
+    size: int
+    language: str | None = None
+    consent: str | None = None  # voice: the consent's id
+    ref_text: str | None = None  # voice: the words spoken in the sample (in-context cloning)
+
+
+@dataclass(frozen=True)
+class Body:
+    """Bytes of an upload, relay to node (framed like audio)."""
+
+    id: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Forget:
+    id: int
+    kind: str
+    object_id: str
+
+
+@dataclass(frozen=True)
+class Rename:
+    id: int
+    object_id: str  # a consent
+    name: str
+
+
+@dataclass(frozen=True)
+class Done:
+    id: int
 
 
 @dataclass(frozen=True)
@@ -153,14 +249,30 @@ class Error:
     message: str
 
 
-Message = Union[Hello, Request, Credit, Cancel, Draining, Audio, End, Error]
-FromNode = Union[Hello, Audio, End, Error]  # besides Draining, which either side may send
-FromRelay = Union[Request, Credit, Cancel]
+Message = Union[Hello, VoiceList, ConsentList, Request, Credit, Cancel, Draining, Audio, End, Error, Upload, Body, Forget, Rename, Done]
+# Besides Draining, which either side may send, and Credit, which each sends for what it receives.
+FromNode = Union[Hello, VoiceList, ConsentList, Audio, End, Error, Done, Credit]
+FromRelay = Union[Request, Credit, Cancel, Upload, Body, Forget, Rename]
+Call = Union[Upload, Forget, Rename]
 Frame = Union[str, bytes]
 
-_FROM_NODE = (Hello, Audio, End, Error, Draining)
-_FROM_RELAY = (Request, Credit, Cancel, Draining)
-_TYPE_NAMES = {Hello: "hello", Request: "request", Credit: "credit", Cancel: "cancel", Draining: "draining", End: "end", Error: "error"}
+_FROM_NODE = (Hello, VoiceList, ConsentList, Audio, End, Error, Done, Credit, Draining)
+_FROM_RELAY = (Request, Credit, Cancel, Upload, Body, Forget, Rename, Draining)
+_TYPE_NAMES = {
+    Hello: "hello",
+    VoiceList: "voices",
+    ConsentList: "consents",
+    Request: "request",
+    Credit: "credit",
+    Cancel: "cancel",
+    Draining: "draining",
+    End: "end",
+    Error: "error",
+    Upload: "upload",
+    Forget: "forget",
+    Rename: "rename",
+    Done: "done",
+}
 _TYPES_BY_NAME = {name: cls for cls, name in _TYPE_NAMES.items()}
 
 
@@ -169,7 +281,7 @@ _TYPES_BY_NAME = {name: cls for cls, name in _TYPE_NAMES.items()}
 
 def encode(message: Message) -> Frame:
     """Encode a message as a websocket frame payload (bytes for audio, str for the rest)."""
-    if isinstance(message, Audio):
+    if isinstance(message, (Audio, Body)):
         return _AUDIO_HEADER.pack(message.id) + message.data
     body = {"type": _TYPE_NAMES[type(message)], **_fields(message)}
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
@@ -181,6 +293,28 @@ def _fields(message: Message) -> dict[str, Any]:
     match message:
         case Hello():
             return {"node": message.node, "models": [_model_fields(m) for m in message.models]}
+        case VoiceList():
+            return {"voices": [_kept_voice_fields(v) for v in message.voices]}
+        case ConsentList():
+            return {"consents": [_consent_fields(c) for c in message.consents]}
+        case Upload():
+            return {
+                "id": message.id,
+                "kind": message.kind,
+                "object_id": message.object_id,
+                "name": message.name,
+                "created_at": message.created_at,
+                "size": message.size,
+                "language": message.language,
+                "consent": message.consent,
+                "ref_text": message.ref_text,
+            }
+        case Forget():
+            return {"id": message.id, "kind": message.kind, "object_id": message.object_id}
+        case Rename():
+            return {"id": message.id, "object_id": message.object_id, "name": message.name}
+        case Done():
+            return {"id": message.id}
         case Request():
             return {
                 "id": message.id,
@@ -207,7 +341,21 @@ def _fields(message: Message) -> dict[str, Any]:
 
 
 def _model_fields(model: ModelInfo) -> dict[str, Any]:
-    return {"name": model.name, "aliases": list(model.aliases), "voices": list(model.voices), "any_voice": model.any_voice}
+    return {
+        "name": model.name,
+        "aliases": list(model.aliases),
+        "voices": list(model.voices),
+        "any_voice": model.any_voice,
+        "clones": model.clones,
+    }
+
+
+def _kept_voice_fields(voice: KeptVoice) -> dict[str, Any]:
+    return {"id": voice.id, "name": voice.name, "created_at": voice.created_at, "language": voice.language, "consent": voice.consent}
+
+
+def _consent_fields(consent: Consent) -> dict[str, Any]:
+    return {"id": consent.id, "name": consent.name, "language": consent.language, "created_at": consent.created_at}
 
 
 # --- decoding and validation ------------------------------------------------------------------
@@ -278,6 +426,12 @@ class _Fields:
         value: str | None = self._pop(key, (str,), optional=True)
         return None if value is None else self._checked_str(key, value, max_chars, empty)
 
+    def pop_nullable_str(self, key: str, max_chars: int) -> str | None:
+        """A field that must be present and may be null (every optional field since version 4)."""
+        if key not in self.body:
+            raise ProtocolError(f"missing field {key!r}")
+        return self.pop_optional_str(key, max_chars)
+
     @staticmethod
     def _checked_str(key: str, value: str, max_chars: int, empty: bool) -> str:
         if len(value) > max_chars or (not value and not empty):
@@ -325,9 +479,54 @@ def _decode_model(f: _Fields) -> ModelInfo:
         aliases=f.pop_names("aliases"),
         voices=f.pop_names("voices"),
         any_voice=f.pop_bool("any_voice"),
+        clones=f.pop_bool("clones"),
     )
     f.finish("model")
     return model
+
+
+def _decode_kept_voice(f: _Fields) -> KeptVoice:
+    voice = KeptVoice(
+        id=f.pop_str("id", MAX_ID_CHARS),
+        name=f.pop_str("name", MAX_NAME_CHARS),
+        created_at=f.pop_int("created_at", 0, 2**63),
+        language=f.pop_nullable_str("language", MAX_LANGUAGE_CHARS),
+        consent=f.pop_nullable_str("consent", MAX_ID_CHARS),
+    )
+    f.finish("voice")
+    return voice
+
+
+def _decode_consent(f: _Fields) -> Consent:
+    consent = Consent(
+        id=f.pop_str("id", MAX_ID_CHARS),
+        name=f.pop_str("name", MAX_NAME_CHARS),
+        language=f.pop_str("language", MAX_LANGUAGE_CHARS),
+        created_at=f.pop_int("created_at", 0, 2**63),
+    )
+    f.finish("consent")
+    return consent
+
+
+def _kind(f: _Fields) -> str:
+    kind = f.pop_str("kind", 16)
+    if kind not in KINDS:
+        raise ProtocolError(f"unknown kind {kind!r}")
+    return kind
+
+
+def _decode_upload(f: _Fields) -> Upload:
+    return Upload(
+        id=f.pop_int("id", 0, MAX_STREAM_ID),
+        kind=_kind(f),
+        object_id=f.pop_str("object_id", MAX_ID_CHARS),
+        name=f.pop_str("name", MAX_NAME_CHARS),
+        created_at=f.pop_int("created_at", 0, 2**63),
+        size=f.pop_int("size", 1, MAX_UPLOAD_BYTES),
+        language=f.pop_nullable_str("language", MAX_LANGUAGE_CHARS),
+        consent=f.pop_nullable_str("consent", MAX_ID_CHARS),
+        ref_text=f.pop_nullable_str("ref_text", MAX_INPUT_CHARS),
+    )
 
 
 def _decode_hello(f: _Fields) -> Hello:
@@ -365,6 +564,14 @@ def _decode_error(f: _Fields) -> Error:
 
 _DECODERS: dict[type, Callable[[_Fields], Message]] = {
     Hello: _decode_hello,
+    VoiceList: lambda f: VoiceList(tuple(_decode_kept_voice(v) for v in f.pop_objects("voices", MAX_KEPT))),
+    ConsentList: lambda f: ConsentList(tuple(_decode_consent(c) for c in f.pop_objects("consents", MAX_KEPT))),
+    Upload: _decode_upload,
+    Forget: lambda f: Forget(id=f.pop_int("id", 0, MAX_STREAM_ID), kind=_kind(f), object_id=f.pop_str("object_id", MAX_ID_CHARS)),
+    Rename: lambda f: Rename(
+        id=f.pop_int("id", 0, MAX_STREAM_ID), object_id=f.pop_str("object_id", MAX_ID_CHARS), name=f.pop_str("name", MAX_NAME_CHARS)
+    ),
+    Done: lambda f: Done(id=f.pop_int("id", 0, MAX_STREAM_ID)),
     Request: _decode_request,
     Credit: lambda f: Credit(id=f.pop_int("id", 0, MAX_STREAM_ID), size=f.pop_int("size", 1, MAX_CREDIT)),
     Cancel: lambda f: Cancel(id=f.pop_int("id", 0, MAX_STREAM_ID)),
@@ -382,9 +589,17 @@ _DECODERS: dict[type, Callable[[_Fields], Message]] = {
 
 
 @dataclass
+class _Call:
+    """A call in progress: upload bytes still to come, and how many of them may be sent now."""
+
+    remaining: int = 0
+    credit: int = 0
+
+
+@dataclass
 class Connection:
-    """One side's view of a tunnel: which messages may come next, which streams are open, and how
-    many audio bytes each stream may still carry.
+    """One side's view of a tunnel: which messages may come next, which streams and calls are
+    open, and how many bytes each may still carry.
 
     ``send`` encodes what this side says (a ValueError for what this side must not say: a bug in
     the caller); ``receive`` decodes what the peer said and returns it, or None for a frame that
@@ -397,17 +612,22 @@ class Connection:
     # stream id -> credit: audio bytes the node may still send on it, for streams not yet ended
     open_streams: dict[int, int] = field(default_factory=dict)
     cancelled: set[int] = field(default_factory=set)  # relay: cancelled, node may still be talking
+    calls: dict[int, _Call] = field(default_factory=dict)  # not yet answered with done or error
     draining_sent: bool = False
     peer_draining: bool = False
     next_id: int = 1
 
     def new_stream_id(self) -> int:
+        """An id for a new stream or call (they share one space)."""
         stream_id = self.next_id
         self.next_id = 1 if stream_id >= MAX_STREAM_ID else stream_id + 1
         return stream_id
 
     def credit(self, stream_id: int) -> int:
-        """Audio bytes the node may still send on ``stream_id`` (0 once it has ended)."""
+        """Bytes that may still be sent on ``stream_id`` now: audio by the node on a stream, upload
+        bytes by the relay on a call (0 once it has ended)."""
+        if stream_id in self.calls:
+            return min(self.calls[stream_id].credit, self.calls[stream_id].remaining)
         return self.open_streams.get(stream_id, 0)
 
     def send(self, message: Message) -> Frame:
@@ -418,39 +638,61 @@ class Connection:
             self.draining_sent = True
         elif isinstance(message, Hello):
             self.hello_done = True
-        elif isinstance(message, Request):
+        elif isinstance(message, (Request, Upload, Forget, Rename)):
             if self.draining_sent or self.peer_draining:
                 raise ValueError("no new requests once either side is draining")
-            self.open_streams[message.id] = message.window
+            if isinstance(message, Request):
+                self.open_streams[message.id] = message.window
+            else:
+                self.calls[message.id] = _upload_state(message)
         elif isinstance(message, Credit):
-            if message.id not in self.open_streams:
-                raise ValueError(f"stream {message.id} is not open")
-            self.open_streams[message.id] += message.size
+            self._grant(message, upload=self.role == "node", error=ValueError)
         elif isinstance(message, Cancel):
             if message.id in self.open_streams:
                 del self.open_streams[message.id]
                 self.cancelled.add(message.id)
-        elif isinstance(message, Audio):
+        elif isinstance(message, (Audio, Body)):
             if not 0 < len(message.data) <= MAX_AUDIO_PAYLOAD:
-                raise ValueError(f"an audio frame carries 1 to {MAX_AUDIO_PAYLOAD} bytes, not {len(message.data)}")
+                raise ValueError(f"a data frame carries 1 to {MAX_AUDIO_PAYLOAD} bytes, not {len(message.data)}")
             if len(message.data) > self.credit(message.id):
                 raise ValueError(f"stream {message.id} has {self.credit(message.id)} bytes of credit, not {len(message.data)}")
-            self.open_streams[message.id] -= len(message.data)
-        elif isinstance(message, (End, Error)):
+            self._take(message.id, len(message.data))
+        elif isinstance(message, (End, Error, Done)):
             self.open_streams.pop(message.id, None)
+            self.calls.pop(message.id, None)
         return encode(message)
 
     def receive(self, frame: Frame) -> Message | None:
         message = decode(frame)
+        if self.role == "node" and isinstance(message, Audio):  # binary frames to a node carry uploads
+            message = Body(message.id, message.data)
         expected = _FROM_NODE if self.role == "relay" else _FROM_RELAY
         if not isinstance(message, expected):
             raise ProtocolError(f"{type(message).__name__} is not sent to a {self.role}")
         if isinstance(message, Draining):
             self.peer_draining = True
             return message
-        if isinstance(message, (Hello, Audio, End, Error)):
-            return self._receive_at_relay(message)
-        return self._receive_at_node(message)
+        if self.role == "relay":
+            return self._receive_at_relay(message)  # type: ignore[arg-type]
+        return self._receive_at_node(message)  # type: ignore[arg-type]
+
+    def _grant(self, credit: Credit, upload: bool, error: type[Exception]) -> None:
+        """Add ``credit`` to a call's upload (granted by the node) or a stream's audio (by the relay)."""
+        if upload:
+            if credit.id not in self.calls:
+                raise error(f"call {credit.id} is not open")
+            self.calls[credit.id].credit += credit.size
+        else:
+            if credit.id not in self.open_streams:
+                raise error(f"stream {credit.id} is not open")
+            self.open_streams[credit.id] += credit.size
+
+    def _take(self, stream_id: int, size: int) -> None:
+        if stream_id in self.calls:
+            self.calls[stream_id].credit -= size
+            self.calls[stream_id].remaining -= size
+        else:
+            self.open_streams[stream_id] -= size
 
     def _receive_at_relay(self, message: FromNode) -> Message | None:
         if isinstance(message, Hello):
@@ -458,6 +700,17 @@ class Connection:
             return message
         if not self.hello_done:
             raise ProtocolError("the node must say hello first")
+        if isinstance(message, (VoiceList, ConsentList)):
+            return message
+        if isinstance(message, Credit):
+            self._grant(message, upload=True, error=ProtocolError)
+            return message
+        if isinstance(message, Done) or (isinstance(message, Error) and message.id in self.calls):
+            if message.id not in self.calls:
+                raise ProtocolError(f"call {message.id} is not open")
+            del self.calls[message.id]
+            return message
+        assert isinstance(message, (Audio, End, Error))
         stream_id = message.id
         if stream_id in self.cancelled:
             if isinstance(message, (End, Error)):
@@ -474,12 +727,20 @@ class Connection:
         return message
 
     def _receive_at_node(self, message: FromRelay) -> Message | None:
-        if isinstance(message, Request):
+        if isinstance(message, (Request, Upload, Forget, Rename)):
             if self.peer_draining:
                 raise ProtocolError("a request after the relay said it is draining")
-            if message.id in self.open_streams:
+            if message.id in self.open_streams or message.id in self.calls:
                 raise ProtocolError(f"stream {message.id} is already open")
-            self.open_streams[message.id] = message.window
+            if isinstance(message, Request):
+                self.open_streams[message.id] = message.window
+            else:
+                self.calls[message.id] = _upload_state(message)
+            return message
+        if isinstance(message, Body):
+            if len(message.data) > self.credit(message.id):
+                raise ProtocolError(f"call {message.id} sent more upload than its credit or its size")
+            self._take(message.id, len(message.data))
             return message
         # A cancel or credit may cross the node's own end or error on the wire: nothing to do.
         if message.id not in self.open_streams:
@@ -487,3 +748,7 @@ class Connection:
         if isinstance(message, Credit):
             self.open_streams[message.id] += message.size
         return message
+
+
+def _upload_state(call: Upload | Forget | Rename) -> _Call:
+    return _Call(call.size, UPLOAD_WINDOW) if isinstance(call, Upload) else _Call()

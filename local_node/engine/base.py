@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -53,3 +53,19 @@ class Engine(Protocol):
     def synthesize(self, job: Job, cancelled: threading.Event) -> Iterator[np.ndarray]:
         """Yield 24 kHz mono float32 PCM as it is produced. Runs in a worker thread; stops soon
         after ``cancelled`` is set."""
+
+
+class Cloner(Protocol):
+    """An engine that speaks the voices the node keeps (``info.clones``: a Base model)."""
+
+    source: str  # the weights its clone prompts are made for
+
+    def clone_prompt(self, sample: np.ndarray, ref_text: str | None) -> dict[str, Any]:
+        """The clone prompt of a 24 kHz mono sample (with the words it speaks, if known), as
+        tensors and plain values that ``torch.save`` keeps. Called on a worker thread."""
+
+    def keep_voice(self, voice_id: str, prompt: dict[str, Any], language: str | None) -> None:
+        """Speak ``voice_id`` from now on."""
+
+    def drop_voice(self, voice_id: str) -> None:
+        """Stop speaking ``voice_id``."""

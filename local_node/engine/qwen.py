@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from local_node.config import ConfigError, ModelConfig
-from local_node.engine.base import Cancelled, Job, JobError, ModelUnavailable
+from local_node.engine.base import SAMPLE_RATE, Cancelled, Job, JobError, ModelUnavailable
 from local_node.engine.batcher import Batcher
 from local_node.engine.text_split import split_text
 from local_node.kernels import tiers
@@ -39,6 +39,19 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _NON_STREAMING_MODE = {"auto": None, "whole": True, "streaming": False}
 # Pieces only bound the prompt; audio streams frame by frame whatever their length.
 MAX_PIECE_CHARS = 300
+# BCP 47 primary language -> Qwen3-TTS' name for it.
+_LANGUAGES = {
+    "zh": "Chinese",
+    "en": "English",
+    "ja": "Japanese",
+    "ko": "Korean",
+    "de": "German",
+    "fr": "French",
+    "ru": "Russian",
+    "pt": "Portuguese",
+    "es": "Spanish",
+    "it": "Italian",
+}
 
 
 @dataclass(frozen=True)
@@ -61,7 +74,10 @@ class QwenEngine:
             log.info("%s: decoder projections in int8 (weights: int8; codes differ from the %s model's)", config.name, dtype)
         self.kind: str = self.tts.model.tts_model_type  # "base", "custom_voice" or "voice_design"
         self.voices = self._build_voices()
-        self.info = ModelInfo(config.name, config.aliases, tuple(self.voices), any_voice=self.kind == "voice_design")
+        self.info = ModelInfo(
+            config.name, config.aliases, tuple(self.voices), any_voice=self.kind == "voice_design", clones=self.kind == "base"
+        )
+        self.source = f"{config.source} ({dtype})"
         self.chunk_schedule = config.chunk_frames
         self.concurrency = config.max_batch
         self.batcher = Batcher(self.tts.model, rows=config.max_batch, name=config.name, threads=threads)
@@ -101,8 +117,6 @@ class QwenEngine:
                 except Exception as exc:  # unreadable or unusable audio: a config problem, not a crash
                     raise ConfigError(f"{where}.voices.{voice.name}.ref_audio: cannot use {voice.ref_audio}: {exc}") from exc
                 voices[voice.name] = _Voice(language, clone_prompt=prompt)
-        if self.kind == "base" and not voices:
-            raise ConfigError(f"{where}: a Base model clones voices; declare at least one under voices: with ref_audio:")
         return voices
 
     @staticmethod
@@ -112,6 +126,30 @@ class QwenEngine:
         if supported and value not in supported:
             raise ConfigError(f"{where}: {value!r} is not supported; choose from {', '.join(sorted(supported))}")
         return value
+
+    # --- kept voices (the Cloner interface) ------------------------------------------------
+
+    def clone_prompt(self, sample: np.ndarray, ref_text: str | None) -> dict[str, Any]:
+        with self._tokenizer:
+            (item,) = self.tts.create_voice_clone_prompt(
+                ref_audio=(sample, SAMPLE_RATE), ref_text=ref_text, x_vector_only_mode=not ref_text
+            )
+        return dict(vars(item))
+
+    def keep_voice(self, voice_id: str, prompt: dict[str, Any], language: str | None) -> None:
+        item = import_qwen_tts().inference.qwen3_tts_model.VoiceClonePromptItem(**prompt)
+        # A new dict, swapped in whole: synthesis threads read the old one meanwhile.
+        self.voices = {**self.voices, voice_id: _Voice(self._kept_language(language), clone_prompt=[item])}
+
+    def drop_voice(self, voice_id: str) -> None:
+        self.voices = {name: voice for name, voice in self.voices.items() if name != voice_id}
+
+    def _kept_language(self, language: str | None) -> str:
+        """A kept voice's language (a BCP 47 tag such as en-US, or a Qwen name) as this model names
+        it; the model's default when it has no such language."""
+        supported = set(self.tts.get_supported_languages() or [])
+        name = _LANGUAGES.get((language or "").split("-")[0].lower(), language)
+        return name if name in supported else self.default_language
 
     # --- the Engine interface -------------------------------------------------------------
 
@@ -148,7 +186,10 @@ class QwenEngine:
 
     def warm_up(self) -> None:
         """Synthesise up to the first chunk, so the first real request does not pay for lazy
-        initialisation (weights paged in, kernels and buffers set up) in every stage."""
+        initialisation (weights paged in, kernels and buffers set up) in every stage. A Base model
+        with no voice of its own yet has nothing to say: it warms up on its first request."""
+        if self.kind == "base" and not self.voices:
+            return
         started = time.monotonic()
         voice = next(iter(self.voices), "warmup")
         job = Job("Hello.", voice, "A clear, calm voice." if self.kind == "voice_design" else None)

@@ -21,6 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from local_node.engine.base import JobError
 from local_node.serving.metrics import NodeMetrics
+from local_node.serving.voices import VoiceKeeper
 from local_node.serving.worker import Busy, ModelWorker
 from tunnel.handshake import tunnel_authorization, valid_challenge
 from tunnel.protocol import (
@@ -28,15 +29,21 @@ from tunnel.protocol import (
     MAX_FRAME_BYTES,
     SUBPROTOCOL,
     Audio,
+    Body,
+    Call,
     Cancel,
     Connection,
     Credit,
+    Done,
     Draining,
     End,
     Error,
+    Forget,
     Hello,
     ProtocolError,
+    Rename,
     Request,
+    Upload,
 )
 
 log = logging.getLogger("local_node.tunnel")
@@ -51,6 +58,7 @@ class NoChallenge(Exception):
 
 
 CHALLENGE_TIMEOUT = 15.0  # seconds, like the websocket's own opening handshake
+MAX_UPLOADS = 2  # uploads one relay may have in progress on this node at once
 
 
 def challenge_url(tunnel_url: str) -> str:
@@ -129,6 +137,20 @@ class Backoff:
 
 
 @dataclass
+class _Incoming:
+    """An upload arriving: the call, and its bytes so far (None: counted, not kept)."""
+
+    upload: Upload
+    data: bytearray | None
+    received: int = 0
+
+    def take(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        if self.data is not None:
+            self.data += chunk
+
+
+@dataclass
 class _Job:
     """A request being served, and what stops or resumes its sending."""
 
@@ -154,8 +176,11 @@ class TunnelClient:
         ping_interval: float = 10.0,
         ping_timeout: float = 10.0,
         metrics: NodeMetrics | None = None,
+        keeper: VoiceKeeper | None = None,
     ) -> None:
         self.url = url
+        self.keeper = keeper
+        self.siblings: list[TunnelClient] = [self]  # every relay this node serves (serve_relays)
         self._link = (metrics or NodeMetrics()).link(url)
         self._token = token
         self.node_name = node_name
@@ -164,6 +189,7 @@ class TunnelClient:
         self.ping_timeout = ping_timeout
         self._draining = False
         self._live: tuple[ClientConnection, Connection, dict[int, _Job]] | None = None
+        self._send_lists_lock = asyncio.Lock()
 
     async def run_forever(self) -> None:
         """Keep a connection to the relay until drained; raises Refused when retrying cannot help."""
@@ -237,12 +263,15 @@ class TunnelClient:
             return
         conn = Connection("node")
         jobs: dict[int, _Job] = {}
+        uploads: dict[int, _Incoming] = {}
+        calls: set[asyncio.Task] = set()
         models = tuple(worker.engine.info for worker in self.workers.values())
         self._live = (ws, conn, jobs)
         self._link.up()
         keepalive = asyncio.create_task(self._keepalive(ws))
         try:
             await ws.send(conn.send(Hello(self.node_name, models)))
+            await self.send_lists()
             async for frame in ws:
                 try:
                     message = conn.receive(frame)
@@ -261,6 +290,19 @@ class TunnelClient:
                     jobs[message.id].stop()
                 elif isinstance(message, Draining):
                     log.info("relay %s is draining: it sends no new requests", self.url)
+                elif isinstance(message, Upload):
+                    # Beyond MAX_UPLOADS the bytes are taken but not kept, and the answer is busy.
+                    kept = sum(incoming.data is not None for incoming in uploads.values()) < MAX_UPLOADS
+                    uploads[message.id] = _Incoming(message, bytearray() if kept else None)
+                elif isinstance(message, Body):
+                    incoming = uploads[message.id]
+                    incoming.take(message.data)
+                    await ws.send(conn.send(Credit(message.id, len(message.data))))  # held here, not in the socket
+                    if incoming.received == incoming.upload.size:  # a call is answered after its whole upload
+                        del uploads[message.id]
+                        self._start_call(ws, conn, incoming.upload, None if incoming.data is None else bytes(incoming.data), calls)
+                elif isinstance(message, (Forget, Rename)):
+                    self._start_call(ws, conn, message, b"", calls)
         finally:
             keepalive.cancel()
             self._live = None
@@ -269,6 +311,49 @@ class TunnelClient:
             for job in jobs.values():
                 job.stop()
             await asyncio.gather(*(job.task for job in list(jobs.values()) if job.task), return_exceptions=True)
+
+    async def send_lists(self) -> None:
+        """Tell the relay what voices and consents this node keeps (after hello, after changes)."""
+        if self.keeper is None or self._live is None:
+            return
+        ws, conn, _ = self._live
+        async with self._send_lists_lock:  # two changes at once: their lists go out in order
+            for message in self.keeper.lists():
+                try:
+                    await ws.send(conn.send(message))
+                except ConnectionClosed:
+                    return
+
+    def _start_call(self, ws: ClientConnection, conn: Connection, call: Call, data: bytes | None, calls: set[asyncio.Task]) -> None:
+        task = asyncio.create_task(self._call(ws, conn, call, data))
+        calls.add(task)
+        task.add_done_callback(calls.discard)
+
+    async def _call(self, ws: ClientConnection, conn: Connection, call: Call, data: bytes | None) -> None:
+        """Do a call on a worker thread; every relay hears the new lists, then this one the answer.
+        ``data`` is None for an upload taken beyond MAX_UPLOADS."""
+        try:
+            if self.keeper is None:
+                raise JobError("invalid_request", "This node keeps no voices.")
+            if data is None:
+                raise JobError("busy", "This node is taking other uploads; retry shortly.")
+            if isinstance(call, Upload):
+                await asyncio.to_thread(self.keeper.upload, call, data)
+            elif isinstance(call, Forget):
+                await asyncio.to_thread(self.keeper.forget, call.kind, call.object_id)
+            else:
+                await asyncio.to_thread(self.keeper.rename, call.object_id, call.name)
+            await asyncio.gather(*(client.send_lists() for client in self.siblings))
+            answer: Done | Error = Done(call.id)
+        except JobError as exc:
+            answer = Error(call.id, exc.code, exc.message[:1000])
+        except Exception:
+            log.exception("a %s call failed", type(call).__name__.lower())
+            answer = Error(call.id, "internal_error", "The node failed to do it.")
+        try:
+            await ws.send(conn.send(answer))
+        except ConnectionClosed:
+            pass
 
     async def _keepalive(self, ws: ClientConnection) -> None:
         """Drop a relay that does not answer a ping within ping_timeout (frozen, or the connection
@@ -360,6 +445,8 @@ async def serve_relays(clients: list[TunnelClient], drain_grace: float) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    for client in clients:  # a change to the voices is told to every relay
+        client.siblings = clients
     runs = [asyncio.create_task(client.run_forever()) for client in clients]
 
     def report(task: asyncio.Task) -> None:
