@@ -60,9 +60,9 @@ async def create_consent(request: HttpRequest) -> JSONResponse:
     """``POST /v1/audio/voice_consents``: multipart ``name``, ``language``, ``recording``."""
     _take_rate(request)
     form = await read_form(request, MAX_FORM_BYTES, fields=("name", "language"), files=("recording",))
+    recording = _file(form, "recording")
     name = _text(form, "name", MAX_NAME_CHARS)
     language = _language(form, required=True)
-    recording = _file(form, "recording")
     consent = Consent(id="cons_" + secrets.token_hex(12), name=name, language=language or "", created_at=int(time.time()))
     await _everywhere(
         request,
@@ -146,18 +146,20 @@ async def create_voice(request: HttpRequest) -> JSONResponse:
     ``language`` (the voice's usual language)."""
     _take_rate(request)
     config: RelayConfig = request.app.state.config
-    form = await read_form(request, MAX_FORM_BYTES, fields=("name", "consent", "type", "ref_text", "language"), files=("audio_sample",))
+    # prompt, model, script_hint: OpenAI's voices from a description, refused below by their type.
+    fields = ("name", "consent", "type", "ref_text", "language", "prompt", "model", "script_hint")
+    form = await read_form(request, MAX_FORM_BYTES, fields=fields, files=("audio_sample",))
     if form.get("type", "audio_sample") != "audio_sample":
         raise bad_request(
             "Only voices made from an audio sample (type 'audio_sample') are supported here.", param="type", code="unsupported_value"
         )
+    sample = _file(form, "audio_sample")
     name = _text(form, "name", MAX_NAME_CHARS)
     consent = _text(form, "consent", MAX_ID_CHARS, required=config.require_voice_consent) or None
     if consent is not None and consent not in request.app.state.router.consents():
         raise bad_request(f"No consent recording with id '{consent}': upload one first (POST /v1/audio/voice_consents).", param="consent")
     ref_text = _text(form, "ref_text", MAX_INPUT_CHARS, required=False) or None
     language = _language(form, required=False)
-    sample = _file(form, "audio_sample")
     voice = KeptVoice(id="voice_" + secrets.token_hex(12), name=name, created_at=int(time.time()), language=language, consent=consent)
     await _everywhere(
         request,

@@ -19,6 +19,8 @@ SYSTEM = {
     "test_liveness",
     "test_metrics",
     "test_tunnel",
+    "test_voice_store",
+    "test_voices",
 }
 MODEL = {"test_codec_stream", "test_cpu_kernels", "test_generation", "test_int8", "test_tiny_model"}
 
