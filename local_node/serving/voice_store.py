@@ -10,7 +10,8 @@ Layout (``voices_dir``, by default ``voices/`` next to the config file)::
 
 A new entry is written into ``.incoming/``, flushed to disk, then renamed into place in one step,
 so a node killed at any moment comes back with the entry whole or without it. A deletion renames
-the entry out of place first. Everything is readable by the node's user only (0700 / 0600), and
+the entry out of place first; a file replaced in an entry (a prompt, a consent's name) is written
+beside it under a dot name, then renamed over it. Opening the store clears what was cut short. Everything is readable by the node's user only (0700 / 0600), and
 nothing here logs a recording or a prompt.
 """
 
@@ -46,6 +47,8 @@ class VoiceStore:
             os.chmod(folder / sub, 0o700)
         for leftover in (folder / ".incoming").iterdir():  # an entry or deletion cut short
             shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in folder.glob("*/*/.*"):  # a file being replaced (_write_atomically) when cut short
+            leftover.unlink(missing_ok=True)
         self.voices: dict[str, KeptVoice] = {}
         self.ref_texts: dict[str, str | None] = {}
         self.consents: dict[str, Consent] = {}
