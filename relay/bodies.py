@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import AsyncGenerator
 
 from starlette.datastructures import UploadFile
@@ -12,6 +13,9 @@ from starlette.requests import Request as HttpRequest
 from .errors import ApiError, bad_request
 
 Form = dict[str, "str | bytes"]  # a field's text, or a file's bytes
+
+# The parser logs a warning for each malformed body it meets: anyone could fill the log with them.
+logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
 
 async def read_body(request: HttpRequest, limit: int) -> bytes:
