@@ -25,7 +25,8 @@ config=${QWEN3_TTS_CONFIG:-config-cpu-local.yaml}
 if [ "${1:-}" = "--tiny" ]; then
   config=config-tiny.yaml
   [ -f .cache/tiny/custom_voice/config.json ] || .venv/bin/python -m local_node tiny-model .cache/tiny/custom_voice --type custom_voice >/dev/null
-  echo "Pipeline check with a tiny random-weight checkpoint: requests work end to end, the audio is noise." >&2
+  [ -f .cache/tiny/base/config.json ] || .venv/bin/python -m local_node tiny-model .cache/tiny/base --type base >/dev/null
+  echo "Pipeline check with tiny random-weight checkpoints: requests work end to end, the audio is noise." >&2
 fi
 
 .venv/bin/python -m relay --host 127.0.0.1 --port "$PORT" &
