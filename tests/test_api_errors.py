@@ -140,8 +140,12 @@ def test_models_voices_health_and_ready(relay):
     assert models["object"] == "list"
     assert {"tts-1", "tone"} <= {m["id"] for m in models["data"]}
     assert all(m["object"] == "model" and m["owned_by"] for m in models["data"])
-    voices = httpx.get(f"{relay.url}/v1/audio/voices", headers=auth).json()["data"]
-    assert voices == [{"model": "tone", "aliases": ["tts-1"], "voices": ["alloy", "tone"], "any_voice": False}]
+    voices = httpx.get(f"{relay.url}/v1/audio/voices", headers=auth).json()
+    assert [(v["id"], v["name"], v["type"], v["models"]) for v in voices["data"]] == [
+        ("alloy", "alloy", "preset", ["tone", "tts-1"]),
+        ("tone", "tone", "preset", ["tone", "tts-1"]),
+    ]
+    assert voices["voices"] == voices["data"]
     assert httpx.get(f"{relay.url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{relay.url}/ready").json() == {"status": "ready", "nodes": 1}
 

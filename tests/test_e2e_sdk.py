@@ -192,11 +192,12 @@ def test_models_and_voices_list_what_the_node_serves(stack, client):
     relay, _ = stack
     import httpx
 
-    voices = httpx.get(f"{relay.url}/v1/audio/voices", headers={"Authorization": f"Bearer {API_KEY}"}).json()["data"]
-    by_model = {v["model"]: v for v in voices}
-    assert {"vivian", "ryan", "alloy"} <= set(by_model["custom_voice"]["voices"])
-    assert by_model["base_small"]["voices"] == ["me", "timbre"]
-    assert by_model["voice_design"]["any_voice"] is True
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    voices = {v["id"]: v["models"] for v in httpx.get(f"{relay.url}/v1/audio/voices", headers=auth).json()["data"]}
+    assert {"vivian", "ryan", "alloy"} <= {name for name, models in voices.items() if "custom_voice" in models}
+    assert voices["me"] == voices["timbre"] == ["base_small", "qwen3-tts-clone"]
+    models = {m["id"]: m for m in httpx.get(f"{relay.url}/v1/audio/models", headers=auth).json()["data"]}
+    assert models["voice_design"]["any_voice"] is True and models["base_small"]["clones"] is True
 
 
 def test_concurrent_requests_are_served_together(client):
