@@ -11,8 +11,9 @@ Layout (``voices_dir``, by default ``voices/`` next to the config file)::
 A new entry is written into ``.incoming/``, flushed to disk, then renamed into place in one step,
 so a node killed at any moment comes back with the entry whole or without it. A deletion renames
 the entry out of place first; a file replaced in an entry (a prompt, a consent's name) is written
-beside it under a dot name, then renamed over it. Opening the store clears what was cut short. Everything is readable by the node's user only (0700 / 0600), and
-nothing here logs a recording or a prompt.
+beside it under a dot name, then renamed over it. Opening the store clears what was cut short.
+Everything is readable by the node's user only (0700 / 0600), and nothing here logs a recording
+or a prompt.
 """
 
 from __future__ import annotations
