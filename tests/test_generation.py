@@ -457,6 +457,41 @@ def test_batched_utterances_match_each_alone(load):
     assert sorted(batch.free_rows) == [0, 1]
 
 
+def test_text_written_while_it_is_spoken_makes_the_codes_of_the_whole_text(load):
+    """Live text: the utterance starts from its first words, the rest arrives word by word, and
+    the talker waits whenever it has caught up with the text. It must make exactly the frames of
+    the whole text given at once in streaming mode (fp32, greedy): waiting changes when, not what."""
+    tts = load("custom_voice", prepared=True)
+    full = "Hello there, this answer arrives word by word while it is being spoken."
+    words = full.split(" ")
+    common = dict(kind="custom_voice", language="English", speaker="ryan", non_streaming_mode=False)
+    sampling = SamplingConfig.from_tts(tts, max_new_tokens=40, **GREEDY)
+    whole = list(generate_frames(tts.model, prepare_prompt(tts, text=full, **common), sampling))
+
+    prompt = generation.live_prompt(prepare_prompt(tts, text=" ".join(words[:2]), **common))
+    pieces = [" " + word for word in words[2:]]
+    batch = generation.FrameBatch(tts.model)
+    utterance = batch.add(prompt, sampling)
+    got, idle_steps, late = [], 0, False
+    while not utterance.done:
+        produced = batch.step()
+        if utterance in produced:
+            got.append(produced[utterance])
+        else:
+            idle_steps += 1  # a step with nothing to do: the text was late
+        if batch.waiting:  # caught up: the next word arrives now, or (every other time) a step later
+            late = not late
+            if late:
+                continue
+            if pieces:
+                prompt.live.append(generation.text_embeddings(tts, pieces.pop(0)))
+            else:
+                prompt.live.close()
+    assert len(got) == len(whole) == 39
+    assert torch.equal(torch.stack(got), torch.stack(whole))
+    assert prompt.live.waits == idle_steps == len(words) - 1  # it waited for every word, and for the end
+
+
 def test_batcher_decodes_the_last_chunk_on_generations_cores_too(load):
     """The decoding thread runs on ``threads`` torch threads, reserving as many cores from the
     products; an utterance's last chunk, once nothing is left to generate, on twice that."""

@@ -39,6 +39,7 @@ from local_node.model.generation import FrameBatch, Prompt, SamplingConfig, Utte
 log = logging.getLogger("local_node.batcher")
 
 _END = object()  # on a request's results: nothing more will come
+WAIT_POLL = 0.05  # seconds: how often cancels are noticed while every utterance waits for text
 
 
 # What the generation thread hands the decoding thread for one request, in order.
@@ -104,6 +105,8 @@ class Batcher:
         Once ``cancelled`` is set the batch drops it before its next frame (``on_end`` is not
         called) and this ends."""
         request = _Request(prompt, sampling, cancelled, on_frame, on_end)
+        if prompt.live is not None:  # text arriving may let a waiting utterance step again
+            prompt.live.listeners.append(self._notify)
         with self._wake:
             self._joining.append(request)
             self._wake.notify()
@@ -112,6 +115,10 @@ class Batcher:
                 raise item.error
             yield item
 
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
     def _generate(self) -> None:
         torch.set_num_threads(self.threads)
         while True:
@@ -119,6 +126,11 @@ class Batcher:
                 while not (self._joining or self._live):
                     self._wake.wait()
                 self._admit()
+                if self._batch.waiting and not self._joining:
+                    # Everyone waits for text: sleep until some arrives (or a cancel, checked
+                    # at least every WAIT_POLL seconds, since cancelling sets an event only).
+                    self._wake.wait(WAIT_POLL)
+                    continue
             started = time.monotonic()
             try:
                 with torch.inference_mode():

@@ -48,8 +48,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import threading
+import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from transformers.generation.logits_process import (
@@ -102,6 +103,71 @@ class Prompt:
     trailing_text: torch.Tensor  # [1, T, H] added to the input after frame k while k < T
     tts_pad: torch.Tensor  # [1, 1, H] added after that
     ref_code: torch.Tensor | None = None  # [R, 16] ICL voice clone: qwen-tts decodes ref_code + frames, then cuts R off
+    live: LiveText | None = None  # the trailing text is still being written: read it from here
+
+
+class LiveText:
+    """The trailing text of an utterance whose text is still being written (streaming text input:
+    the talker reads one text token per frame). The writer appends the embeddings of each new
+    piece's tokens and finally closes it, which appends the end-of-text embedding; the generation
+    thread reads position k after frame k, and gets None while the text has not reached it: that
+    utterance then waits, out of the batch's steps, for the writer. After the end of the text
+    comes ``tts_pad``, as for any utterance.
+
+    Waiting changes when a frame is made, never what it is: the talker sees the same inputs in the
+    same order as if all of the text had been there from the start.
+    """
+
+    def __init__(self, known: torch.Tensor, end: torch.Tensor, pad: torch.Tensor) -> None:
+        self._parts = [known[0]]  # [n, H] pieces
+        self._flat = known[0]
+        self._end = end  # [1, 1, H] qwen-tts' tts_eos, after the last token
+        self._pad = pad
+        self._lock = threading.Lock()
+        self.closed = False
+        self.listeners: list[Callable[[], None]] = []  # told when text arrives (the batcher wakes)
+        self.waits = 0  # times the talker caught up with the text
+        self.waited = 0.0  # seconds it spent waiting, in all
+        self._waiting_since: float | None = None
+
+    def append(self, embeds: torch.Tensor) -> None:
+        """More text: [1, n, H] embeddings of its tokens."""
+        with self._lock:
+            if self.closed:
+                raise ValueError("the text was closed")
+            self._parts.append(embeds[0])
+        self._changed()
+
+    def close(self) -> None:
+        """No more text: the end-of-text embedding follows the last token."""
+        with self._lock:
+            if not self.closed:
+                self._parts.append(self._end[0])
+                self.closed = True
+        self._changed()
+
+    def at(self, k: int) -> torch.Tensor | None:
+        """The input to add at position ``k`` ([1, 1, H]), or None while the text is not there yet."""
+        with self._lock:
+            if len(self._parts) > 1:
+                self._flat = torch.cat(self._parts)
+                self._parts = [self._flat]
+            if k < self._flat.shape[0]:
+                found: torch.Tensor | None = self._flat[k : k + 1][None]
+            else:
+                found = self._pad if self.closed else None
+            now = time.monotonic()
+            if found is None and self._waiting_since is None:
+                self.waits += 1
+                self._waiting_since = now
+            elif found is not None and self._waiting_since is not None:
+                self.waited += now - self._waiting_since
+                self._waiting_since = None
+            return found
+
+    def _changed(self) -> None:
+        for listener in list(self.listeners):
+            listener()
 
 
 # --- the prompt: qwen-tts' own code, stopped where it would call HF generate ------------------
@@ -160,6 +226,23 @@ def prepare_prompt(
     if got["inputs_embeds"].shape[0] != 1 or not bool(got["attention_mask"].all()):
         raise ValueError("one unpadded utterance expected")
     return Prompt(got["inputs_embeds"], got["trailing_text_hidden"], got["tts_pad_embed"], _icl_ref_code(voice_clone_prompt))
+
+
+def live_prompt(prompt: Prompt) -> Prompt:
+    """``prompt``, built with streaming text input (``non_streaming_mode=False``), with its text
+    left open: the end of its trailing text waits in a ``LiveText`` for the rest to be written."""
+    text = prompt.trailing_text
+    if prompt.ref_code is not None:
+        raise ValueError("an in-context clone aligns its text with the reference; write live text to an x-vector clone")
+    return dataclasses.replace(prompt, live=LiveText(text[:, :-1], text[:, -1:], prompt.tts_pad))
+
+
+def text_embeddings(tts: Any, text: str) -> torch.Tensor:
+    """The trailing-text inputs of ``text`` ([1, n, H]), as qwen-tts embeds a streaming prompt's
+    text: its tokens (tokenized alone: begin it where a word begins), embedded and projected."""
+    talker = tts.model.talker
+    ids = tts.processor(text=text, return_tensors="pt")["input_ids"].to(talker.device)
+    return talker.text_projection(talker.get_text_embeddings()(ids))
 
 
 def _icl_ref_code(voice_clone_prompt: Any) -> torch.Tensor | None:
@@ -243,10 +326,20 @@ class Utterance:
     row: int  # its row of the talker's KV cache while in the batch
     talker_processors: list  # Hugging Face logits processors, in the order generate applies them
     predictor_processors: list
-    inputs: torch.Tensor  # the talker's next input: the prompt, then one position per frame
+    inputs: torch.Tensor | None  # the talker's next input: the prompt, then one position per frame; None: waits for text
     history: torch.Tensor  # codebook-0 tokens so far [1, frames]
     frames: int = 0
     done: bool = False  # EOS, or its frame budget spent; it has left the batch
+    codes_sum: torch.Tensor | None = None  # the last frame's summed codebook embeddings, while it waits for text
+
+    def ready(self) -> bool:
+        """Whether it can take the next step: its input is there, or its text now is."""
+        if self.inputs is None:
+            assert self.codes_sum is not None and self.prompt.live is not None
+            text = self.prompt.live.at(self.frames - 1)
+            if text is not None:
+                self.inputs, self.codes_sum = self.codes_sum + text, None
+        return self.inputs is not None
 
 
 class FrameBatch:
@@ -303,11 +396,11 @@ class FrameBatch:
     def step(self) -> dict[Utterance, torch.Tensor]:
         """One frame for every utterance in the batch: {utterance: its 16 codes}. Utterances that
         end (EOS now, or frame budget spent with this frame) leave the batch, marked ``done``."""
-        if not self.utterances:
+        order = [u for u in self.utterances if u.ready()]
+        if not order:
             return {}
         talker = self.model.talker
-        order = list(self.utterances)
-        hidden = self._talker_step()  # [n, 1, H], rows in ``order``
+        hidden = self._talker_step(order)  # [n, 1, H], rows in ``order``
         logits = talker.codec_head(hidden)[:, -1]
         going, code0 = [], []
         for utterance, row_logits in zip(order, logits.split(1)):
@@ -328,24 +421,33 @@ class FrameBatch:
         out = {}
         for i, utterance in enumerate(going):
             out[utterance] = codes[i]
-            text = utterance.prompt.trailing_text
-            k = utterance.frames
-            utterance.inputs = summed[i : i + 1] + (text[:, k : k + 1] if k < text.shape[1] else utterance.prompt.tts_pad)
+            utterance.inputs, utterance.codes_sum = None, summed[i : i + 1]
             utterance.frames += 1
+            if utterance.prompt.live is None:
+                text = utterance.prompt.trailing_text
+                k = utterance.frames - 1
+                utterance.inputs = utterance.codes_sum + (text[:, k : k + 1] if k < text.shape[1] else utterance.prompt.tts_pad)
+            else:
+                utterance.ready()  # the text may be there already
             if utterance.frames >= utterance.sampling.max_new_tokens - 1:
                 self.remove(utterance)
         return out
 
-    def _talker_step(self) -> torch.Tensor:
-        """Run each utterance's pending talker input; their last hidden states [n, 1, H] in batch order."""
+    @property
+    def waiting(self) -> bool:
+        """Whether every utterance in the batch waits for text (a step would do nothing)."""
+        return bool(self.utterances) and not any(u.ready() for u in self.utterances)
+
+    def _talker_step(self, order: list[Utterance]) -> torch.Tensor:
+        """Run each utterance's pending talker input; their last hidden states [n, 1, H] in ``order``."""
         hidden: dict[Utterance, torch.Tensor] = {}
-        fresh = [u for u in self.utterances if u.frames == 0]
-        for u in fresh:  # prompts: one at a time, their lengths differ
-            hidden[u] = self.talker.forward(u.inputs, rows=[u.row])[:, -1:]
-        if stepping := [u for u in self.utterances if u.frames > 0]:
-            out = self.talker.forward(torch.cat([u.inputs for u in stepping]), rows=[u.row for u in stepping])
+        inputs = {u: u.inputs for u in order if u.inputs is not None}
+        for u in [u for u in order if u.frames == 0]:  # prompts: one at a time, their lengths differ
+            hidden[u] = self.talker.forward(inputs[u], rows=[u.row])[:, -1:]
+        if stepping := [u for u in order if u.frames > 0]:
+            out = self.talker.forward(torch.cat([inputs[u] for u in stepping]), rows=[u.row for u in stepping])
             hidden.update(zip(stepping, out.split(1)))
-        return torch.cat([hidden[u] for u in self.utterances])
+        return torch.cat([hidden[u] for u in order])
 
     def _predict_codes(self, going: list[Utterance], hidden: torch.Tensor, code0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Codebooks 1..15 for each utterance, from its talker hidden state and codebook 0, one
