@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Self
 
 import httpx
 import yaml
@@ -55,8 +56,26 @@ class Process:
             self.proc.wait(timeout=30)
 
     def stop(self) -> None:
-        self.kill(signal.SIGTERM if self.proc.poll() is None else signal.SIGKILL)
-        self._log.close()
+        """SIGTERM (with SIGCONT, so that a SIGSTOPped process takes it) and the log closed. Safe to
+        call again, or after kill(). One still there after 30 s is killed, and the test fails."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                self.proc.send_signal(signal.SIGCONT)
+                try:
+                    self.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout=30)
+                    raise
+        finally:
+            self._log.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
 
 # The environment every test relay starts with (tests/test_fuzz_http.py serves one in process).
@@ -101,6 +120,22 @@ class Relay(Process):
     def models(self) -> set[str]:
         response = httpx.get(f"{self.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=5)
         return {m["id"] for m in response.json()["data"]}
+
+    def ready(self) -> dict:
+        """GET /ready's answer: {"status": "ready" | "draining" | "no node connected", "nodes": n}."""
+        return httpx.get(f"{self.url}/ready", timeout=5).json()
+
+    def wait_for_ready(self, timeout: float = 60.0, watch: tuple[Process, ...] = (), **expected) -> None:
+        """Poll GET /ready until its answer has ``expected`` (``nodes=2``: two nodes that take new
+        work, connected and not draining; ``status="draining"``), failing early if a watched process exits."""
+        deadline = time.monotonic() + timeout
+        while not expected.items() <= (answer := self.ready()).items():
+            for process in watch:
+                if process.proc.poll() is not None:
+                    raise AssertionError(f"{process.log_path.name} exited ({process.proc.returncode}):\n{process.log()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"GET /ready never had {expected}: {answer}")
+            time.sleep(0.05)
 
     def wait_for_models(self, names: set[str], timeout: float = 180.0, node: Process | None = None) -> None:
         deadline = time.monotonic() + timeout

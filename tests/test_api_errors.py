@@ -14,14 +14,9 @@ GOOD = {"model": "tts-1", "input": "Hi", "voice": "alloy", "response_format": "p
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("api")
-    relay = Relay(tmp)
-    node = Node(tmp, relay, synthetic_models(max_queue=0))
-    try:
+    with Relay(tmp) as relay, Node(tmp, relay, synthetic_models(max_queue=0)) as node:
         relay.wait_for_models({"tts-1", "tone"}, node=node, timeout=60)
         yield relay
-    finally:
-        node.stop()
-        relay.stop()
 
 
 def post(relay, body=None, *, content=None, key=API_KEY, headers=None):
@@ -89,17 +84,13 @@ def test_a_revoked_api_key_is_refused_once_the_relay_restarts(tmp_path):
     (Being bearer secrets, as OpenAI designed them, keys are sent as they are every time: replaying
     one is simply using it. What protects them is TLS, and revoking one that leaked.)"""
     old_key = "sk-old-0123456789abcdef"
-    relay = Relay(tmp_path, env={"RELAY_API_KEYS": f"test:{API_KEY},old:{old_key}"})
-    try:
+    with Relay(tmp_path, env={"RELAY_API_KEYS": f"test:{API_KEY},old:{old_key}"}) as relay:
         assert httpx.get(f"{relay.url}/v1/models", headers={"Authorization": f"Bearer {old_key}"}).status_code == 200
-        relay.stop()
-        relay = Relay(tmp_path, port=relay.port)  # RELAY_API_KEYS=test:<API_KEY> only
+    with Relay(tmp_path, port=relay.port) as relay:  # RELAY_API_KEYS=test:<API_KEY> only
         assert_openai_error(post(relay, GOOD, key=old_key), 401, "invalid_api_key")
         assert_openai_error(httpx.get(f"{relay.url}/v1/models", headers={"Authorization": f"Bearer {old_key}"}), 401, "invalid_api_key")
         assert httpx.get(f"{relay.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
         assert old_key not in relay.log()
-    finally:
-        relay.stop()
 
 
 def test_sdk_raises_typed_errors(relay):
@@ -151,11 +142,8 @@ def test_models_voices_health_and_ready(relay):
 
 
 def test_no_node_connected_is_503_with_retry_after(tmp_path):
-    relay = Relay(tmp_path)
-    try:
+    with Relay(tmp_path) as relay:
         response = post(relay, GOOD)
         assert_openai_error(response, 503, "no_node_available")
         assert response.headers["Retry-After"] == "1"
         assert httpx.get(f"{relay.url}/ready").status_code == 503
-    finally:
-        relay.stop()

@@ -1,6 +1,7 @@
 """Graceful shutdown on SIGTERM, for the relay and for a node: no new work, open streams finish."""
 
 import asyncio
+import contextlib
 import json
 import signal
 
@@ -17,9 +18,7 @@ FRAME_BYTES = 1920 * 2
 
 
 def test_a_draining_relay_finishes_open_streams_refuses_new_work_then_exits(tmp_path):
-    relay = Relay(tmp_path, env={"RELAY_DRAIN_GRACE": "30"})
-    node = Node(tmp_path, relay, synthetic_models())
-    try:
+    with Relay(tmp_path, env={"RELAY_DRAIN_GRACE": "30"}) as relay, Node(tmp_path, relay, synthetic_models()) as node:
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
         with httpx.stream(
             "POST", f"{relay.url}/v1/audio/speech", headers=AUTH, timeout=30, json={**SPEECH, "input": "x" * 40}
@@ -27,7 +26,7 @@ def test_a_draining_relay_finishes_open_streams_refuses_new_work_then_exits(tmp_
             chunks = open_stream.iter_bytes()
             received = next(chunks)
             relay.proc.send_signal(signal.SIGTERM)
-            relay.wait_for_log("draining")
+            relay.wait_for_ready(status="draining")
 
             refused = speak(relay)
             assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
@@ -44,9 +43,6 @@ def test_a_draining_relay_finishes_open_streams_refuses_new_work_then_exits(tmp_
         assert len(received) == 40 * FRAME_BYTES  # the open stream ran to its end
         assert relay.proc.wait(timeout=15) == 0
         node.wait_for_log("reconnecting to")
-    finally:
-        node.stop()
-        relay.stop()
 
 
 async def connect_node(relay: Relay) -> None:
@@ -55,9 +51,7 @@ async def connect_node(relay: Relay) -> None:
 
 
 def test_a_draining_relay_cuts_streams_that_outlive_the_grace(tmp_path):
-    relay = Relay(tmp_path, env={"RELAY_DRAIN_GRACE": "1"})
-    node = Node(tmp_path, relay, synthetic_models())
-    try:
+    with Relay(tmp_path, env={"RELAY_DRAIN_GRACE": "1"}) as relay, Node(tmp_path, relay, synthetic_models()) as node:
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
         with httpx.stream(
             "POST", f"{relay.url}/v1/audio/speech", headers=AUTH, timeout=30, json={**SPEECH, "input": "x" * 300, "stream_format": "sse"}
@@ -69,27 +63,25 @@ def test_a_draining_relay_cuts_streams_that_outlive_the_grace(tmp_path):
         assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "node_failed"
         assert relay.proc.wait(timeout=15) == 0
         assert "cutting 1 open streams" in relay.log()
-    finally:
-        node.stop()
-        relay.stop()
 
 
 def test_a_draining_node_gets_no_new_work_finishes_its_streams_then_leaves(tmp_path):
-    relay = Relay(tmp_path)
-    leaving = Node(tmp_path, relay, synthetic_models(), name="leaving")
-    staying = None
-    try:
+    with (
+        Relay(tmp_path) as relay,
+        Node(tmp_path, relay, synthetic_models(), name="leaving") as leaving,
+        contextlib.ExitStack() as later,
+    ):
         relay.wait_for_models({"tts-1"}, node=leaving, timeout=60)
         with httpx.stream(
             "POST", f"{relay.url}/v1/audio/speech", headers=AUTH, timeout=30, json={**SPEECH, "input": "x" * 40}
         ) as open_stream:
             chunks = open_stream.iter_bytes()
             received = next(chunks)
-            staying = Node(tmp_path, relay, synthetic_models(), name="staying")
-            staying.wait_for_log("connected to")
+            staying = later.enter_context(Node(tmp_path, relay, synthetic_models(), name="staying"))
+            relay.wait_for_ready(nodes=2, watch=(staying,))
 
             leaving.proc.send_signal(signal.SIGTERM)
-            relay.wait_for_log("is draining: no new work for it")
+            relay.wait_for_ready(nodes=1)  # the draining node takes no new work
             assert speak(relay, "New work").status_code == 200
             assert "8 chars" in staying.log() and "8 chars" not in leaving.log()
 
@@ -98,17 +90,10 @@ def test_a_draining_node_gets_no_new_work_finishes_its_streams_then_leaves(tmp_p
         assert len(received) == 40 * FRAME_BYTES
         assert leaving.proc.wait(timeout=15) == 0
         assert "done, 40 frames" in leaving.log()
-    finally:
-        leaving.stop()
-        if staying:
-            staying.stop()
-        relay.stop()
 
 
 def test_a_second_signal_stops_a_draining_node_at_once(tmp_path):
-    relay = Relay(tmp_path)
-    node = Node(tmp_path, relay, synthetic_models(), drain_grace=60)
-    try:
+    with Relay(tmp_path) as relay, Node(tmp_path, relay, synthetic_models(), drain_grace=60) as node:
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
         with httpx.stream(
             "POST", f"{relay.url}/v1/audio/speech", headers=AUTH, timeout=30, json={**SPEECH, "input": "x" * 300}
@@ -119,6 +104,3 @@ def test_a_second_signal_stops_a_draining_node_at_once(tmp_path):
             node.proc.send_signal(signal.SIGTERM)
             assert node.proc.wait(timeout=15) == 0
             assert "leaving with streams still open" in node.log()
-    finally:
-        node.stop()
-        relay.stop()

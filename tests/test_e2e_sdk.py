@@ -36,7 +36,6 @@ def stack(tmp_path_factory):
     t = np.arange(24000 * 2) / 24000
     soundfile.write(tmp / "ref.wav", (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), 24000)
 
-    relay = Relay(tmp)
     models = {
         "custom_voice": {
             "source": str(tmp / "custom_voice"),
@@ -64,13 +63,9 @@ def stack(tmp_path_factory):
             "voices": {"narrator": {"description": "A calm narrator."}},
         },
     }
-    node = Node(tmp, relay, models)
-    try:
+    with Relay(tmp) as relay, Node(tmp, relay, models) as node:
         relay.wait_for_models({"tts-1", "base_small", "voice_design", "slow", "slow_batched"}, node=node, timeout=600)
         yield relay, node
-    finally:
-        node.stop()
-        relay.stop()
 
 
 @pytest.fixture(scope="module")
@@ -290,21 +285,15 @@ def test_every_format_on_a_lower_tier(tmp_path, tier):
     if tier == "portable":
         env.update(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
     write_tiny_checkpoint(tmp_path / "custom_voice", "custom_voice")
-    relay = Relay(tmp_path)
-    node = Node(
-        tmp_path,
-        relay,
-        {
-            "custom_voice": {
-                "source": str(tmp_path / "custom_voice"),
-                "aliases": ["tts-1"],
-                "max_new_frames": MAX_FRAMES,
-                "voices": {"alloy": {"speaker": "vivian"}},
-            }
-        },
-        env=env,
-    )
-    try:
+    models = {
+        "custom_voice": {
+            "source": str(tmp_path / "custom_voice"),
+            "aliases": ["tts-1"],
+            "max_new_frames": MAX_FRAMES,
+            "voices": {"alloy": {"speaker": "vivian"}},
+        }
+    }
+    with Relay(tmp_path) as relay, Node(tmp_path, relay, models, env=env) as node:
         relay.wait_for_models({"tts-1"}, node=node, timeout=600)
         assert f"kernels: {tier} (" in node.log()
         if tier == "avx2":
@@ -316,6 +305,3 @@ def test_every_format_on_a_lower_tier(tmp_path, tier):
             assert (rate, channels) == (RATE.get(response_format, 24000), 1), response_format
             assert len(samples) / rate >= 2 * FRAME / 24000 - 0.001 and np.isfinite(samples).all(), response_format
             assert np.abs(samples).max() > 0, response_format
-    finally:
-        node.stop()
-        relay.stop()

@@ -203,8 +203,7 @@ async def test_the_node_sends_no_more_than_its_credit_and_a_stalled_stream_holds
     completes."""
     async with ScriptedRelay() as scripted:
         models = {"a": {"engine": "synthetic", "max_batch": 1, "voices": {"tone": {"speaker": "tone"}}}}
-        node = Node(tmp_path, scripted, models)
-        try:
+        with Node(tmp_path, scripted, models):
             ws = await asyncio.wait_for(scripted.connected.get(), 60)
             conn = Connection("relay")
             conn.receive(await ws.recv())  # hello
@@ -231,17 +230,13 @@ async def test_the_node_sends_no_more_than_its_credit_and_a_stalled_stream_holds
                     received[1] += message.data
             assert isinstance(message, End) and message.output_tokens == frames
             assert_tone(received[1], "x" * frames)
-        finally:
-            node.stop()
 
 
 def test_a_slow_reader_holds_back_nobody_else(tmp_path):
     """The whole path: a client that reads nothing does not slow another stream of the same model on
     the same node; then it reads and gets every byte. (The tests above show the stall in bytes: on
     loopback the kernel's socket buffers alone take megabytes, too much to fill at real-time pace.)"""
-    relay = Relay(tmp_path)
-    node = Node(tmp_path, relay, synthetic_models())
-    try:
+    with Relay(tmp_path) as relay, Node(tmp_path, relay, synthetic_models()) as node:
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
         slow_frames, fast_frames = 30, 20
         slow = SlowReader(relay, {"model": "tts-1", "voice": "tone", "input": "s" * slow_frames, "response_format": "pcm", "speed": 0.25})
@@ -258,15 +253,11 @@ def test_a_slow_reader_holds_back_nobody_else(tmp_path):
         status, body = slow.read_all()
         assert status == 200 and abs(len(body) - slow_frames * FRAME_BYTES * 4) <= FRAME_BYTES  # atempo rounds
         node.wait_for_log(f"done, {slow_frames} frames", timeout=10)
-    finally:
-        node.stop()
-        relay.stop()
 
 
 async def test_a_client_that_takes_nothing_is_dropped_after_the_idle_timeout(tmp_path):
     """It would otherwise hold its place on the node for ever; the node is told to stop."""
-    relay = Relay(tmp_path, env={"RELAY_STREAM_IDLE_TIMEOUT": "2"})
-    try:
+    with Relay(tmp_path, env={"RELAY_STREAM_IDLE_TIMEOUT": "2"}) as relay:
         async with ScriptedNode(relay) as node:
             reader = await asyncio.to_thread(SlowReader, relay, SLOW_PCM)
             request = await node.next_message()
@@ -278,5 +269,3 @@ async def test_a_client_that_takes_nothing_is_dropped_after_the_idle_timeout(tmp
             assert sender.sent < len(AUDIO) // 2
             await asyncio.to_thread(relay.wait_for_log, "the client took no audio for 2 s; dropped")
             reader.sock.close()
-    finally:
-        relay.stop()

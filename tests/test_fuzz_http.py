@@ -50,7 +50,7 @@ WS_MAX_SIZE = MAX_FRAME_BYTES + 1024  # as relay.__main__.server_config sets it
 
 class InProcessRelay(Relay):
     """The relay served by uvicorn in a thread of this process. harness.Relay's helpers (models,
-    wait_for_models, tunnel_headers) work on it unchanged; it starts no subprocess."""
+    wait_for_models, tunnel_headers) and ``with`` work on it unchanged; it starts no subprocess."""
 
     def __init__(self) -> None:
         self.port = free_port()
@@ -116,16 +116,11 @@ def _uvicorn_quirk(record: logging.LogRecord) -> bool:
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
-    relay = InProcessRelay()
     # Several streams at once and a queue, so that a valid request is never refused as busy
     # while the node stops one the previous example hung up on.
-    node = Node(tmp, relay, synthetic_models(max_queue=8, max_batch=4))
-    try:
+    with InProcessRelay() as relay, Node(tmp, relay, synthetic_models(max_queue=8, max_batch=4)) as node:
         relay.wait_for_models(MODELS, node=node, timeout=60)
         yield relay
-    finally:
-        node.stop()
-        relay.stop()
 
 
 def open_fds() -> int:

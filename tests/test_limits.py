@@ -2,6 +2,7 @@
 clock, then through a real relay process with synthetic-engine nodes."""
 
 import asyncio
+import contextlib
 import time
 
 import httpx
@@ -120,9 +121,8 @@ def test_the_rate_limit_answers_429_with_retry_after_then_recovers(tmp_path, req
     env = {**TWO_KEYS, "RELAY_RATE_LIMIT": "120"}
     if not require_key:
         env["RELAY_REQUIRE_API_KEY"] = "false"
-    relay = Relay(tmp_path, env=env)
     key = API_KEY if require_key else None
-    try:
+    with Relay(tmp_path, env=env) as relay:
         refused = exhaust(relay, key)
         error = refused.json()["error"]
         assert error["code"] == "rate_limit_exceeded" and error["type"] == "rate_limit_error"
@@ -134,23 +134,18 @@ def test_the_rate_limit_answers_429_with_retry_after_then_recovers(tmp_path, req
         assert post(relay, key).status_code == 400  # a token came back
         models = httpx.get(f"{relay.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=5)
         assert models.status_code == 200  # only speech requests are counted
-    finally:
-        relay.stop()
 
 
 def test_the_sdk_sees_a_rate_limit_error(tmp_path):
     import openai
 
-    relay = Relay(tmp_path, env={"RELAY_RATE_LIMIT": "1"})
-    try:
+    with Relay(tmp_path, env={"RELAY_RATE_LIMIT": "1"}) as relay:
         assert post(relay).status_code == 400
         client = openai.OpenAI(base_url=f"{relay.url}/v1", api_key=API_KEY, max_retries=0)
         with pytest.raises(openai.RateLimitError) as info:
             client.audio.speech.create(model="tts-1", voice="alloy", input="Hi")
         assert info.value.body["code"] == "rate_limit_exceeded"
         assert 1 <= int(info.value.response.headers["Retry-After"]) <= 60
-    finally:
-        relay.stop()
 
 
 def long_stream(client: httpx.Client, relay: Relay, frames: int = 100):
@@ -162,8 +157,7 @@ def long_stream(client: httpx.Client, relay: Relay, frames: int = 100):
 
 async def test_a_key_with_its_streams_all_open_gets_429_until_one_ends(tmp_path):
     """A scripted node holds the streams open as long as the test wants."""
-    relay = Relay(tmp_path, env={**TWO_KEYS, "RELAY_MAX_STREAMS_PER_KEY": "2"})
-    try:
+    with Relay(tmp_path, env={**TWO_KEYS, "RELAY_MAX_STREAMS_PER_KEY": "2"}) as relay:
         async with ScriptedNode(relay) as node, httpx.AsyncClient(timeout=30) as client:
 
             async def request(key: str = API_KEY) -> httpx.Response:
@@ -201,16 +195,15 @@ async def test_a_key_with_its_streams_all_open_gets_429_until_one_ends(tmp_path)
             assert (await again).status_code == 200
             await answered(opened[1].id)
             assert (await pending.pop()).status_code == 200
-    finally:
-        relay.stop()
 
 
 def test_a_node_at_its_stream_cap_gets_no_more_and_another_takes_the_work(tmp_path):
     """RELAY_MAX_STREAMS_PER_NODE=1, nodes that would queue more themselves (max_queue 8)."""
-    relay = Relay(tmp_path, env={"RELAY_MAX_STREAMS_PER_NODE": "1"})
-    one = Node(tmp_path, relay, synthetic_models(max_queue=8), name="one")
-    two = None
-    try:
+    with (
+        Relay(tmp_path, env={"RELAY_MAX_STREAMS_PER_NODE": "1"}) as relay,
+        Node(tmp_path, relay, synthetic_models(max_queue=8), name="one") as one,
+        contextlib.ExitStack() as later,
+    ):
         relay.wait_for_models({"tts-1"}, node=one, timeout=60)
         with httpx.Client(timeout=30) as client:
             with long_stream(client, relay) as held:
@@ -219,12 +212,8 @@ def test_a_node_at_its_stream_cap_gets_no_more_and_another_takes_the_work(tmp_pa
                 assert busy.status_code == 429 and busy.json()["error"]["code"] == "node_busy"
                 assert busy.headers["Retry-After"] == "1"
 
-                two = Node(tmp_path, relay, synthetic_models(max_queue=8), name="two")
-                two.wait_for_log("connected to", timeout=60)
-                deadline = time.monotonic() + 30
-                while httpx.get(f"{relay.url}/ready", timeout=5).json()["nodes"] < 2:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.05)
+                two = later.enter_context(Node(tmp_path, relay, synthetic_models(max_queue=8), name="two"))
+                relay.wait_for_ready(nodes=2, watch=(two,))
                 assert speak(relay, "Second").status_code == 200
                 assert "done," in two.log() and "done," not in one.log()  # the second node took it
 
@@ -236,18 +225,12 @@ def test_a_node_at_its_stream_cap_gets_no_more_and_another_takes_the_work(tmp_pa
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert response.status_code == 200
-    finally:
-        one.stop()
-        if two is not None:
-            two.stop()
-        relay.stop()
 
 
 def test_challenges_are_rate_limited_per_address(tmp_path):
     """Anyone may ask for a node handshake challenge, but not so often that a flood pushes the
     nodes' own challenges out of the relay's bounded store."""
-    relay = Relay(tmp_path, env={"RELAY_CHALLENGE_RATE_LIMIT": "30"})
-    try:
+    with Relay(tmp_path, env={"RELAY_CHALLENGE_RATE_LIMIT": "30"}) as relay:
         url = f"{relay.url}/v1/tunnel/challenge"
         assert {httpx.get(url, timeout=10).status_code for _ in range(30)} == {200}  # the burst
         refused = httpx.get(url, timeout=10)
@@ -255,5 +238,3 @@ def test_challenges_are_rate_limited_per_address(tmp_path):
         assert int(refused.headers["retry-after"]) >= 1
         time.sleep(2.1)  # 30 a minute: one more every 2 s
         assert httpx.get(url, timeout=10).status_code == 200
-    finally:
-        relay.stop()

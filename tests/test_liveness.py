@@ -2,6 +2,7 @@
 node keeps a connection to every relay it lists. Real processes; a frozen peer is a SIGSTOPped one
 (its kernel still holds the TCP connection open: the half-open case)."""
 
+import contextlib
 import json
 import signal
 import time
@@ -54,10 +55,12 @@ def sse_events(response: httpx.Response) -> list[dict]:
 
 
 def test_a_frozen_node_is_dropped_its_started_stream_ends_with_an_error_and_its_queued_request_moves(tmp_path):
-    relay = Relay(tmp_path, env=FAST_PINGS)
-    frozen = Node(tmp_path, relay, synthetic_models(), name="frozen")
-    spare = None
-    try:
+    # stop() wakes the frozen node with SIGCONT, so that it takes its SIGTERM.
+    with (
+        Relay(tmp_path, env=FAST_PINGS) as relay,
+        Node(tmp_path, relay, synthetic_models(), name="frozen") as frozen,
+        contextlib.ExitStack() as later,
+    ):
         relay.wait_for_models({"tts-1"}, node=frozen, timeout=60)
         with httpx.stream(
             "POST", f"{relay.url}/v1/audio/speech", headers=AUTH, timeout=60, json={**SPEECH, "input": "x" * 300, "stream_format": "sse"}
@@ -67,9 +70,8 @@ def test_a_frozen_node_is_dropped_its_started_stream_ends_with_an_error_and_its_
             with ThreadPoolExecutor(1) as pool:
                 queued = pool.submit(speak, relay, "Queued")  # waits in the same node's queue, no audio yet
                 frozen.wait_for_log("voice alloy, 6 chars")
-                spare = Node(tmp_path, relay, synthetic_models(), name="spare")
-                spare.wait_for_log("connected to")
-                wait_for_ready_nodes(relay, 2)
+                spare = later.enter_context(Node(tmp_path, relay, synthetic_models(), name="spare"))
+                relay.wait_for_ready(nodes=2, watch=(spare,))
 
                 frozen.proc.send_signal(signal.SIGSTOP)
                 stopped = time.monotonic()
@@ -81,25 +83,15 @@ def test_a_frozen_node_is_dropped_its_started_stream_ends_with_an_error_and_its_
                 assert response.status_code == 200  # moved to the spare node, unnoticed
                 assert len(response.content) == len("Queued") * 1920 * 2
         assert "voice alloy, 6 chars" in spare.log()
-    finally:
-        frozen.proc.send_signal(signal.SIGCONT)
-        frozen.stop()
-        if spare:
-            spare.stop()
-        relay.stop()
-
-
-def wait_for_ready_nodes(relay: Relay, count: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while httpx.get(f"{relay.url}/ready", timeout=5).json()["nodes"] != count:
-        assert time.monotonic() < deadline, f"never {count} ready nodes"
-        time.sleep(0.05)
 
 
 def test_a_node_serves_every_relay_it_lists_and_drops_a_frozen_one(tmp_path):
-    first, second = Relay(tmp_path), Relay(tmp_path)
-    node = Node(tmp_path, [first, second], synthetic_models(), relay_options={"ping_interval": 0.5, "ping_timeout": 1})
-    try:
+    # Should a step fail while the first relay is frozen, its stop() wakes it to take its SIGTERM.
+    with (
+        Relay(tmp_path) as first,
+        Relay(tmp_path) as second,
+        Node(tmp_path, [first, second], synthetic_models(), relay_options={"ping_interval": 0.5, "ping_timeout": 1}) as node,
+    ):
         first.wait_for_models({"tts-1"}, node=node, timeout=60)
         second.wait_for_models({"tts-1"}, node=node, timeout=60)
         assert speak(first).status_code == 200 and speak(second).status_code == 200
@@ -117,27 +109,19 @@ def test_a_node_serves_every_relay_it_lists_and_drops_a_frozen_one(tmp_path):
         first.wait_for_log("is draining: no new work for it")
         second.wait_for_log("is draining: no new work for it")
         assert node.proc.wait(timeout=15) == 0
-    finally:
-        first.proc.send_signal(signal.SIGCONT)
-        node.stop()
-        first.stop()
-        second.stop()
 
 
 def test_a_refused_relay_among_several_is_left_alone_and_the_others_served(tmp_path):
-    good = Relay(tmp_path)
-    other = Relay(tmp_path, env={"RELAY_NODE_TOKENS": "home:a-different-token-entirely"})
-    node = Node(tmp_path, [other, good], synthetic_models())
-    try:
+    with (
+        Relay(tmp_path) as good,
+        Relay(tmp_path, env={"RELAY_NODE_TOKENS": "home:a-different-token-entirely"}) as other,
+        Node(tmp_path, [other, good], synthetic_models()) as node,
+    ):
         good.wait_for_models({"tts-1"}, node=node, timeout=60)
         node.wait_for_log(f"the relay {other.tunnel_url} refused this node's token (HTTP 401)")
         time.sleep(1)
         assert node.log().count("refused this node's token") == 1  # not retried
         assert node.proc.poll() is None and speak(good).status_code == 200
-    finally:
-        node.stop()
-        other.stop()
-        good.stop()
 
 
 def node_config(**relay):

@@ -59,17 +59,13 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
 
 
 def test_relay_metrics_need_their_token_and_do_not_exist_without_one(tmp_path):
-    relay = Relay(tmp_path)  # no RELAY_METRICS_TOKEN
-    try:
+    with Relay(tmp_path) as relay:  # no RELAY_METRICS_TOKEN
         response = httpx.get(f"{relay.url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}, timeout=5)
         assert response.status_code == 404
         assert response.json() == httpx.get(f"{relay.url}/no-such-path", timeout=5).json()  # nothing tells them apart
         assert response.json()["error"]["code"] == "not_found"
-    finally:
-        relay.stop()
 
-    relay = Relay(tmp_path, env={"RELAY_METRICS_TOKEN": METRICS_TOKEN})
-    try:
+    with Relay(tmp_path, env={"RELAY_METRICS_TOKEN": METRICS_TOKEN}) as relay:
         for headers in ({}, {"Authorization": "Bearer wrong-metrics-token-0123456789"}, AUTH):
             response = httpx.get(f"{relay.url}/metrics", headers=headers, timeout=5)
             assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_metrics_token"
@@ -79,15 +75,11 @@ def test_relay_metrics_need_their_token_and_do_not_exist_without_one(tmp_path):
         assert value(samples, "relay_asyncio_tasks") >= 1
         assert value(samples, "process_resident_memory_bytes") > 0
         assert METRICS_TOKEN not in relay.log()
-    finally:
-        relay.stop()
 
 
 def test_relay_metrics_follow_requests_nodes_and_failures(tmp_path):
-    relay = Relay(tmp_path, env={"RELAY_METRICS_TOKEN": METRICS_TOKEN})
-    node = Node(tmp_path, relay, synthetic_models())
-    metrics_url = f"{relay.url}/metrics"
-    try:
+    with Relay(tmp_path, env={"RELAY_METRICS_TOKEN": METRICS_TOKEN}) as relay, Node(tmp_path, relay, synthetic_models()) as node:
+        metrics_url = f"{relay.url}/metrics"
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
         before = scrape(metrics_url)
         assert value(before, "relay_nodes_connected") == 1
@@ -147,14 +139,11 @@ def test_relay_metrics_follow_requests_nodes_and_failures(tmp_path):
         assert value(gone, "relay_requests_total", model="tone", status="200") == 3  # its status was already sent
         assert value(gone, "relay_node_connections_total", node="home") == 1  # a counter keeps its history
 
-        node = Node(tmp_path, relay, synthetic_models())  # back: a reconnection
-        relay.wait_for_models({"tts-1"}, node=node, timeout=60)
-        back = scrape(metrics_url)
-        assert value(back, "relay_node_connections_total", node="home") == 2
-        assert value(back, "relay_nodes_connected") == 1
-    finally:
-        node.stop()
-        relay.stop()
+        with Node(tmp_path, relay, synthetic_models()) as again:  # back: a reconnection
+            relay.wait_for_models({"tts-1"}, node=again, timeout=60)
+            back = scrape(metrics_url)
+            assert value(back, "relay_node_connections_total", node="home") == 2
+            assert value(back, "relay_nodes_connected") == 1
 
 
 async def _dial(url: str, headers: dict) -> None:
@@ -166,17 +155,18 @@ async def _dial(url: str, headers: dict) -> None:
 
 
 def test_node_metrics_count_the_frames_it_streamed_and_stop_with_the_node(tmp_path):
-    relay = Relay(tmp_path)
     port = free_port()
-    node = Node(
-        tmp_path,
-        relay,
-        synthetic_models(max_queue=2),
-        env={"NODE_METRICS_TOKEN": NODE_METRICS_TOKEN},
-        metrics={"listen": f"127.0.0.1:{port}", "token_env": "NODE_METRICS_TOKEN"},
-    )
     url = f"http://127.0.0.1:{port}/metrics"
-    try:
+    with (
+        Relay(tmp_path) as relay,
+        Node(
+            tmp_path,
+            relay,
+            synthetic_models(max_queue=2),
+            env={"NODE_METRICS_TOKEN": NODE_METRICS_TOKEN},
+            metrics={"listen": f"127.0.0.1:{port}", "token_env": "NODE_METRICS_TOKEN"},
+        ) as node,
+    ):
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
         for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789abcdef"}, AUTH):
             assert httpx.get(url, headers=headers, timeout=5).status_code == 401
@@ -216,36 +206,28 @@ def test_node_metrics_count_the_frames_it_streamed_and_stop_with_the_node(tmp_pa
         wait_until(
             lambda: value(scrape(url, NODE_METRICS_TOKEN), "node_relay_connected", relay=relay.tunnel_url) == 0, what="relay_connected 0"
         )
-        relay = Relay(tmp_path, port=relay.port)
-        relay.wait_for_models({"tts-1"}, node=node, timeout=60)
-        samples = scrape(url, NODE_METRICS_TOKEN)
-        assert value(samples, "node_relay_connected", relay=relay.tunnel_url) == 1
-        assert value(samples, "node_reconnects_total", relay=relay.tunnel_url) == 1
+        with Relay(tmp_path, port=relay.port) as relay:  # the same address: the node comes back to it
+            relay.wait_for_models({"tts-1"}, node=node, timeout=60)
+            samples = scrape(url, NODE_METRICS_TOKEN)
+            assert value(samples, "node_relay_connected", relay=relay.tunnel_url) == 1
+            assert value(samples, "node_reconnects_total", relay=relay.tunnel_url) == 1
 
-        node.proc.send_signal(signal.SIGTERM)  # the listener must not take the node's signal
-        assert node.proc.wait(timeout=30) == 0
-        assert "stopped" in node.log()
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(url, timeout=2)
-        assert NODE_METRICS_TOKEN not in node.log()
-    finally:
-        node.stop()
-        relay.stop()
+            node.proc.send_signal(signal.SIGTERM)  # the listener must not take the node's signal
+            assert node.proc.wait(timeout=30) == 0
+            assert "stopped" in node.log()
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(url, timeout=2)
+            assert NODE_METRICS_TOKEN not in node.log()
 
 
 def test_node_stops_at_once_when_its_metrics_port_is_taken(tmp_path):
-    relay = Relay(tmp_path)
-    with socket.socket() as taken:
+    with Relay(tmp_path) as relay, socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        node = Node(tmp_path, relay, synthetic_models(), metrics={"listen": f"127.0.0.1:{port}", "token": NODE_METRICS_TOKEN})
-        try:
+        with Node(tmp_path, relay, synthetic_models(), metrics={"listen": f"127.0.0.1:{port}", "token": NODE_METRICS_TOKEN}) as node:
             assert node.proc.wait(timeout=30) == 2
             assert f"metrics.listen: cannot listen on 127.0.0.1:{port}" in node.log()
-        finally:
-            node.stop()
-            relay.stop()
 
 
 # --- pure parts --------------------------------------------------------------------------------
@@ -437,7 +419,6 @@ def test_node_metrics_with_a_tiny_qwen_model(tmp_path):
     from local_node.testing.tiny_model import write_tiny_checkpoint
 
     write_tiny_checkpoint(tmp_path / "custom_voice", "custom_voice")
-    relay = Relay(tmp_path)
     port = free_port()
     models = {
         "custom_voice": {
@@ -448,9 +429,11 @@ def test_node_metrics_with_a_tiny_qwen_model(tmp_path):
             "voices": {"alloy": {"speaker": "vivian"}},
         }
     }
-    node = Node(tmp_path, relay, models, metrics={"listen": f"127.0.0.1:{port}", "token": NODE_METRICS_TOKEN})
     url = f"http://127.0.0.1:{port}/metrics"
-    try:
+    with (
+        Relay(tmp_path) as relay,
+        Node(tmp_path, relay, models, metrics={"listen": f"127.0.0.1:{port}", "token": NODE_METRICS_TOKEN}) as node,
+    ):
         relay.wait_for_models({"tts-1"}, node=node, timeout=600)
         assert value(scrape(url, NODE_METRICS_TOKEN), "node_frames_generated_total", model="custom_voice") in (None, 0)
 
@@ -477,6 +460,3 @@ def test_node_metrics_with_a_tiny_qwen_model(tmp_path):
         assert value(samples, "node_frame_seconds_sum", model="custom_voice") > 0
         assert value(samples, "node_requests_total", model="custom_voice", outcome="done") == 2
         assert value(samples, "node_queue_capacity", model="custom_voice") == 2 + 4
-    finally:
-        node.stop()
-        relay.stop()

@@ -27,26 +27,23 @@ def speak(relay, text="Hello", **extra):
 
 @pytest.fixture
 def relay(tmp_path):
-    relay = Relay(tmp_path)
-    yield relay
-    relay.stop()
+    with Relay(tmp_path) as relay:
+        yield relay
 
 
 def test_wrong_node_token_is_refused_and_the_node_stops_with_a_clear_message(tmp_path, relay):
-    node = Node(tmp_path, relay, synthetic_models(), token="not-the-right-token-at-all")
-    try:
+    with Node(tmp_path, relay, synthetic_models(), token="not-the-right-token-at-all") as node:
         assert node.proc.wait(timeout=30) == 2  # no retry loop
         assert "refused this node's token (HTTP 401)" in node.log()
         assert "not-the-right-token" not in node.log() + relay.log()  # secrets stay out of logs
         assert "wrong token" in relay.log()
-    finally:
-        node.stop()
 
 
 def test_secrets_stay_out_of_debug_logs(tmp_path):
-    relay = Relay(tmp_path, args=("--log-level", "debug"))
-    node = Node(tmp_path, relay, synthetic_models(), env={"LOG_LEVEL": "DEBUG"})
-    try:
+    with (
+        Relay(tmp_path, args=("--log-level", "debug")) as relay,
+        Node(tmp_path, relay, synthetic_models(), env={"LOG_LEVEL": "DEBUG"}) as node,
+    ):
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
         assert speak(relay).status_code == 200
         logs = relay.log() + node.log()
@@ -54,9 +51,6 @@ def test_secrets_stay_out_of_debug_logs(tmp_path):
         assert "Tunnel-HMAC" not in logs  # the node's proof neither, though it reveals no token
         for secret in (NODE_TOKEN, API_KEY):
             assert secret not in logs
-    finally:
-        node.stop()
-        relay.stop()
 
 
 def test_the_node_token_never_travels(relay):
@@ -143,32 +137,23 @@ async def test_a_node_whose_challenge_the_relay_forgot_fetches_another_and_tries
 
     port = free_port()
     async with websockets.serve(handler, "127.0.0.1", port, subprotocols=[SUBPROTOCOL], process_request=door):
-        node = Node(tmp_path, SimpleNamespace(tunnel_url=f"ws://127.0.0.1:{port}/v1/tunnel"), synthetic_models())
-        try:
+        with Node(tmp_path, SimpleNamespace(tunnel_url=f"ws://127.0.0.1:{port}/v1/tunnel"), synthetic_models()) as node:
             await asyncio.wait_for(connected.wait(), 60)
             assert handshakes == [tunnel_authorization(NODE_TOKEN, "challenge-0"), tunnel_authorization(NODE_TOKEN, "challenge-1")]
             assert "did not know the challenge it handed out" in node.log()
             assert node.proc.poll() is None
-        finally:
-            node.stop()
 
 
 def test_a_node_retries_while_it_gets_no_challenge(tmp_path):
     """Nothing listening: like any failed connection, the node backs off and tries again."""
     port = free_port()
-    node = Node(tmp_path, SimpleNamespace(tunnel_url=f"ws://127.0.0.1:{port}/v1/tunnel"), synthetic_models())
-    try:
+    with Node(tmp_path, SimpleNamespace(tunnel_url=f"ws://127.0.0.1:{port}/v1/tunnel"), synthetic_models()) as node:
         node.wait_for_log(
             f"relay ws://127.0.0.1:{port}/v1/tunnel unreachable: no challenge from http://127.0.0.1:{port}/v1/tunnel/challenge", timeout=60
         )
         node.wait_for_log("reconnecting to", timeout=10)
-        relay = Relay(tmp_path, port=port)
-        try:
+        with Relay(tmp_path, port=port) as relay:
             relay.wait_for_models({"tts-1"}, node=node, timeout=60)
-        finally:
-            relay.stop()
-    finally:
-        node.stop()
 
 
 def test_challenge_url_sits_next_to_the_tunnel():
@@ -180,18 +165,16 @@ def test_challenge_url_sits_next_to_the_tunnel():
 def test_a_revoked_node_token_is_refused_after_the_relay_restarts(tmp_path):
     """A token taken out of RELAY_NODE_TOKENS stops working when the relay restarts: the node,
     connected until then, is refused and stops with the same clear message as for a wrong token."""
-    relay = Relay(tmp_path, env={"RELAY_NODE_TOKENS": f"home:{NODE_TOKEN},spare:another-node-token-0123456789"})
-    node = Node(tmp_path, relay, synthetic_models())
-    try:
+    with (
+        Relay(tmp_path, env={"RELAY_NODE_TOKENS": f"home:{NODE_TOKEN},spare:another-node-token-0123456789"}) as relay,
+        Node(tmp_path, relay, synthetic_models()) as node,
+    ):
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
         relay.kill()
-        relay = Relay(tmp_path, port=relay.port, env={"RELAY_NODE_TOKENS": "spare:another-node-token-0123456789"})
-        assert node.proc.wait(timeout=60) == 2  # backoff is capped at 30 s
-        assert "refused this node's token (HTTP 401)" in node.log()
-        assert "wrong token" in relay.log()
-    finally:
-        node.stop()
-        relay.stop()
+        with Relay(tmp_path, port=relay.port, env={"RELAY_NODE_TOKENS": "spare:another-node-token-0123456789"}) as relay:
+            assert node.proc.wait(timeout=60) == 2  # backoff is capped at 30 s
+            assert "refused this node's token (HTTP 401)" in node.log()
+            assert "wrong token" in relay.log()
 
 
 @pytest.mark.parametrize(
@@ -206,8 +189,7 @@ def test_a_revoked_node_token_is_refused_after_the_relay_restarts(tmp_path):
     ],
 )
 async def test_malformed_tunnel_frames_close_that_tunnel_only(tmp_path, relay, frames):
-    node = Node(tmp_path, relay, synthetic_models())
-    try:
+    with Node(tmp_path, relay, synthetic_models()) as node:
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
         async with websockets.connect(relay.tunnel_url, additional_headers=relay.tunnel_headers(), subprotocols=[SUBPROTOCOL]) as ws:
             for frame in frames:
@@ -216,14 +198,11 @@ async def test_malformed_tunnel_frames_close_that_tunnel_only(tmp_path, relay, f
                 await asyncio.wait_for(ws.recv(), 10)
             assert info.value.rcvd.code == 1002
         assert await asyncio.to_thread(lambda: speak(relay).status_code) == 200  # the real node still serves
-    finally:
-        node.stop()
 
 
 def test_client_disconnect_cancels_the_node_work(tmp_path, relay):
     """max_queue 0: while the cancelled synthesis still ran, a new request would get 429."""
-    node = Node(tmp_path, relay, synthetic_models(max_queue=0))
-    try:
+    with Node(tmp_path, relay, synthetic_models(max_queue=0)) as node:
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
         with httpx.stream(
             "POST", f"{relay.url}/v1/audio/speech", json={**SPEECH, "input": "x" * 200}, headers=AUTH, timeout=30
@@ -234,14 +213,11 @@ def test_client_disconnect_cancels_the_node_work(tmp_path, relay):
         frames = int(node.log().split("done, ")[1].split(" frames")[0])
         assert frames < 60, frames  # stopped within a fraction of the input
         assert speak(relay).status_code == 200
-    finally:
-        node.stop()
 
 
 @pytest.mark.parametrize("stream_format", ["audio", "sse"])
 def test_node_killed_mid_stream_ends_the_response_with_an_error_then_recovers(tmp_path, relay, stream_format):
-    node = Node(tmp_path, relay, synthetic_models())
-    try:
+    with Node(tmp_path, relay, synthetic_models()) as node:
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
         received = b""
         with httpx.stream(
@@ -268,27 +244,20 @@ def test_node_killed_mid_stream_ends_the_response_with_an_error_then_recovers(tm
             assert time.monotonic() - killed < 5
         assert speak(relay).status_code == 503  # nobody to serve it now
 
-        node = Node(tmp_path, relay, synthetic_models())
+    with Node(tmp_path, relay, synthetic_models()) as node:
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
         response = speak(relay, "Back again")
         assert response.status_code == 200 and len(response.content) == 10 * 1920 * 2
-    finally:
-        node.stop()
 
 
 def test_node_reconnects_after_the_relay_restarts(tmp_path):
-    relay = Relay(tmp_path)
-    node = Node(tmp_path, relay, synthetic_models())
-    try:
+    with Relay(tmp_path) as relay, Node(tmp_path, relay, synthetic_models()) as node:
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
         relay.kill()
         node.wait_for_log("reconnecting to", timeout=10)
-        relay = Relay(tmp_path, port=relay.port)
-        relay.wait_for_models({"tts-1"}, node=node, timeout=60)  # backoff is capped at 30 s
-        assert speak(relay).status_code == 200
-    finally:
-        node.stop()
-        relay.stop()
+        with Relay(tmp_path, port=relay.port) as relay:  # the same address: the node comes back to it
+            relay.wait_for_models({"tts-1"}, node=node, timeout=60)  # backoff is capped at 30 s
+            assert speak(relay).status_code == 200
 
 
 class ScriptedNode:
@@ -325,8 +294,7 @@ async def post_async(relay, **extra):
 async def test_silent_node_times_out_with_504_and_is_told_to_cancel(tmp_path):
     from tunnel.protocol import Cancel, Request
 
-    relay = Relay(tmp_path, env={"RELAY_FIRST_AUDIO_TIMEOUT": "1"})
-    try:
+    with Relay(tmp_path, env={"RELAY_FIRST_AUDIO_TIMEOUT": "1"}) as relay:
         async with ScriptedNode(relay) as node:
             response = asyncio.create_task(post_async(relay))
             request = await node.next_message()
@@ -334,8 +302,6 @@ async def test_silent_node_times_out_with_504_and_is_told_to_cancel(tmp_path):
             assert isinstance(await node.next_message(), Cancel)
             response = await response
             assert response.status_code == 504 and response.json()["error"]["code"] == "node_timeout"
-    finally:
-        relay.stop()
 
 
 async def test_node_error_before_audio_is_a_502(relay):
@@ -351,8 +317,7 @@ async def test_node_error_before_audio_is_a_502(relay):
 
 
 async def test_a_node_that_drops_before_the_first_byte_is_replaced_by_another(tmp_path, relay):
-    real = Node(tmp_path, relay, synthetic_models())
-    try:
+    with Node(tmp_path, relay, synthetic_models()) as real:
         await asyncio.to_thread(relay.wait_for_models, {"tts-1"}, 60.0, real)
         # The scripted node is idle while the real one is busy with a long request: it gets picked next.
         async with httpx.AsyncClient(timeout=60) as client:
@@ -366,8 +331,6 @@ async def test_a_node_that_drops_before_the_first_byte_is_replaced_by_another(tm
                 await node.ws.close()  # gone before sending anything
                 response = await response
                 assert response.status_code == 200 and len(response.content) == len("Retry me") * 1920 * 2
-    finally:
-        real.stop()
 
 
 async def test_fifty_concurrent_requests_across_two_nodes_all_complete_with_the_right_audio(tmp_path, relay):
@@ -377,12 +340,12 @@ async def test_fifty_concurrent_requests_across_two_nodes_all_complete_with_the_
     import openai
     import soundfile
 
-    nodes = [Node(tmp_path, relay, synthetic_models(max_queue=30), name=name) for name in ("one", "two")]
-    try:
-        for node in nodes:
-            await asyncio.to_thread(node.wait_for_log, "connected to")
-        while httpx.get(f"{relay.url}/ready").json()["nodes"] < 2:
-            await asyncio.sleep(0.05)
+    with (
+        Node(tmp_path, relay, synthetic_models(max_queue=30), name="one") as one,
+        Node(tmp_path, relay, synthetic_models(max_queue=30), name="two") as two,
+    ):
+        nodes = [one, two]
+        await asyncio.to_thread(relay.wait_for_ready, nodes=2, watch=(one, two))
         client = openai.AsyncOpenAI(base_url=f"{relay.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
         # 1 to 4 frames each, of 20 pitches: a response delivered to the wrong client would show.
         texts = [chr(ord("a") + i % 20) * (1 + i % 4) for i in range(50)]
@@ -395,14 +358,10 @@ async def test_fifty_concurrent_requests_across_two_nodes_all_complete_with_the_
             assert np.abs(samples - np.concatenate(list(synthetic_frames(text)))).max() < 1e-3  # its own tone
         served = [node.log().count("done,") for node in nodes]
         assert sum(served) == 50 and min(served) >= 10, served  # both nodes took a share
-    finally:
-        for node in nodes:
-            node.stop()
 
 
 def test_every_node_log_line_about_a_request_carries_the_relays_request_id(tmp_path, relay):
-    node = Node(tmp_path, relay, synthetic_models())
-    try:
+    with Node(tmp_path, relay, synthetic_models()) as node:
         relay.wait_for_models({"tts-1"}, node=node, timeout=60)
         served = speak(relay, "Tagged")
         refused = speak(relay, "Tagged", voice="nobody")
@@ -420,8 +379,6 @@ def test_every_node_log_line_about_a_request_carries_the_relays_request_id(tmp_p
         assert len(lines) == 5  # start and end of the two streams, and the cancel
         assert all(line.split(": ")[1].split(":")[0] in ids for line in lines), lines
         assert all(request_id in relay.log() for request_id in ids)
-    finally:
-        node.stop()
 
 
 async def test_a_node_whose_socket_no_longer_drains_is_dropped():
