@@ -54,6 +54,8 @@ class ModelConfig:
     chunk_frames: tuple[int, ...] = (1, 4, 8, 16)
     weights: str = "dtype"  # "int8": the decoder layers' projections in int8 (local_node/int8.py)
     text_input: str = "auto"  # "whole" text in the prompt, or "streaming" (a token per frame); auto: qwen-tts' default
+    # Live text (/v1/audio/speech/stream, continuous): words to wait for before speaking begins.
+    live_start_words: int = 2
 
 
 @dataclass(frozen=True)
@@ -271,21 +273,25 @@ def _model(name: Any, spec: Any, base_dir: Path) -> ModelConfig:
     text_input = section.pop("text_input", str, default="auto")
     if text_input not in TEXT_INPUTS:
         raise ConfigError(f"{where}.text_input must be one of {', '.join(TEXT_INPUTS)}, not {text_input!r}")
+    live_start_words = section.pop("live_start_words", int, default=ModelConfig.live_start_words)
+    if live_start_words < 1:
+        raise ConfigError(f"{where}.live_start_words must be 1 or more")
     section.finish()
     return ModelConfig(
-        name,
-        enabled,
-        source,
-        tuple(aliases),
-        engine,
-        language,
-        voices,
-        max_queue,
-        max_batch,
-        max_new_frames,
-        tuple(chunk_frames),
-        weights,
-        text_input,
+        name=name,
+        enabled=enabled,
+        source=source,
+        aliases=tuple(aliases),
+        engine=engine,
+        language=language,
+        voices=voices,
+        max_queue=max_queue,
+        max_batch=max_batch,
+        max_new_frames=max_new_frames,
+        chunk_frames=tuple(chunk_frames),
+        weights=weights,
+        text_input=text_input,
+        live_start_words=live_start_words,
     )
 
 

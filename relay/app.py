@@ -20,6 +20,7 @@ from .auth import ChallengeStore
 from .config import RelayConfig
 from .errors import ApiError
 from .limits import ConcurrencyLimiter, RateLimiter
+from .live import speech_stream
 from .metrics import ObserveRequests, RelayMetrics, metrics_endpoint
 from .router import Router
 from .speech import create_speech
@@ -91,6 +92,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 def create_app(config: RelayConfig) -> Starlette:
     routes = [
         Route("/v1/audio/speech", api_key_required(create_speech), methods=["POST"]),
+        WebSocketRoute("/v1/audio/speech/stream", speech_stream),  # authenticates at the handshake
         Route("/v1/models", api_key_required(list_models, catalogue=True), methods=["GET"]),
         Route("/v1/audio/models", api_key_required(voices.list_audio_models, catalogue=True), methods=["GET"]),
         Route("/v1/audio/voices", api_key_required(voices.list_voices, catalogue=True), methods=["GET"]),

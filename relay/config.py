@@ -36,6 +36,10 @@ class RelayConfig:
     challenge_rate_limit: int = 60
     max_streams_per_key: int = 8  # speech requests open at once
     max_streams_per_node: int = 64  # streams this relay keeps open on one node
+    # Live text sessions (/v1/audio/speech/stream): seconds without a message while nothing is
+    # being spoken, and at most for a whole session.
+    live_idle_timeout: float = 30.0
+    live_max_seconds: float = 3600.0
     # Serve the model and voice lists (GET /v1/models, /v1/audio/models, /v1/audio/voices) without
     # an API key, for clients that ask for them without one (most Open WebUI versions).
     public_catalogue: bool = False
@@ -72,6 +76,8 @@ class RelayConfig:
             max_streams_per_key=_count(environ, "RELAY_MAX_STREAMS_PER_KEY", cls.max_streams_per_key),
             max_streams_per_node=_count(environ, "RELAY_MAX_STREAMS_PER_NODE", cls.max_streams_per_node),
             metrics_token=_metrics_token(environ),
+            live_idle_timeout=_number(environ, "RELAY_LIVE_IDLE_TIMEOUT", cls.live_idle_timeout),
+            live_max_seconds=_number(environ, "RELAY_LIVE_MAX_SECONDS", cls.live_max_seconds),
             public_catalogue=_flag(environ, "RELAY_PUBLIC_CATALOGUE", cls.public_catalogue),
             require_voice_consent=_flag(environ, "RELAY_REQUIRE_VOICE_CONSENT", cls.require_voice_consent),
         )

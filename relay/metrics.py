@@ -85,6 +85,13 @@ class RelayMetrics:
         self.node_connections = Counter(
             "relay_node_connections", "Tunnels accepted, by node token name; beyond the first, reconnections.", ["node"], registry=registry
         )
+        self.live_sessions = Gauge("relay_live_sessions_open", "Live text sessions open (/v1/audio/speech/stream).", registry=registry)
+        self.live_first_audio = Histogram(
+            "relay_live_first_audio_seconds",
+            "Live text sessions: from an utterance's first text to its first audio byte sent.",
+            buckets=FIRST_BYTE_BUCKETS,
+            registry=registry,
+        )
         tasks = Gauge("relay_asyncio_tasks", "asyncio tasks alive in the relay; a steady climb is a leak.", registry=registry)
         tasks.set_function(_task_count)
         ProcessCollector(registry=registry)

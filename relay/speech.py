@@ -152,14 +152,17 @@ async def _attempt(route: Route, config: RelayConfig, speech: SpeechRequest, req
         request_id=request_id,
         model=route.model.name,
         voice=route.voice,
-        input=speech.input,
+        input=speech.live.text if speech.live else speech.input,
         instructions=speech.instructions,
         response_format=speech.response_format,
         speed=speech.speed,
+        live=speech.live is not None,
     )
     stream = None
     try:
         stream = await route.node.open_stream(message)
+        if speech.live is not None:
+            speech.live.attach(stream)
         first = await stream.next_event(config.first_audio_timeout)
     except NodeGone:
         return None

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from tunnel.protocol import MAX_INPUT_CHARS, MAX_INSTRUCTIONS_CHARS, MAX_NAME_CHARS, MAX_SPEED, MIN_SPEED, RESPONSE_FORMATS
 
 from .errors import bad_request
+
+if TYPE_CHECKING:
+    from .tunnel_server import Stream
 
 CONTENT_TYPES = {
     "mp3": "audio/mpeg",
@@ -32,6 +36,17 @@ class SpeechRequest:
     response_format: str = "mp3"
     speed: float = 1.0
     stream_format: str = "audio"
+    # The text is still being written (the live websocket): ``input`` is what there is when a node
+    # is asked; the rest reaches that node as it comes.
+    live: LiveInput | None = None
+
+
+class LiveInput(Protocol):
+    @property
+    def text(self) -> str: ...
+
+    def attach(self, stream: Stream) -> None:
+        """The request was sent on ``stream`` with ``text`` as it was: send it the rest."""
 
 
 def parse_speech_request(body: bytes) -> SpeechRequest:

@@ -31,6 +31,7 @@ from tunnel.protocol import (
     ModelInfo,
     ProtocolError,
     Request,
+    Text,
     VoiceList,
 )
 
@@ -74,6 +75,11 @@ class Stream:
         if isinstance(event, (End, Error)):
             self.finished = True
         return event
+
+    async def more_text(self, text: str, done: bool) -> None:
+        """More of a live request's text (MAX_INPUT_CHARS at most per call)."""
+        if not self.finished:
+            await self.session.send_text(Text(self.id, text, done))
 
     async def consumed(self, size: int) -> None:
         """The client took ``size`` bytes of audio: the node may send that much more."""
@@ -176,6 +182,10 @@ class NodeSession:
         if not self.closed:
             await self._send(Cancel(stream.id))
 
+    async def send_text(self, text: Text) -> None:
+        if not self.closed and text.id in self.conn.live_text:  # else the stream ended meanwhile
+            await self._send(text)
+
     async def grant(self, stream_id: int, size: int) -> None:
         if not self.closed and stream_id in self.conn.open_streams:  # else it ended while we forwarded
             await self._send(Credit(stream_id, size))
@@ -185,7 +195,7 @@ class NodeSession:
         if not self.closed and not self.conn.draining_sent:
             await self._send(Draining())
 
-    async def _send(self, message: Request | Credit | Cancel | Draining | Call | Body) -> None:
+    async def _send(self, message: Request | Text | Credit | Cancel | Draining | Call | Body) -> None:
         frame = self.conn.send(message)
         try:
             async with asyncio.timeout(self.send_timeout):

@@ -37,6 +37,7 @@ from tunnel.protocol import (
     ModelInfo,
     Rename,
     Request,
+    Text,
     Upload,
     VoiceList,
     encode,
@@ -87,6 +88,10 @@ requests = st.builds(
     st.sampled_from(RESPONSE_FORMATS),
     st.floats(MIN_SPEED, MAX_SPEED),
     st.integers(1, MAX_CREDIT),
+    st.booleans(),
+)
+live_texts = st.builds(Text, stream_ids, st.text(min_size=1, max_size=20) | st.just("t" * MAX_INPUT_CHARS), st.booleans()) | st.builds(
+    Text, stream_ids, st.just(""), st.just(True)
 )
 audio_data = st.binary(min_size=1, max_size=64) | st.sampled_from([1, MAX_AUDIO_PAYLOAD]).map(lambda n: b"\x7f" * n)
 credits = st.builds(Credit, stream_ids, st.integers(1, MAX_CREDIT))
@@ -122,6 +127,7 @@ consent_lists = st.builds(
 messages = st.one_of(
     hellos,
     requests,
+    live_texts,
     credits,
     cancels,
     audios,
@@ -187,6 +193,9 @@ field_names = st.sampled_from(
         "consent",
         "ref_text",
         "consents",
+        "live",
+        "text",
+        "done",
     ]
 ) | st.text(max_size=8)
 

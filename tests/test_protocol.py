@@ -29,6 +29,7 @@ from tunnel.protocol import (
     ProtocolError,
     Rename,
     Request,
+    Text,
     Upload,
     VoiceList,
     decode,
@@ -59,6 +60,9 @@ REQUEST = Request(7, "req_1", "custom_voice", "alloy", "Hello there.", None, "wa
         Forget(7, "consent", "cons_1"),
         Rename(8, "cons_1", "Me again"),
         Done(5),
+        Text(3, "more words", False),
+        Text(3, "", True),
+        Request(2, "r", "m", "v", "First", live=True),
         VOICES,
         CONSENTS,
         ConsentList(()),
@@ -89,7 +93,9 @@ def test_the_wire_names_every_field():
         "response_format": "wav",
         "speed": 1.5,
         "window": 100,
+        "live": False,
     }
+    assert json.loads(encode(Text(7, " more", done=True))) == {"type": "text", "id": 7, "text": " more", "done": True}
     assert json.loads(encode(Credit(3, 10))) == {"type": "credit", "id": 3, "size": 10}
     assert json.loads(encode(Cancel(3))) == {"type": "cancel", "id": 3}
     assert json.loads(encode(Draining())) == {"type": "draining"}
@@ -224,6 +230,9 @@ def _text(**body):
         _text(type="forget", id=1, kind="voice"),
         _text(type="rename", id=1, object_id="c", name=""),
         _text(type="done"),
+        _text(type="text", id=1, text="", done=False),
+        _text(type="text", id=1, text="x"),
+        _text(type="text", id=1, text="x" * 5000, done=False),
         _text(type="voices", voices=[{"id": "v", "name": "n", "created_at": "0", "language": None}]),
         _text(type="voices", voices=[{"id": "v", "name": "n" * (MAX_NAME_CHARS + 1), "created_at": 0, "language": None, "consent": None}]),
         _text(type="consents", consents=[{"id": "c", "name": "n", "language": "en", "created_at": 0}] * (MAX_KEPT + 1)),
@@ -485,3 +494,39 @@ def test_the_longest_lists_a_node_keeps_fit_one_frame():
         frame = encode(message)
         assert len(frame.encode()) <= MAX_FRAME_BYTES
         assert decode(frame) == message
+
+
+# --- live text --------------------------------------------------------------------------------
+
+
+def test_live_text_flows_only_to_an_open_live_stream_until_done():
+    relay, node = _relay_after_hello(), Connection("node")
+    node.receive(relay.send(Request(1, "r", "custom_voice", "alloy", "Hello", live=True)))
+    assert node.receive(relay.send(Text(1, " there"))) == Text(1, " there")
+    assert node.receive(relay.send(Text(1, "", done=True))) == Text(1, "", done=True)
+    with pytest.raises(ValueError):  # the text is done
+        relay.send(Text(1, " more"))
+    with pytest.raises(ProtocolError):
+        node.receive(encode(Text(1, " more")))
+    node.receive(relay.send(Request(2, "r2", "custom_voice", "alloy", "Whole.")))
+    with pytest.raises(ValueError):  # not a live request
+        relay.send(Text(2, " more"))
+    with pytest.raises(ProtocolError):
+        node.receive(encode(Text(2, " more")))
+
+
+def test_live_text_is_bounded_and_may_cross_the_nodes_end():
+    from tunnel.protocol import MAX_INPUT_CHARS, MAX_LIVE_CHARS
+
+    relay, node = _relay_after_hello(), Connection("node")
+    node.receive(relay.send(Request(1, "r", "custom_voice", "alloy", "x", live=True)))
+    sent = 1
+    while sent + MAX_INPUT_CHARS <= MAX_LIVE_CHARS:
+        node.receive(relay.send(Text(1, "x" * MAX_INPUT_CHARS)))
+        sent += MAX_INPUT_CHARS
+    with pytest.raises(ValueError):
+        relay.send(Text(1, "x" * (MAX_LIVE_CHARS - sent + 1)))
+    with pytest.raises(ProtocolError):
+        node.receive(encode(Text(1, "x" * (MAX_LIVE_CHARS - sent + 1))))
+    node.send(End(1, 1, 1))
+    assert node.receive(encode(Text(1, "late"))) is None  # crossed the node's end on the wire

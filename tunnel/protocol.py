@@ -34,7 +34,9 @@ Conversation:
   node  -> relay  consents {consents: [{id, name, language, created_at}]}          node keeps, whole,
                                                                   after hello and after every change
   relay -> node   request  {id, request_id, model, voice, input, instructions, response_format, speed,
-                            window}
+                            window, live}
+  relay -> node   text     {id, text, done}   live requests: more of the text, while it is spoken;
+                                              ``done`` ends it (at most MAX_LIVE_CHARS in all)
   node  -> relay  audio    (binary) ... then exactly one of
   node  -> relay  end      {id, input_tokens, output_tokens}
   node  -> relay  error    {id, code, message}
@@ -74,7 +76,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Union
 
-PROTOCOL_VERSION = 4  # 2: per-stream credit, draining; 3: challenge-response handshake; 4: voices
+PROTOCOL_VERSION = 4  # 2: per-stream credit, draining; 3: challenge-response handshake; 4: voices, live text
 SUBPROTOCOL = f"qwen3-tts-tunnel.v{PROTOCOL_VERSION}"
 MAX_FRAME_BYTES = 64 * 1024
 _AUDIO_HEADER = struct.Struct(">I")
@@ -97,6 +99,7 @@ MAX_NAME_CHARS = 128  # node, model, alias and voice names
 MAX_MODELS = 64
 MAX_NAMES = 1024  # aliases or voices of one model
 
+MAX_LIVE_CHARS = 65536  # the whole text of one live request: what a node buffers at most for it
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # one recording, as OpenAI's API takes it
 UPLOAD_WINDOW = 256 * 1024  # an upload's first credit, in bytes
 MAX_KEPT = 64  # voices, or consents, one node keeps: each list fits one frame
@@ -211,6 +214,16 @@ class Request:
     response_format: str = "mp3"
     speed: float = 1.0
     window: int = DEFAULT_WINDOW  # the stream's first credit, in bytes
+    live: bool = False  # the text is still being written: ``input`` is its start, ``Text`` the rest
+
+
+@dataclass(frozen=True)
+class Text:
+    """More of a live request's text; ``done``: that was all of it."""
+
+    id: int
+    text: str
+    done: bool = False
 
 
 @dataclass(frozen=True)
@@ -249,20 +262,23 @@ class Error:
     message: str
 
 
-Message = Union[Hello, VoiceList, ConsentList, Request, Credit, Cancel, Draining, Audio, End, Error, Upload, Body, Forget, Rename, Done]
+Message = Union[
+    Hello, VoiceList, ConsentList, Request, Text, Credit, Cancel, Draining, Audio, End, Error, Upload, Body, Forget, Rename, Done
+]
 # Besides Draining, which either side may send, and Credit, which each sends for what it receives.
 FromNode = Union[Hello, VoiceList, ConsentList, Audio, End, Error, Done, Credit]
-FromRelay = Union[Request, Credit, Cancel, Upload, Body, Forget, Rename]
+FromRelay = Union[Request, Text, Credit, Cancel, Upload, Body, Forget, Rename]
 Call = Union[Upload, Forget, Rename]
 Frame = Union[str, bytes]
 
 _FROM_NODE = (Hello, VoiceList, ConsentList, Audio, End, Error, Done, Credit, Draining)
-_FROM_RELAY = (Request, Credit, Cancel, Upload, Body, Forget, Rename, Draining)
+_FROM_RELAY = (Request, Text, Credit, Cancel, Upload, Body, Forget, Rename, Draining)
 _TYPE_NAMES = {
     Hello: "hello",
     VoiceList: "voices",
     ConsentList: "consents",
     Request: "request",
+    Text: "text",
     Credit: "credit",
     Cancel: "cancel",
     Draining: "draining",
@@ -326,7 +342,10 @@ def _fields(message: Message) -> dict[str, Any]:
                 "response_format": message.response_format,
                 "speed": message.speed,
                 "window": message.window,
+                "live": message.live,
             }
+        case Text():
+            return {"id": message.id, "text": message.text, "done": message.done}
         case Credit():
             return {"id": message.id, "size": message.size}
         case Cancel():
@@ -548,7 +567,15 @@ def _decode_request(f: _Fields) -> Request:
         response_format=response_format,
         speed=f.pop_float("speed", MIN_SPEED, MAX_SPEED),
         window=f.pop_int("window", 1, MAX_CREDIT),
+        live=f.pop_bool("live"),
     )
+
+
+def _decode_text(f: _Fields) -> Text:
+    text = Text(id=f.pop_int("id", 0, MAX_STREAM_ID), text=f.pop_str("text", MAX_INPUT_CHARS, empty=True), done=f.pop_bool("done"))
+    if not text.text and not text.done:
+        raise ProtocolError("a text frame carries text, or ends the text")
+    return text
 
 
 def _decode_error(f: _Fields) -> Error:
@@ -573,6 +600,7 @@ _DECODERS: dict[type, Callable[[_Fields], Message]] = {
     ),
     Done: lambda f: Done(id=f.pop_int("id", 0, MAX_STREAM_ID)),
     Request: _decode_request,
+    Text: _decode_text,
     Credit: lambda f: Credit(id=f.pop_int("id", 0, MAX_STREAM_ID), size=f.pop_int("size", 1, MAX_CREDIT)),
     Cancel: lambda f: Cancel(id=f.pop_int("id", 0, MAX_STREAM_ID)),
     Draining: lambda f: Draining(),
@@ -613,6 +641,7 @@ class Connection:
     open_streams: dict[int, int] = field(default_factory=dict)
     cancelled: set[int] = field(default_factory=set)  # relay: cancelled, node may still be talking
     calls: dict[int, _Call] = field(default_factory=dict)  # not yet answered with done or error
+    live_text: dict[int, int] = field(default_factory=dict)  # live stream -> characters of text so far, until done
     draining_sent: bool = False
     peer_draining: bool = False
     next_id: int = 1
@@ -642,14 +671,19 @@ class Connection:
             if self.draining_sent or self.peer_draining:
                 raise ValueError("no new requests once either side is draining")
             if isinstance(message, Request):
-                self.open_streams[message.id] = message.window
+                self._open(message, ValueError)
             else:
                 self.calls[message.id] = _upload_state(message)
+        elif isinstance(message, Text):
+            if message.id not in self.open_streams:  # it ended meanwhile: the node wants no more
+                raise ValueError(f"stream {message.id} is not open")
+            self._more_text(message, ValueError)
         elif isinstance(message, Credit):
             self._grant(message, upload=self.role == "node", error=ValueError)
         elif isinstance(message, Cancel):
             if message.id in self.open_streams:
                 del self.open_streams[message.id]
+                self.live_text.pop(message.id, None)
                 self.cancelled.add(message.id)
         elif isinstance(message, (Audio, Body)):
             if not 0 < len(message.data) <= MAX_AUDIO_PAYLOAD:
@@ -659,8 +693,26 @@ class Connection:
             self._take(message.id, len(message.data))
         elif isinstance(message, (End, Error, Done)):
             self.open_streams.pop(message.id, None)
+            self.live_text.pop(message.id, None)
             self.calls.pop(message.id, None)
         return encode(message)
+
+    def _open(self, request: Request, error: type[Exception]) -> None:
+        if request.live and len(request.input) > MAX_LIVE_CHARS:
+            raise error(f"stream {request.id}: live text beyond {MAX_LIVE_CHARS} characters")
+        self.open_streams[request.id] = request.window
+        if request.live:
+            self.live_text[request.id] = len(request.input)
+
+    def _more_text(self, text: Text, error: type[Exception]) -> None:
+        """Count ``text`` against its live stream: only while its text is open, MAX_LIVE_CHARS in all."""
+        if text.id not in self.live_text:
+            raise error(f"stream {text.id} takes no more text")
+        self.live_text[text.id] += len(text.text)
+        if self.live_text[text.id] > MAX_LIVE_CHARS:
+            raise error(f"stream {text.id}: live text beyond {MAX_LIVE_CHARS} characters")
+        if text.done:
+            del self.live_text[text.id]
 
     def receive(self, frame: Frame) -> Message | None:
         message = decode(frame)
@@ -733,7 +785,7 @@ class Connection:
             if message.id in self.open_streams or message.id in self.calls:
                 raise ProtocolError(f"stream {message.id} is already open")
             if isinstance(message, Request):
-                self.open_streams[message.id] = message.window
+                self._open(message, ProtocolError)
             else:
                 self.calls[message.id] = _upload_state(message)
             return message
@@ -742,11 +794,15 @@ class Connection:
                 raise ProtocolError(f"call {message.id} sent more upload than its credit or its size")
             self._take(message.id, len(message.data))
             return message
-        # A cancel or credit may cross the node's own end or error on the wire: nothing to do.
+        # A cancel, credit or text may cross the node's own end or error on the wire: nothing to do.
         if message.id not in self.open_streams:
             return None
         if isinstance(message, Credit):
             self.open_streams[message.id] += message.size
+        elif isinstance(message, Text):
+            self._more_text(message, ProtocolError)
+        elif isinstance(message, Cancel):
+            self.live_text.pop(message.id, None)
         return message
 
 

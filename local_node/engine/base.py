@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
@@ -33,9 +34,63 @@ class ModelUnavailable(Exception):
 
 @dataclass(frozen=True)
 class Job:
-    text: str
+    text: str  # all of it; or, with a feed, the first of it
     voice: str
     instructions: str | None = None
+    feed: TextFeed | None = None  # the text is still being written: the rest arrives here
+
+
+# Where written text may be cut without changing its tokens: before a run of whitespace (a word
+# starts after it), or after sentence and clause punctuation of scripts that use no spaces.
+_BOUNDARY = re.compile(r"(?<=\S)(?=\s)|(?<=[。！？，；、：])")
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+class TextFeed:
+    """The text of a request still being written: the tunnel ``put``s each piece as it arrives and
+    ``finish``es it; the engine ``take``s it in pieces cut where words begin, so that each piece
+    tokenizes as it would within the whole text. Thread-safe."""
+
+    POLL = 0.05  # seconds: how often a waiting ``take`` checks for a cancel
+
+    def __init__(self, first: str = "") -> None:
+        self._text = first
+        self._taken = 0
+        self.finished = False
+        self._changed = threading.Condition()
+
+    @property
+    def text(self) -> str:
+        """All of the text so far."""
+        return self._text
+
+    def put(self, text: str) -> None:
+        with self._changed:
+            if self.finished:
+                raise ValueError("the text was finished")
+            self._text += text
+            self._changed.notify_all()
+
+    def finish(self) -> None:
+        with self._changed:
+            self.finished = True
+            self._changed.notify_all()
+
+    def take(self, min_words: int, cancelled: threading.Event) -> str | None:
+        """The next piece, from what was taken up to the last place a word begins, once it holds
+        ``min_words`` words (any length once the text is finished); None when everything is taken
+        and the text finished, or on a cancel. Blocks until then."""
+        with self._changed:
+            while not cancelled.is_set():
+                rest = self._text[self._taken :]
+                cut = len(rest) if self.finished else max((m.start() for m in _BOUNDARY.finditer(rest)), default=0)
+                if cut and (self.finished or len(_WORD.findall(rest[:cut])) >= min_words):
+                    self._taken += cut
+                    return rest[:cut]
+                if self.finished:
+                    return None
+                self._changed.wait(self.POLL)
+            return None
 
 
 class Engine(Protocol):
@@ -43,6 +98,8 @@ class Engine(Protocol):
     concurrency: int  # syntheses it can have in progress at once
     # Called with the frames and seconds of each generation step; set by the worker (metrics).
     on_step: Callable[[int, float], None]
+    # Called after a live utterance with how often, and for how many seconds, it waited for text.
+    on_text_wait: Callable[[int, float], None]
 
     def check(self, job: Job) -> None:
         """Raise JobError if ``job`` cannot be served (unknown voice, missing description...)."""

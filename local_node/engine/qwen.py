@@ -13,12 +13,12 @@ import numpy as np
 import torch
 
 from local_node.config import ConfigError, ModelConfig
-from local_node.engine.base import SAMPLE_RATE, Cancelled, Job, JobError, ModelUnavailable
+from local_node.engine.base import SAMPLE_RATE, Cancelled, Job, JobError, ModelUnavailable, TextFeed
 from local_node.engine.batcher import Batcher
 from local_node.engine.text_split import split_text
 from local_node.kernels import tiers
 from local_node.model.codec_stream import StreamingDecoder
-from local_node.model.generation import Prompt, SamplingConfig, prepare_prompt
+from local_node.model.generation import Prompt, SamplingConfig, live_prompt, prepare_prompt, text_embeddings
 from local_node.model.packing import prepare_for_generation
 from local_node.model.qwen_import import import_qwen_tts
 from tunnel.protocol import ModelInfo
@@ -82,6 +82,7 @@ class QwenEngine:
         self.concurrency = config.max_batch
         self.batcher = Batcher(self.tts.model, rows=config.max_batch, name=config.name, threads=threads)
         self.on_step = lambda frames, seconds: None  # the worker sets it, after the warm-up
+        self.on_text_wait = lambda waits, seconds: None  # and this: how a live utterance waited for text
         self.batcher.on_step = lambda frames, seconds: self.on_step(frames, seconds)
         self._tokenizer = threading.Lock()  # HF's fast tokenizers fail when two threads use one
         log.info("%s: loaded %s model from %s in %.1f s", config.name, self.kind, config.source, time.monotonic() - started)
@@ -173,6 +174,9 @@ class QwenEngine:
         """Stream each piece frame by frame: codes from the model's batcher (our generation loop,
         shared with the other syntheses in progress), PCM from the incremental codec decoder, as
         soon as each chunk of frames is decoded."""
+        if job.feed is not None:
+            yield from self._synthesize_live(job, job.feed, cancelled)
+            return
         for piece in split_text(job.text, MAX_PIECE_CHARS):
             with self._tokenizer:
                 prompt = self._prompt(piece, job)
@@ -183,6 +187,34 @@ class QwenEngine:
             yield from self.batcher.run(prompt, sampling, cancelled, on_frame=decoder.push, on_end=decoder.flush)
             if cancelled.is_set():
                 raise Cancelled()
+
+    def _synthesize_live(self, job: Job, feed: TextFeed, cancelled: threading.Event) -> Iterator[np.ndarray]:
+        """One utterance for all of a text still being written: it starts from the first
+        ``live_start_words`` words, and each later piece is appended to it (a writer thread
+        tokenizes them as they come), so voice and prosody carry through the whole text."""
+        first = feed.take(self.config.live_start_words, cancelled)
+        if first is None:
+            return
+        with self._tokenizer:
+            prompt = live_prompt(self._prompt(first, job, streaming=True))
+        live = prompt.live
+        assert live is not None
+
+        def write() -> None:
+            try:
+                while (piece := feed.take(1, cancelled)) is not None:
+                    with self._tokenizer, torch.inference_mode():
+                        live.append(text_embeddings(self.tts, piece))
+            finally:
+                live.close()
+
+        threading.Thread(target=write, name=f"text-{self.config.name}", daemon=True).start()
+        decoder = StreamingDecoder(self.tts.model.speech_tokenizer, self.chunk_schedule)
+        sampling = SamplingConfig.from_tts(self.tts, max_new_tokens=(self.config.max_new_frames or 8192) + 1)
+        yield from self.batcher.run(prompt, sampling, cancelled, on_frame=decoder.push, on_end=decoder.flush)
+        self.on_text_wait(live.waits, live.waited)
+        if cancelled.is_set():
+            raise Cancelled()
 
     def warm_up(self) -> None:
         """Synthesise up to the first chunk, so the first real request does not pay for lazy
@@ -203,19 +235,26 @@ class QwenEngine:
 
     # --- generation -----------------------------------------------------------------------
 
-    def _prompt(self, text: str, job: Job) -> Prompt:
+    def _prompt(self, text: str, job: Job, streaming: bool = False) -> Prompt:
+        """The prompt of ``text``; ``streaming``: with streaming text input whatever the config
+        says, and a clone from its timbre alone (live text cannot follow an in-context clone's
+        reference, to which the prompt aligns the text)."""
         voice = self.voices.get(job.voice)
         common = dict(
             kind=self.kind,
             text=text,
             language=voice.language if voice else self.default_language,
-            non_streaming_mode=_NON_STREAMING_MODE[self.config.text_input],
+            non_streaming_mode=False if streaming else _NON_STREAMING_MODE[self.config.text_input],
         )
         if self.kind == "custom_voice":
             return prepare_prompt(self.tts, speaker=voice.speaker, instruct=job.instructions, **common)
         if self.kind == "voice_design":
             return prepare_prompt(self.tts, instruct=job.instructions or voice.description, **common)
-        return prepare_prompt(self.tts, voice_clone_prompt=voice.clone_prompt, **common)
+        clone = voice.clone_prompt
+        if streaming and clone[0].icl_mode:
+            item = clone[0]
+            clone = [type(item)(ref_code=None, ref_spk_embedding=item.ref_spk_embedding, x_vector_only_mode=True, icl_mode=False)]
+        return prepare_prompt(self.tts, voice_clone_prompt=clone, **common)
 
     def _max_frames(self, text: str) -> int:
         return self.config.max_new_frames or _frame_budget(text)

@@ -38,6 +38,7 @@ class SyntheticEngine:
         # once, as many as a load test needs from one node.
         self.concurrency = config.max_batch
         self.on_step: Callable[[int, float], None] = lambda frames, seconds: None
+        self.on_text_wait: Callable[[int, float], None] = lambda waits, seconds: None
 
     def check(self, job: Job) -> None:
         if job.voice not in self.info.voices:
@@ -47,8 +48,17 @@ class SyntheticEngine:
         return len(text.split())
 
     def synthesize(self, job: Job, cancelled: threading.Event) -> Iterator[np.ndarray]:
+        if job.feed is None:
+            yield from self._speak(job.text, cancelled)
+            return
+        while (piece := job.feed.take(1, cancelled)) is not None:  # live text: each piece as it comes
+            yield from self._speak(piece, cancelled)
+        if cancelled.is_set():
+            raise Cancelled()
+
+    def _speak(self, text: str, cancelled: threading.Event) -> Iterator[np.ndarray]:
         start = last = time.monotonic()
-        for i, frame in enumerate(synthetic_frames(job.text)):
+        for i, frame in enumerate(synthetic_frames(text)):
             if cancelled.is_set():
                 raise Cancelled()
             self.on_step(1, time.monotonic() - last)  # one frame, paced like a real-time model

@@ -61,6 +61,15 @@ class NodeMetrics:
             ["model", "outcome"],
             registry=registry,
         )
+        self.text_waits = Counter(
+            "node_live_text_waits",
+            "Times a live utterance (text still being written) caught up with its text and waited for more, by model.",
+            ["model"],
+            registry=registry,
+        )
+        self.text_wait_seconds = Counter(
+            "node_live_text_wait_seconds", "Seconds live utterances spent waiting for their text, by model.", ["model"], registry=registry
+        )
         self.relay_connected = Gauge("node_relay_connected", "1 while the tunnel to this relay is open.", ["relay"], registry=registry)
         self.reconnects = Counter("node_reconnects", "Tunnels to this relay opened again after one closed.", ["relay"], registry=registry)
         ProcessCollector(registry=registry)
@@ -88,6 +97,8 @@ class ModelMetrics:
         self._frames = metrics.frames.labels(model)
         self._step_seconds = metrics.step_seconds.labels(model)
         self._requests = {outcome: metrics.requests.labels(model, outcome) for outcome in OUTCOMES}
+        self._text_waits = metrics.text_waits.labels(model)
+        self._text_wait_seconds = metrics.text_wait_seconds.labels(model)
 
     def step(self, frames: int, seconds: float) -> None:
         """A generation step gave ``frames`` frames (one per utterance in it) in ``seconds``."""
@@ -97,6 +108,11 @@ class ModelMetrics:
 
     def finished(self, outcome: str) -> None:
         self._requests[outcome].inc()
+
+    def text_wait(self, waits: int, seconds: float) -> None:
+        """A live utterance ended having waited ``waits`` times, ``seconds`` in all, for its text."""
+        self._text_waits.inc(waits)
+        self._text_wait_seconds.inc(seconds)
 
 
 class LinkMetrics:

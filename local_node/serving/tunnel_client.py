@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from local_node.engine.base import JobError
+from local_node.engine.base import JobError, TextFeed
 from local_node.serving.metrics import NodeMetrics
 from local_node.serving.voices import VoiceKeeper
 from local_node.serving.worker import Busy, ModelWorker
@@ -43,6 +43,7 @@ from tunnel.protocol import (
     ProtocolError,
     Rename,
     Request,
+    Text,
     Upload,
 )
 
@@ -155,6 +156,7 @@ class _Job:
     """A request being served, and what stops or resumes its sending."""
 
     request: Request
+    feed: TextFeed | None = None  # a live request's text, still arriving
     cancelled: threading.Event = field(default_factory=threading.Event)
     credited: asyncio.Event = field(default_factory=asyncio.Event)  # the relay granted credit
     task: asyncio.Task | None = None
@@ -280,9 +282,16 @@ class TunnelClient:
                     await ws.close(1002, str(exc).encode()[:120].decode(errors="ignore"))
                     return
                 if isinstance(message, Request):
-                    job = jobs[message.id] = _Job(message)
+                    job = jobs[message.id] = _Job(message, TextFeed(message.input) if message.live else None)
                     job.task = asyncio.create_task(self._handle(ws, conn, job))
                     job.task.add_done_callback(lambda _, i=message.id: jobs.pop(i, None))
+                elif isinstance(message, Text) and message.id in jobs:
+                    feed = jobs[message.id].feed
+                    assert feed is not None  # the protocol lets text reach live requests only
+                    if message.text:
+                        feed.put(message.text)
+                    if message.done:
+                        feed.finish()
                 elif isinstance(message, Credit) and message.id in jobs:
                     jobs[message.id].credited.set()
                 elif isinstance(message, Cancel) and message.id in jobs:
@@ -403,7 +412,7 @@ class TunnelClient:
             worker = self.workers.get(request.model)
             if worker is None:
                 raise JobError("unknown_model", f"This node does not serve model '{request.model}'.")
-            input_tokens, frames = await worker.run(request, job.cancelled, emit)
+            input_tokens, frames = await worker.run(request, job.cancelled, emit, feed=job.feed)
             await ws.send(conn.send(End(request.id, input_tokens, frames)))
             log.info("%s: done, %d frames in %.2f s", request.request_id, frames, time.monotonic() - started)
         except ConnectionClosed:

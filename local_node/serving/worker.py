@@ -9,7 +9,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable
 
-from local_node.engine.base import SAMPLES_PER_FRAME, Cancelled, Engine, Job, JobError
+from local_node.engine.base import SAMPLES_PER_FRAME, Cancelled, Engine, Job, JobError, TextFeed
 from local_node.serving.audio import StreamEncoder
 from local_node.serving.metrics import NodeMetrics
 from tunnel.protocol import Request
@@ -28,16 +28,20 @@ class ModelWorker:
         self.admitted = 0
         self.metrics = (metrics or NodeMetrics()).model(engine.info.name, lambda: self.admitted, self.capacity)
         engine.on_step = self.metrics.step  # set after warm-up: only served frames count
+        engine.on_text_wait = self.metrics.text_wait
         # A thread per synthesis in progress; beyond that they wait here, in arrival order.
         self._thread = ThreadPoolExecutor(max_workers=engine.concurrency, thread_name_prefix=f"synth-{engine.info.name}")
 
-    async def run(self, request: Request, cancelled: threading.Event, emit: Callable[[bytes], Awaitable[None]]) -> tuple[int, int]:
-        """Synthesise ``request``, passing encoded audio to ``emit`` as it is produced.
+    async def run(
+        self, request: Request, cancelled: threading.Event, emit: Callable[[bytes], Awaitable[None]], feed: TextFeed | None = None
+    ) -> tuple[int, int]:
+        """Synthesise ``request``, passing encoded audio to ``emit`` as it is produced; a live
+        request's text goes on arriving in ``feed``.
 
         Returns (input tokens, output codec frames). Raises JobError, Busy, or whatever the
         engine raised. Setting ``cancelled`` ends it early, without error.
         """
-        job = Job(request.input, request.voice, request.instructions)
+        job = Job(request.input, request.voice, request.instructions, feed=feed)
         try:
             self.engine.check(job)
         except JobError:
@@ -72,8 +76,9 @@ class ModelWorker:
 
     def _produce(self, job: Job, request: Request, cancelled: threading.Event, put: Callable) -> tuple[int, int]:
         """On the model's thread: synthesise and encode. Returns (input tokens, samples)."""
-        # The tokenizer is not safe to share across threads, so tokens are counted here too.
-        tokens = self.engine.count_tokens(job.text)
+        # The tokenizer is not safe to share across threads, so tokens are counted here too (at the
+        # end for live text, when all of it is there).
+        tokens = self.engine.count_tokens(job.text) if job.feed is None else 0
         samples = 0
         try:
             if cancelled.is_set():  # cancelled while it waited in the queue
@@ -88,6 +93,8 @@ class ModelWorker:
                 return tokens, samples  # nobody is listening for the rest
             if data := encoder.finish():
                 put(data)
+            if job.feed is not None:
+                tokens = self.engine.count_tokens(job.feed.text)
             return tokens, samples
         finally:
             put(_DONE)
