@@ -17,6 +17,7 @@ SYSTEM = {
     "test_fuzz_http",
     "test_fuzz_voices",
     "test_limits",
+    "test_live",
     "test_liveness",
     "test_metrics",
     "test_tunnel",

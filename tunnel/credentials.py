@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 
 from .handshake import tunnel_proof
 
@@ -58,12 +59,23 @@ class Credentials:
 
 
 class RedactCredentials(logging.Filter):
-    """websockets logs every handshake header at DEBUG level; the Authorization value stays out."""
+    """Keeps secrets a peer sent out of the websocket servers' and clients' logs: websockets logs
+    every handshake header at DEBUG level (the Authorization value, a key sent as a subprotocol),
+    and uvicorn logs each websocket's path, query string included, where a client may have put a
+    key although none is read from there."""
+
+    _SUBPROTOCOL_KEY = re.compile(r"(openai-insecure-api-key\.)[^\s,]+")
+    _QUERY = re.compile(r"\?\S*")
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
-        if isinstance(args, tuple) and len(args) == 2 and str(args[0]).lower() == "authorization":
-            record.args = (args[0], "[redacted]")
+        if not isinstance(args, tuple):
+            return True
+        if len(args) == 2 and str(args[0]).lower() == "authorization":
+            args = (args[0], "[redacted]")
+        if "WebSocket %s" in str(record.msg):
+            args = tuple(self._QUERY.sub("?[redacted]", a) if isinstance(a, str) else a for a in args)
+        record.args = tuple(self._SUBPROTOCOL_KEY.sub(r"\1[redacted]", a) if isinstance(a, str) else a for a in args)
         return True
 
 

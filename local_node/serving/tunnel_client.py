@@ -385,12 +385,13 @@ class TunnelClient:
     async def _handle(self, ws: ClientConnection, conn: Connection, job: _Job) -> None:
         request = job.request
         log.info(
-            "%s: stream %d, model %s, voice %s, %d chars, %s",
+            "%s: stream %d, model %s, voice %s, %d chars%s, %s",
             request.request_id,
             request.id,
             request.model,
             request.voice,
             len(request.input),
+            " (live)" if request.live else "",
             request.response_format,
         )
         started = time.monotonic()
