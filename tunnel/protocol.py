@@ -74,7 +74,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Union
+from typing import Any, Callable, Literal, Union, cast
 
 PROTOCOL_VERSION = 4  # 2: per-stream credit, draining; 3: challenge-response handshake; 4: voices, live text
 SUBPROTOCOL = f"qwen3-tts-tunnel.v{PROTOCOL_VERSION}"
@@ -724,9 +724,9 @@ class Connection:
         if isinstance(message, Draining):
             self.peer_draining = True
             return message
-        if self.role == "relay":
-            return self._receive_at_relay(message)  # type: ignore[arg-type]
-        return self._receive_at_node(message)  # type: ignore[arg-type]
+        if self.role == "relay":  # the check above made it one of FromNode, or of FromRelay
+            return self._receive_at_relay(cast(FromNode, message))
+        return self._receive_at_node(cast(FromRelay, message))
 
     def _grant(self, credit: Credit, upload: bool, error: type[Exception]) -> None:
         """Add ``credit`` to a call's upload (granted by the node) or a stream's audio (by the relay)."""

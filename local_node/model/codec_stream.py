@@ -46,7 +46,8 @@ from __future__ import annotations
 
 import collections
 import inspect
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -93,6 +94,15 @@ def _reference_chunking(decoder: nn.Module) -> tuple[int, int]:
     return int(params["chunk_size"].default), int(params["left_context_size"].default)
 
 
+@dataclass(frozen=True)
+class _Step:
+    """One leaf module of the stack after the decoder's transformer, and how it streams."""
+
+    kind: Literal["pointwise", "history", "transconv"]  # no state; a causal conv's last inputs; a transposed conv's overlap
+    module: nn.Module
+    lookback: int = 0  # history: the input samples it looks back
+
+
 class _Plan:
     """How to stream each module of the decoder's convolutional part, checked once up front."""
 
@@ -101,20 +111,20 @@ class _Plan:
         self._m = m
         self.pre_conv_lookback = self._causal_lookback(decoder.pre_conv)
         # The stack after the transformer, flattened into a sequence of leaf steps.
-        self.backend: list[tuple[str, nn.Module, int]] = []
+        self.steps: list[_Step] = []
         for blocks in decoder.upsample:
             self._add(blocks)
         self._add(decoder.decoder)
         # Frames of transformer output the stack needs, from a zero state, for its state to be
         # exact: its receptive field, walked back from the output.
         need = 0
-        for kind, module, size in reversed(self.backend):
-            if kind == "history":
-                need += size
-            elif kind == "transconv":
-                k, s = module.conv.kernel_size[0], module.conv.stride[0]
+        for step in reversed(self.steps):
+            if step.kind == "history":
+                need += step.lookback
+            elif step.kind == "transconv":
+                k, s = step.module.conv.kernel_size[0], step.module.conv.stride[0]
                 need = (need + k - 1) // s
-        self.backend_lookback_frames = need
+        self.steps_lookback_frames = need
 
     def _causal_lookback(self, module: nn.Module) -> int:
         """Input samples a stride-1 causal module looks back: its convolutions' left padding."""
@@ -132,7 +142,7 @@ class _Plan:
         elif isinstance(module, m.Qwen3TTSTokenizerV2DecoderDecoderBlock):
             self._add(module.block)
         elif isinstance(module, m.SnakeBeta):
-            self.backend.append(("pointwise", module, 0))
+            self.steps.append(_Step("pointwise", module))
         elif isinstance(
             module,
             (
@@ -141,7 +151,7 @@ class _Plan:
                 m.Qwen3TTSTokenizerV2DecoderDecoderResidualUnit,
             ),
         ):
-            self.backend.append(("history", module, self._causal_lookback(module)))
+            self.steps.append(_Step("history", module, self._causal_lookback(module)))
         elif isinstance(module, m.Qwen3TTSTokenizerV2CausalTransConvNet):
             conv = module.conv
             k, s = conv.kernel_size[0], conv.stride[0]
@@ -155,7 +165,7 @@ class _Plan:
                 or module.right_pad != k - s
             ):
                 raise NotImplementedError(f"cannot stream this transposed conv: {module}")
-            self.backend.append(("transconv", module, 0))
+            self.steps.append(_Step("transconv", module))
         else:
             raise NotImplementedError(f"no streaming rule for {type(module).__name__}")
 
@@ -168,7 +178,7 @@ class _State:
 
         # The last input samples of pre_conv, and of each step of the upsampling stack.
         self.pre_conv: torch.Tensor | None = None
-        self.backend: list[torch.Tensor | None] = [None] * len(plan.backend)
+        self.steps: list[torch.Tensor | None] = [None] * len(plan.steps)
         # Sliding-window layers: they keep the last sliding_window - 1 keys and values.
         self.kv = DynamicCache(config=decoder.pre_transformer.config)
 
@@ -299,7 +309,7 @@ class StreamingDecoder:
     def _warm(self, frames: torch.Tensor, state: _State) -> None:
         """Bring a fresh ``state`` to where decoding ``frames`` would leave it, cheaply."""
         hidden = self._front(frames, state)
-        tail = self._plan.backend_lookback_frames + 1
+        tail = self._plan.steps_lookback_frames + 1
         self._back(hidden[..., -tail:], state)
 
     def _step(self, frames: torch.Tensor, state: _State, *, want_audio: bool) -> torch.Tensor:
@@ -319,13 +329,13 @@ class StreamingDecoder:
 
     def _back(self, hidden: torch.Tensor, state: _State) -> torch.Tensor:
         """Transformer output [1, latent, T] -> waveform [1, 1, T * samples_per_frame]."""
-        for i, (kind, module, keep) in enumerate(self._plan.backend):
-            if kind == "pointwise":
-                hidden = module(hidden)
-            elif kind == "transconv":
-                hidden, state.backend[i] = _transposed_call(module.conv, hidden, state.backend[i])
+        for i, step in enumerate(self._plan.steps):
+            if step.kind == "pointwise":
+                hidden = step.module(hidden)
+            elif step.kind == "transconv":
+                hidden, state.steps[i] = _transposed_call(step.module.conv, hidden, state.steps[i])
             else:
-                hidden, state.backend[i] = _causal_call(module, hidden, state.backend[i], keep)
+                hidden, state.steps[i] = _causal_call(step.module, hidden, state.steps[i], step.lookback)
         return hidden
 
 

@@ -402,7 +402,7 @@ class FrameBatch:
         talker = self.model.talker
         hidden = self._talker_step(order)  # [n, 1, H], rows in ``order``
         logits = talker.codec_head(hidden)[:, -1]
-        going, code0 = [], []
+        continuing, code0 = [], []
         for utterance, row_logits in zip(order, logits.split(1)):
             scores = _process(utterance.talker_processors, utterance.history, row_logits)
             code = _pick(scores, utterance.sampling.do_sample, utterance.generator)
@@ -410,16 +410,16 @@ class FrameBatch:
                 self.remove(utterance)
                 continue
             utterance.history = torch.cat([utterance.history, code[:, None]], dim=1)
-            going.append(utterance)
+            continuing.append(utterance)
             code0.append(code)
-        if not going:
+        if not continuing:
             return {}
-        if len(going) < len(order):
-            hidden = hidden[[order.index(u) for u in going]]
-        codes, embeds = self._predict_codes(going, hidden, torch.cat(code0))
+        if len(continuing) < len(order):
+            hidden = hidden[[order.index(u) for u in continuing]]
+        codes, embeds = self._predict_codes(continuing, hidden, torch.cat(code0))
         summed = embeds.sum(1, keepdim=True)  # the 16 codebook embeddings, in one sum as qwen-tts adds them
         out = {}
-        for i, utterance in enumerate(going):
+        for i, utterance in enumerate(continuing):
             out[utterance] = codes[i]
             utterance.inputs, utterance.codes_sum = None, summed[i : i + 1]
             utterance.frames += 1
@@ -449,7 +449,7 @@ class FrameBatch:
             hidden.update(zip(stepping, out.split(1)))
         return torch.cat([hidden[u] for u in order])
 
-    def _predict_codes(self, going: list[Utterance], hidden: torch.Tensor, code0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _predict_codes(self, continuing: list[Utterance], hidden: torch.Tensor, code0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Codebooks 1..15 for each utterance, from its talker hidden state and codebook 0, one
         small step each for all at once. Returns codes [n, 16] and their embeddings [n, 16, H]."""
         talker = self.model.talker
@@ -465,7 +465,7 @@ class FrameBatch:
                 torch.cat(
                     [
                         _pick(_process(u.predictor_processors, None, row), u.sampling.subtalker_dosample, u.generator)
-                        for u, row in zip(going, logits.split(1))
+                        for u, row in zip(continuing, logits.split(1))
                     ]
                 )
             )
