@@ -15,6 +15,7 @@ SYSTEM = {
     "test_e2e_sdk",
     "test_flow_control",
     "test_fuzz_http",
+    "test_fuzz_live",
     "test_fuzz_voices",
     "test_limits",
     "test_live",
