@@ -13,7 +13,7 @@ import time
 import av
 import httpx
 import pytest
-from harness import API_KEY, Node, Relay
+from harness import API_KEY, Node, Relay, free_port
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -39,8 +39,11 @@ def stack(tmp_path_factory):
         # Same weights, minutes of frames: for cancelling mid-utterance.
         "slow": {"source": str(tmp / "custom_voice"), "max_new_frames": 4000, "max_batch": 1, "max_queue": 0},
     }
-    with Relay(tmp, env={"RELAY_METRICS_TOKEN": METRICS_TOKEN, "RELAY_LIVE_IDLE_TIMEOUT": "2"}) as relay, Node(tmp, relay, models) as node:
+    node_metrics = {"listen": f"127.0.0.1:{free_port()}", "token": METRICS_TOKEN}
+    relay_env = {"RELAY_METRICS_TOKEN": METRICS_TOKEN, "RELAY_LIVE_IDLE_TIMEOUT": "2"}
+    with Relay(tmp, env=relay_env) as relay, Node(tmp, relay, models, metrics=node_metrics) as node:
         relay.wait_for_models({"tts-1", "slow"}, node=node, timeout=300)
+        node.metrics_url = f"http://{node_metrics['listen']}/metrics"
         yield relay, node
 
 
@@ -271,12 +274,17 @@ async def test_closing_the_session_stops_the_nodes_work_within_a_frame(stack):
 
 
 async def test_metrics_count_sessions_first_audio_and_text_waits(stack):
-    relay, _ = stack
+    relay, node = stack
     await converse(relay, [config(split_granularity="continuous", response_format="pcm"), *words(ANSWER, 0.05), {"type": "input.done"}])
     metrics = httpx.get(f"{relay.url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
     assert "relay_live_sessions_open 0.0" in metrics
     count = next(line for line in metrics.splitlines() if line.startswith("relay_live_first_audio_seconds_count"))
     assert float(count.split()[-1]) >= 1
+    # The tiny model speaks far faster than the words come: it caught up and waited for text.
+    on_node = httpx.get(node.metrics_url, headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
+    waits = next(line for line in on_node.splitlines() if line.startswith('node_live_text_waits_total{model="custom_voice"}'))
+    seconds = next(line for line in on_node.splitlines() if line.startswith('node_live_text_wait_seconds_total{model="custom_voice"}'))
+    assert float(waits.split()[-1]) >= 10 and float(seconds.split()[-1]) > 0
 
 
 async def test_a_node_that_dies_mid_session_ends_it_with_an_error(tmp_path, stack):
