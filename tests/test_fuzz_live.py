@@ -30,13 +30,9 @@ CLOSE_CODES = {1000, 1008, 1009, 1011}
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz-live")
-    relay = InProcessRelay()
-    with Node(tmp, relay, synthetic_models(max_queue=8, max_batch=4)) as node:
-        try:
-            relay.wait_for_models({"tts-1"}, node=node, timeout=60)
-            yield relay
-        finally:
-            relay.stop()
+    with InProcessRelay() as relay, Node(tmp, relay, synthetic_models(max_queue=8, max_batch=4)) as node:
+        relay.wait_for_models({"tts-1"}, node=node, timeout=60)
+        yield relay
 
 
 @pytest.fixture(autouse=True)

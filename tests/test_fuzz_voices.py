@@ -49,17 +49,13 @@ GOOD_AUDIO = wav(1.5)
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz-voices")
     write_tiny_checkpoint(tmp / "base", "base")
-    relay = InProcessRelay()
-    node = Node(tmp, relay, {"base": {"source": str(tmp / "base"), "max_new_frames": 2}}, voices_dir=str(tmp / "kept"))
-    try:
+    models = {"base": {"source": str(tmp / "base"), "max_new_frames": 2}}
+    with InProcessRelay() as relay, Node(tmp, relay, models, voices_dir=str(tmp / "kept")) as node:
         relay.wait_for_models({"base"}, node=node, timeout=300)
         files = {"recording": ("c.wav", GOOD_AUDIO, "audio/wav")}
         consent = httpx.post(f"{relay.url}/v1/audio/voice_consents", headers=AUTH, data={"name": "c", "language": "en"}, files=files)
         assert consent.status_code == 200, consent.text
         yield relay, node, tmp / "kept", consent.json()["id"]
-    finally:
-        node.stop()
-        relay.stop()
 
 
 def kept(folder) -> set[str]:

@@ -5,7 +5,6 @@ decoded and checked. Lists are read as Open WebUI and Home Assistant read them."
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import signal
@@ -63,15 +62,6 @@ def node_models(checkpoints: Path, base: bool = True, custom_voice: bool = True)
     return models
 
 
-@contextlib.contextmanager
-def running(*processes):
-    try:
-        yield processes
-    finally:
-        for process in reversed(processes):
-            process.stop()
-
-
 def start_node(tmp: Path, relay: Relay, checkpoints: Path, name: str, **kwargs) -> Node:
     return Node(tmp, relay, node_models(checkpoints, **kwargs), name=name, voices_dir=str(tmp / f"voices-{name}"))
 
@@ -110,9 +100,7 @@ def decoded_samples(audio: bytes) -> int:
 @pytest.fixture(scope="module")
 def stack(checkpoints, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stack")
-    relay = Relay(tmp)
-    node = start_node(tmp, relay, checkpoints, "home")
-    with running(relay, node):
+    with Relay(tmp) as relay, start_node(tmp, relay, checkpoints, "home") as node:
         relay.wait_for_models({"base", "tts-1"}, node=node, timeout=300)
         yield relay, node, tmp / "voices-home"
 
@@ -244,9 +232,8 @@ def test_an_upload_many_frames_long_crosses_the_tunnel_and_one_too_large_is_refu
 
 
 def test_the_operator_may_turn_off_consent_and_open_the_lists(checkpoints, tmp_path):
-    relay = Relay(tmp_path, env={"RELAY_REQUIRE_VOICE_CONSENT": "false", "RELAY_PUBLIC_CATALOGUE": "true"})
-    node = start_node(tmp_path, relay, checkpoints, "open", custom_voice=False)
-    with running(relay, node):
+    env = {"RELAY_REQUIRE_VOICE_CONSENT": "false", "RELAY_PUBLIC_CATALOGUE": "true"}
+    with Relay(tmp_path, env=env) as relay, start_node(tmp_path, relay, checkpoints, "open", custom_voice=False) as node:
         relay.wait_for_models({"base"}, node=node, timeout=300)
         client = sdk(relay)
         voice = client.audio.voices.create(name="Free", audio_sample=("f.wav", wav(), "audio/wav"), consent="")
@@ -257,15 +244,12 @@ def test_the_operator_may_turn_off_consent_and_open_the_lists(checkpoints, tmp_p
 
 
 def test_voices_survive_a_node_restart_and_a_kill_mid_upload_leaves_nothing_half_written(checkpoints, tmp_path):
-    relay = Relay(tmp_path)
-    node = start_node(tmp_path, relay, checkpoints, "restart", custom_voice=False)
-    with running(relay):
-        with running(node):
+    with Relay(tmp_path) as relay:
+        with start_node(tmp_path, relay, checkpoints, "restart", custom_voice=False) as node:
             relay.wait_for_models({"base"}, node=node, timeout=300)
             client = sdk(relay)
             voice = client.audio.voices.create(name="Kept", audio_sample=("k.wav", wav(), "audio/wav"), consent=consent(client))
-        again = start_node(tmp_path, relay, checkpoints, "restart", custom_voice=False)
-        with running(again):
+        with start_node(tmp_path, relay, checkpoints, "restart", custom_voice=False) as again:
             wait_for_voices(relay, {voice.id}, again)
             audio = client.audio.speech.create(model="tts-1", voice={"id": voice.id}, input="Still here.", response_format="wav")
             assert decoded_samples(audio.content) >= FRAME
@@ -291,8 +275,7 @@ def test_voices_survive_a_node_restart_and_a_kill_mid_upload_leaves_nothing_half
             cut = not failures
             if failures:  # the node left mid-upload (502) or before it began (503)
                 assert isinstance(failures[0], openai.APIStatusError) and failures[0].status_code in (502, 503), failures
-        third = start_node(tmp_path, relay, checkpoints, "restart", custom_voice=False)
-        with running(third):
+        with start_node(tmp_path, relay, checkpoints, "restart", custom_voice=False) as third:
             voices = wait_for_voices(relay, {voice.id}, third)
             assert ("Cut" in {v["name"] for v in voices}) == cut
             folder = tmp_path / "voices-restart"
@@ -302,10 +285,11 @@ def test_voices_survive_a_node_restart_and_a_kill_mid_upload_leaves_nothing_half
 
 
 def test_several_nodes_keep_the_same_voices_and_requests_go_where_the_voice_is(checkpoints, tmp_path):
-    relay = Relay(tmp_path)
-    first = start_node(tmp_path, relay, checkpoints, "first")
-    second = start_node(tmp_path, relay, checkpoints, "second", custom_voice=False)
-    with running(relay, first, second):
+    with (
+        Relay(tmp_path) as relay,
+        start_node(tmp_path, relay, checkpoints, "first") as first,
+        start_node(tmp_path, relay, checkpoints, "second", custom_voice=False) as second,
+    ):
         relay.wait_for_models({"base", "tts-1"}, node=first, timeout=300)
         wait_for_nodes(relay, 2, second)
         client = sdk(relay)
@@ -319,8 +303,7 @@ def test_several_nodes_keep_the_same_voices_and_requests_go_where_the_voice_is(c
         # A voice only the first node keeps (the second one was away) is spoken only there.
         second.stop()
         only = client.audio.voices.create(name="Only", audio_sample=("o.wav", wav(), "audio/wav"), consent=consent(client))
-        late = start_node(tmp_path, relay, checkpoints, "second", custom_voice=False)
-        with running(late):
+        with start_node(tmp_path, relay, checkpoints, "second", custom_voice=False) as late:
             wait_for_nodes(relay, 2, late)
             for _ in range(4):
                 client.audio.speech.create(model="base", voice={"id": only.id}, input="Where am I?", response_format="pcm")
