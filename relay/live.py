@@ -234,6 +234,9 @@ class LiveSession:
                 await self._send_json({"type": "error", "message": error.message, "code": error.code})
                 continue
             match message:
+                case SessionConfig() if self.whole or self.live is not None or self.sentence_index:
+                    refusal = "session.config cannot be applied while an utterance is in progress; send input.done first."
+                    await self._send_json({"type": "error", "message": refusal, "code": "utterance_in_progress"})
                 case SessionConfig():
                     self._configure(message)
                 case _ if self.config is None:
@@ -246,8 +249,6 @@ class LiveSession:
                     raise _End(CLOSE_NORMAL)
 
     def _configure(self, config: SessionConfig) -> None:
-        if self.whole or self.live is not None or self.sentence_index:
-            raise _End(CLOSE_POLICY, "session.config cannot be applied while an utterance is in progress; send input.done first.")
         self.config = config
         self.splitter = Splitter(config.granularity) if config.granularity in ("sentence", "clause") else None
 

@@ -213,10 +213,12 @@ async def test_vllm_omni_clients_older_forms_are_understood(stack):
         },
         {"type": "input.text", "text": "Hi there, old client."},
         {"type": "input.commit"},  # unknown: an error event, and the session goes on
+        config(response_format="mp3"),  # not while an utterance is being written: likewise
         {"type": "input.done"},
     ]
     events = await converse(relay, script)
-    assert [e["message"] for _, kind, e in events if kind == "error"] == ["Unknown message type: input.commit"]
+    assert [e["code"] for _, kind, e in events if kind == "error"] == ["invalid_request", "utterance_in_progress"]
+    assert [e["format"] for _, kind, e in events if kind == "audio.start"] == ["pcm"]
     assert len(utterances(events)) == 1
 
 
