@@ -7,8 +7,9 @@ cd "$(dirname "$0")"
 source scripts/setup.sh
 .venv/bin/python -c "import matplotlib" 2>/dev/null || .venv/bin/pip install --quiet -e ".[bench]"
 # `./bench.sh tunnel ...`: the relay and tunnel benchmark (bench/tunnel.py) instead;
-# `./bench.sh kernels ...`: the products alone, every kernel tier (bench/kernels.py).
-if [ "${1:-}" = "tunnel" ] || [ "${1:-}" = "kernels" ]; then
+# `./bench.sh kernels ...`: the products alone, every kernel tier (bench/kernels.py);
+# `./bench.sh live ...`: how soon speech starts while the text is written (bench/live.py).
+if [ "${1:-}" = "tunnel" ] || [ "${1:-}" = "kernels" ] || [ "${1:-}" = "live" ]; then
     bench=$1
     shift
     exec .venv/bin/python -m "bench.$bench" "$@"

@@ -98,20 +98,43 @@ class DecoderStack:
     def _attend(
         self, layer: _Layer, h: torch.Tensor, i: int, rows: list[int], starts: list[int], cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
-        heads, kv_heads, dim = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = layer.qkv(h).unflatten(-1, (heads + 2 * kv_heads, dim))
-        # q and k heads side by side, each with its own norm weight: one norm and one rotation
-        # for both, the same arithmetic element by element.
-        if self.kernels is not None:
-            qk = self.kernels.rms_norm(qkv[:, :, : heads + kv_heads], *layer.qk_norm, cos, sin)
-            if h.shape[1] == 1:
-                v = qkv[:, :, heads + kv_heads :]
-                return layer.o(self.kernels.attend_one(qk, v, self.keys[i], self.values[i], rows, starts, layer.scaling))
-            qk = qk.transpose(1, 2)
+        """Self-attention of layer ``i`` for ``h`` [n, steps, hidden], its keys and values cached.
+        Three paths: our kernels for one new position (a generation step), our kernels' norm and
+        rotation then SDPA for several (a prompt), PyTorch alone without our kernels."""
+        qkv = layer.qkv(h).unflatten(-1, (self.n_heads + 2 * self.n_kv_heads, self.head_dim))
+        one_position = h.shape[1] == 1
+        if self.kernels is None:
+            out = self._attend_in_torch(layer, qkv, i, rows, starts, cos, sin)
+        elif one_position:
+            out = self._attend_one(layer, qkv, i, rows, starts, cos, sin)
         else:
-            qk = _rms_norm(qkv[:, :, : heads + kv_heads], *layer.qk_norm).transpose(1, 2)
-            qk = qk * cos + _rotate_half(qk) * sin
-        return layer.o(self._sdpa(layer, i, qk, qkv[:, :, heads + kv_heads :].transpose(1, 2), rows, starts))
+            out = self._attend_prompt(layer, qkv, i, rows, starts, cos, sin)
+        return layer.o(out)
+
+    # q and k heads sit side by side in qkv, each with its own norm weight: one norm and one
+    # rotation for both, the same arithmetic element by element.
+
+    def _attend_one(
+        self, layer: _Layer, qkv: torch.Tensor, i: int, rows: list[int], starts: list[int], cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        assert self.kernels is not None
+        qk = self.kernels.rms_norm(qkv[:, :, : self.n_heads + self.n_kv_heads], *layer.qk_norm, cos, sin)
+        v = qkv[:, :, self.n_heads + self.n_kv_heads :]
+        return self.kernels.attend_one(qk, v, self.keys[i], self.values[i], rows, starts, layer.scaling)
+
+    def _attend_prompt(
+        self, layer: _Layer, qkv: torch.Tensor, i: int, rows: list[int], starts: list[int], cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        assert self.kernels is not None
+        qk = self.kernels.rms_norm(qkv[:, :, : self.n_heads + self.n_kv_heads], *layer.qk_norm, cos, sin).transpose(1, 2)
+        return self._sdpa(layer, i, qk, qkv[:, :, self.n_heads + self.n_kv_heads :].transpose(1, 2), rows, starts)
+
+    def _attend_in_torch(
+        self, layer: _Layer, qkv: torch.Tensor, i: int, rows: list[int], starts: list[int], cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        qk = _rms_norm(qkv[:, :, : self.n_heads + self.n_kv_heads], *layer.qk_norm).transpose(1, 2)
+        qk = qk * cos + _rotate_half(qk) * sin
+        return self._sdpa(layer, i, qk, qkv[:, :, self.n_heads + self.n_kv_heads :].transpose(1, 2), rows, starts)
 
     def _sdpa(self, layer: _Layer, i: int, qk: torch.Tensor, v: torch.Tensor, rows: list[int], starts: list[int]) -> torch.Tensor:
         """PyTorch's SDPA as transformers calls it: write the new keys and values ([n, heads,
