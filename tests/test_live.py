@@ -18,6 +18,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from local_node.testing.tiny_model import write_tiny_checkpoint
+from tunnel.protocol import SUBPROTOCOL, Connection, Hello, ModelInfo, Request
 
 METRICS_TOKEN = "metrics-token-0123456789"
 ANSWER = "Hello there. This answer arrives word by word. And it is spoken while it is written."
@@ -317,3 +318,37 @@ async def test_a_node_that_dies_mid_session_ends_it_with_an_error(tmp_path, stac
     errors = [e for _, kind, e in events if kind == "error"]
     assert errors and errors[-1]["code"] == "node_failed"
     assert events[-1][1] == "closed" and events[-1][2][0] == 1011
+
+
+async def test_a_node_that_leaves_before_the_first_audio_is_replaced_with_all_the_text(tmp_path):
+    """The first node the relay picks (a stand-in that takes the live request, then drops its
+    tunnel) is replaced by a real one, which gets everything written so far, then the rest."""
+    write_tiny_checkpoint(tmp_path / "cv", "custom_voice")
+    models = {
+        "cv": {"source": str(tmp_path / "cv"), "aliases": ["tts-1"], "max_new_frames": FRAMES, "voices": {"alloy": {"speaker": "vivian"}}}
+    }
+    with Relay(tmp_path) as relay:
+        async with connect(relay.tunnel_url, additional_headers=relay.tunnel_headers(), subprotocols=[SUBPROTOCOL]) as stand_in:
+            link = Connection("node")
+            await stand_in.send(link.send(Hello("stand-in", (ModelInfo("cv", ("tts-1",), ("alloy",)),))))
+            relay.wait_for_models({"tts-1"})
+            with Node(tmp_path, relay, models) as node:
+                relay.wait_for_ready(nodes=2, watch=(node,), timeout=300)
+
+                async def leave_when_asked() -> str:
+                    while not isinstance(message := link.receive(await stand_in.recv()), Request):
+                        pass
+                    await asyncio.sleep(0.3)  # more text arrives meanwhile
+                    await stand_in.close()
+                    return message.input
+
+                leaving = asyncio.ensure_future(leave_when_asked())
+                events = await converse(
+                    relay, [config(split_granularity="continuous", response_format="pcm"), *words(ANSWER, 0.1), {"type": "input.done"}]
+                )
+                first_input = await leaving
+    assert first_input == "Hello "  # the stand-in got the first word only
+    ((start, audio, done),) = utterances(events)
+    assert done["error"] is False and len(audio) == FRAMES * 1920 * 2
+    chars = int(node.log().split(" chars (live)")[0].rsplit(", ", 1)[1])
+    assert chars > len(first_input)  # the replacement got everything written until then
