@@ -14,6 +14,7 @@ file descriptors, nothing logged at ERROR, and it still serves a request end to 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ import os
 import socket
 import threading
 import time
+from typing import Iterator
 
 import httpx
 import pytest
@@ -147,10 +149,9 @@ def assert_serves(relay: InProcessRelay) -> None:
         assert client.get(f"{relay.url}/ready").json()["nodes"] == 1  # the real node, still there
 
 
-@pytest.fixture(autouse=True)
-def left_as_found(relay):
-    """Around each fuzzing round: no task or file descriptor leaked, nothing crashed, still serving."""
-    assert_serves(relay)  # warm: whatever the first request sets up lazily is not a leak
+@contextlib.contextmanager
+def leaves_no_trace(relay: InProcessRelay) -> Iterator[None]:
+    """Around a fuzzing round: no task or file descriptor leaked, nothing logged at ERROR."""
     tasks, fds = steady(relay)
     relay.errors.records.clear()
     yield
@@ -160,6 +161,14 @@ def left_as_found(relay):
     now_tasks, now_fds = relay.tasks(), open_fds()
     assert now_tasks <= tasks and now_fds <= fds, f"leaked: {now_tasks} tasks (was {tasks}), {now_fds} fds (was {fds})"
     assert not relay.errors.records, relay.errors.records[:5]
+
+
+@pytest.fixture(autouse=True)
+def left_as_found(relay):
+    """Around each fuzzing round: nothing leaked or crashed, still serving."""
+    assert_serves(relay)  # warm: whatever the first request sets up lazily is not a leak
+    with leaves_no_trace(relay):
+        yield
     assert_serves(relay)
 
 

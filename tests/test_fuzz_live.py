@@ -11,7 +11,6 @@ an error in the relay's log, and it still serves afterwards.
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import pytest
@@ -19,7 +18,7 @@ from fuzz_strategies import FUZZ, json_values
 from harness import API_KEY, Node, synthetic_models
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-from test_fuzz_http import InProcessRelay, open_fds, steady
+from test_fuzz_http import InProcessRelay, leaves_no_trace
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -37,14 +36,8 @@ def relay(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def left_as_found(relay):
-    tasks, fds = steady(relay)
-    relay.errors.records.clear()
-    yield
-    deadline = time.monotonic() + 15
-    while (relay.tasks() > tasks or open_fds() > fds) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert relay.tasks() <= tasks and open_fds() <= fds, "leaked a task or a file descriptor"
-    assert not relay.errors.records, relay.errors.records[:5]
+    with leaves_no_trace(relay):
+        yield
     assert httpx.get(f"{relay.url}/ready").json()["nodes"] == 1
 
 

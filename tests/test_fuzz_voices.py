@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import time
 import wave
 from urllib.parse import quote
 
@@ -24,7 +23,7 @@ from fuzz_strategies import FUZZ
 from harness import API_KEY, Node
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_fuzz_http import InProcessRelay, open_fds, steady
+from test_fuzz_http import InProcessRelay, leaves_no_trace
 
 from local_node.testing.tiny_model import write_tiny_checkpoint
 
@@ -65,15 +64,9 @@ def kept(folder) -> set[str]:
 @pytest.fixture(autouse=True)
 def left_as_found(stack):
     relay, node, folder, consent = stack
-    tasks, fds = steady(relay)
-    relay.errors.records.clear()
     before = kept(folder)
-    yield
-    deadline = time.monotonic() + 15
-    while (relay.tasks() > tasks or open_fds() > fds) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert relay.tasks() <= tasks and open_fds() <= fds, "leaked a task or a file descriptor"
-    assert not relay.errors.records, relay.errors.records[:5]
+    with leaves_no_trace(relay):
+        yield
     assert kept(folder) == before  # each example deleted what it created
     assert httpx.get(f"{relay.url}/v1/audio/voices", headers=AUTH).status_code == 200
     assert httpx.get(f"{relay.url}/ready").json()["nodes"] == 1 and node.proc.poll() is None
