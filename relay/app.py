@@ -15,7 +15,7 @@ from starlette.types import ASGIApp
 
 from tunnel.credentials import bearer_token
 
-from . import voices
+from . import playground, voices
 from .auth import ChallengeStore
 from .config import RelayConfig
 from .errors import ApiError
@@ -104,6 +104,9 @@ def create_app(config: RelayConfig) -> Starlette:
         Route("/v1/audio/voice_consents/{consent_id}", api_key_required(voices.get_consent), methods=["GET"]),
         Route("/v1/audio/voice_consents/{consent_id}", api_key_required(voices.update_consent), methods=["POST"]),
         Route("/v1/audio/voice_consents/{consent_id}", api_key_required(voices.delete_consent), methods=["DELETE"]),
+        Route("/", playground.page, methods=["GET"]),  # no key: the page asks for one
+        Route("/playground", playground.page, methods=["GET"]),
+        Route("/playground/{name}", playground.asset, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),  # 404 unless RELAY_METRICS_TOKEN is set

@@ -18,6 +18,7 @@ SYSTEM = {
     "test_fuzz_live",
     "test_fuzz_voices",
     "test_limits",
+    "test_playground",
     "test_live",
     "test_liveness",
     "test_metrics",

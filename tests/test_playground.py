@@ -1,0 +1,112 @@
+"""The playground page, in real headless Chromium (Debian's, driven by Playwright) against a real relay
+and node: its security headers, its messages, speech that reaches the audio graph, names as text."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+from harness import API_KEY, Node, Relay
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:  # pragma: no cover - the test extra installs it
+    sync_playwright = None
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None or sync_playwright is None,
+    reason="no Chromium here (Debian's chromium package; .ci/run installs it where it can)",
+)
+XSS = '<img src=x onerror="window.__xss=1">'
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "playground.png"
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("playground")
+    models = {
+        "tone": {
+            "engine": "synthetic",
+            "aliases": ["tts-1"],
+            "max_batch": 2,
+            "voices": {"alloy": {"speaker": "tone"}, XSS: {"speaker": "tone"}},
+        }
+    }
+    with Relay(tmp) as relay, Node(tmp, relay, models) as node:
+        relay.wait_for_models({"tts-1"}, node=node, timeout=60)
+        yield relay
+
+
+@pytest.fixture(scope="module")
+def browser():
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[*flags, "--autoplay-policy=no-user-gesture-required"])
+        yield browser
+        browser.close()
+
+
+def open_page(browser, relay):
+    page = browser.new_page()
+    problems: list[str] = []
+    page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.goto(f"{relay.url}/")
+    return page, problems
+
+
+def use_key(page, key: str = API_KEY) -> None:
+    page.fill("#key", key)
+    page.click("#connect")
+
+
+def test_the_page_loads_with_its_policy_and_no_console_errors(relay, browser):
+    response = httpx.get(f"{relay.url}/playground")
+    policy = response.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "'unsafe-inline'" not in policy and "connect-src 'self'" in policy
+    assert response.headers["x-content-type-options"] == "nosniff" and response.headers["referrer-policy"] == "no-referrer"
+    assert API_KEY not in response.text and "<script>" not in response.text  # no inline script, no secret
+    page, problems = open_page(browser, relay)
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('ready')")
+    assert page.text_content("#status") == "Relay ready: 1 node connected."
+    use_key(page)
+    page.wait_for_function("() => document.getElementById('model').options.length > 0")
+    assert {"tone", "tts-1"} <= set(page.eval_on_selector_all("#model option", "options => options.map(o => o.value)"))
+    assert problems == []
+    assert API_KEY not in page.url
+
+
+def test_a_wrong_key_shows_its_message(relay, browser):
+    page, _ = open_page(browser, relay)
+    use_key(page, "sk-wrong-0123456789abcdef")
+    page.wait_for_function("() => document.getElementById('key-message').textContent.includes('refused')")
+    assert "Incorrect API key" in page.text_content("#key-message")
+
+
+def test_speak_plays_pcm_as_it_arrives(relay, browser):
+    page, problems = open_page(browser, relay)
+    use_key(page)
+    page.wait_for_function("() => document.getElementById('voice').options.length > 0")
+    page.select_option("#voice", "alloy")
+    page.select_option("#format", "pcm")
+    page.fill("#text", "Hello there.")
+    page.click("#speak")
+    page.wait_for_function("() => document.getElementById('speak-result').textContent.includes('First audio')", timeout=30000)
+    assert int(page.get_attribute("#speak-result", "data-samples")) == 12 * 1920  # a frame per character, all scheduled
+    assert "real-time factor" in page.text_content("#speak-result")
+    assert page.get_attribute("#download", "download") == "speech.pcm"
+    assert problems == []
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+
+def test_a_voice_named_like_markup_is_shown_as_text(relay, browser):
+    page, _ = open_page(browser, relay)
+    use_key(page)
+    page.wait_for_function("() => document.getElementById('voice-list').children.length > 0")
+    assert any(XSS in item for item in page.eval_on_selector_all("#voice-list li", "items => items.map(i => i.textContent)"))
+    assert page.eval_on_selector_all("#voice-list img, #voice img", "found => found.length") == 0
+    assert page.evaluate("window.__xss") is None
