@@ -4,9 +4,12 @@ and node: its security headers, its messages, speech that reaches the audio grap
 from __future__ import annotations
 
 import shutil
+import time
+import wave
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from harness import API_KEY, Node, Relay
 
@@ -26,25 +29,38 @@ SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "playground.png"
 
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory):
+    from local_node.testing.tiny_model import write_tiny_checkpoint
+
     tmp = tmp_path_factory.mktemp("playground")
+    write_tiny_checkpoint(tmp / "base", "base")
     models = {
         "tone": {
             "engine": "synthetic",
             "aliases": ["tts-1"],
             "max_batch": 2,
             "voices": {"alloy": {"speaker": "tone"}, XSS: {"speaker": "tone"}},
-        }
+        },
+        "base": {"source": str(tmp / "base"), "max_new_frames": 8},  # speaks the voices recorded on the page
     }
-    with Relay(tmp) as relay, Node(tmp, relay, models) as node:
-        relay.wait_for_models({"tts-1"}, node=node, timeout=60)
+    with Relay(tmp) as relay, Node(tmp, relay, models, voices_dir=str(tmp / "voices")) as node:
+        relay.wait_for_models({"tts-1", "base"}, node=node, timeout=300)
         yield relay
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(tmp_path_factory):
+    microphone = tmp_path_factory.mktemp("microphone") / "voice.wav"  # what Chromium's fake microphone hears
+    t = np.arange(48000 * 3) / 48000
+    with wave.open(str(microphone), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(48000)
+        out.writeframes((0.3 * np.sin(2 * np.pi * 180 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t)) * 32767).astype("<i2").tobytes())
     flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    flags += ["--autoplay-policy=no-user-gesture-required", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
+    flags.append(f"--use-file-for-fake-audio-capture={microphone}")
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[*flags, "--autoplay-policy=no-user-gesture-required"])
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=flags)
         yield browser
         browser.close()
 
@@ -90,6 +106,7 @@ def test_speak_plays_pcm_as_it_arrives(relay, browser):
     page, problems = open_page(browser, relay)
     use_key(page)
     page.wait_for_function("() => document.getElementById('voice').options.length > 0")
+    page.select_option("#model", "tone")
     page.select_option("#voice", "alloy")
     page.select_option("#format", "pcm")
     page.fill("#text", "Hello there.")
@@ -110,3 +127,58 @@ def test_a_voice_named_like_markup_is_shown_as_text(relay, browser):
     assert any(XSS in item for item in page.eval_on_selector_all("#voice-list li", "items => items.map(i => i.textContent)"))
     assert page.eval_on_selector_all("#voice-list img, #voice img", "found => found.length") == 0
     assert page.evaluate("window.__xss") is None
+
+
+def test_speak_plays_mp3_as_it_arrives(relay, browser):
+    page, problems = open_page(browser, relay)
+    use_key(page)
+    page.wait_for_function("() => document.getElementById('voice').options.length > 0")
+    page.select_option("#model", "tone")
+    page.select_option("#voice", "alloy")
+    page.select_option("#format", "mp3")
+    page.fill("#text", "A longer sentence to hear.")
+    page.click("#speak")
+    page.wait_for_function("() => document.getElementById('player').currentTime > 0.2", timeout=30000)  # the audio plays
+    page.wait_for_function("() => document.getElementById('speak-result').textContent.includes('First audio')", timeout=30000)
+    assert problems == []
+
+
+def test_live_text_plays_while_it_is_still_being_fed(relay, browser):
+    page, problems = open_page(browser, relay)
+    use_key(page)
+    page.wait_for_function("() => document.getElementById('voice').options.length > 0")
+    page.select_option("#model", "tone")
+    page.select_option("#voice", "alloy")
+    page.fill("#live-text", "One two three four five six seven eight nine ten eleven twelve.")
+    page.fill("#live-pace", "4")
+    page.click("#live-play")
+    page.wait_for_function("() => document.getElementById('live-result').dataset.lastWord", timeout=30000)
+    result = page.eval_on_selector("#live-result", "r => ({...r.dataset})")
+    assert float(result["firstAudio"]) < float(result["lastWord"])  # heard before the text was all there
+    page.wait_for_function("() => document.getElementById('live-result').textContent.includes('Done')", timeout=60000)
+    assert int(page.eval_on_selector("#live-result", "r => r.dataset.samples")) > 0
+    assert problems == []
+
+
+def test_a_voice_recorded_here_is_saved_spoken_and_deleted(relay, browser):
+    page, problems = open_page(browser, relay)
+    use_key(page)
+    page.wait_for_function("() => document.getElementById('voice').options.length > 0")
+    for control in ("#record-sample", "#record-consent"):
+        page.click(control)  # Chromium's fake microphone
+        time.sleep(2)
+        page.click(control)
+        page.wait_for_function(f"() => document.querySelector('{control}').textContent.includes('again')")
+    page.fill("#new-voice-name", "Recorded here")
+    page.click("#save-voice")
+    page.wait_for_function("() => document.getElementById('voice-result').dataset.voice", timeout=60000)
+    voice = page.eval_on_selector("#voice-result", "r => r.dataset.voice")
+    assert page.input_value("#voice") == voice and page.input_value("#model") == "base"
+    page.select_option("#format", "pcm")
+    page.click("#speak")
+    page.wait_for_function("() => document.getElementById('speak-result').textContent.includes('First audio')", timeout=60000)
+    assert int(page.get_attribute("#speak-result", "data-samples")) > 0
+    page.click("#voice-list li:has-text('Recorded here') >> text=Delete")
+    page.wait_for_function("() => !document.getElementById('voice-list').textContent.includes('Recorded here')", timeout=30000)
+    assert httpx.get(f"{relay.url}/v1/audio/voices/{voice}", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 404
+    assert problems == []
