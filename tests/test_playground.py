@@ -91,6 +91,9 @@ def test_the_page_loads_with_its_policy_and_no_console_errors(relay, browser):
     use_key(page)
     page.wait_for_function("() => document.getElementById('model').options.length > 0")
     assert {"tone", "tts-1"} <= set(page.eval_on_selector_all("#model option", "options => options.map(o => o.value)"))
+    page.wait_for_function("() => document.getElementById('models').textContent.includes('Models')")
+    models = set(page.text_content("#models").removeprefix("Models: ").split("; "))
+    assert models == {"tone (also tts-1): built-in voices", "base: speaks your own voices"}
     assert problems == []
     assert API_KEY not in page.url
 

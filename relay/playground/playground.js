@@ -60,6 +60,17 @@ async function loadLists() {
     return;
   }
   fill($("model"), (await models.json()).data.map((m) => m.id));
+  const speech = await fetch("/v1/audio/models", { headers: headers(false) });
+  if (speech.ok) {
+    kinds = Object.fromEntries((await speech.json()).data.map((m) => [m.id, m]));
+    const roots = [...new Set(Object.values(kinds).map((m) => m.root))];
+    $("models").textContent = "Models: " + roots.map((root) => {
+      const names = Object.values(kinds).filter((m) => m.root === root).map((m) => m.id).filter((id) => id !== root);
+      const what = kinds[root].any_voice ? "voices described in words" : kinds[root].clones ? "speaks your own voices" : "built-in voices";
+      return `${root}${names.length ? ` (also ${names.join(", ")})` : ""}: ${what}`;
+    }).join("; ");
+    describeInstructions();
+  }
   const voices = await fetch("/v1/audio/voices", { headers: headers(false) });
   if (!voices.ok) {
     message.textContent = await errorText(voices);
@@ -68,6 +79,15 @@ async function loadLists() {
   const entries = (await voices.json()).data;
   fill($("voice"), entries.map((v) => v.id));
   $("voice-list").replaceChildren(...entries.map(voiceItem));
+}
+
+let kinds = {};  // model id -> what /v1/audio/models says of it
+
+// A VoiceDesign model takes the voice as a description; the others a style, if anything.
+function describeInstructions() {
+  const designed = kinds[$("model").value] && kinds[$("model").value].any_voice;
+  $("instructions-label").textContent = designed ? "Describe the voice" : "Instructions";
+  $("instructions").placeholder = designed ? "e.g. a warm, low voice, speaking slowly" : "optional: a style";
 }
 
 function voiceItem(voice) {
@@ -415,6 +435,7 @@ document.addEventListener("DOMContentLoaded", () => {
   }
   $("connect").addEventListener("click", connect);
   $("speak").addEventListener("click", speak);
+  $("model").addEventListener("change", describeInstructions);
   $("live-start").addEventListener("click", startTyping);
   $("live-play").addEventListener("click", playAsLlm);
   $("live-stop").addEventListener("click", stopLive);
