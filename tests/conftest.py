@@ -22,6 +22,7 @@ SYSTEM = {
     "test_live",
     "test_liveness",
     "test_metrics",
+    "test_packaging",
     "test_tunnel",
     "test_voice_store",
     "test_voices",

@@ -21,3 +21,21 @@ def test_base_install_requires_none_of_them():
     assert {"torch", "qwen_tts", "av", "pyyaml"} <= {
         d.split(">")[0].split("=")[0].strip().replace("-", "_") for d in project["optional-dependencies"]["node"]
     }
+
+
+def test_the_wheel_carries_every_file_the_product_reads(tmp_path):
+    """Besides modules: the playground's page, the kernels' C source, the models' config files."""
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp_path), str(ROOT)], check=True)
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for needed in (
+        "relay/playground/index.html",
+        "relay/playground/playground.js",
+        "relay/playground/playground.css",
+        "local_node/kernels/cpu_kernels.c",
+        "local_node/testing/qwen_files/configs/Qwen3-TTS-12Hz-0.6B-Base.json",
+        "local_node/testing/qwen_files/common/vocab.json",
+    ):
+        assert needed in names, needed
