@@ -33,6 +33,7 @@ def relay(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("playground")
     write_tiny_checkpoint(tmp / "base", "base")
+    write_tiny_checkpoint(tmp / "design", "voice_design")
     models = {
         "tone": {
             "engine": "synthetic",
@@ -41,9 +42,10 @@ def relay(tmp_path_factory):
             "voices": {"alloy": {"speaker": "tone"}, XSS: {"speaker": "tone"}},
         },
         "base": {"source": str(tmp / "base"), "max_new_frames": 8},  # speaks the voices recorded on the page
+        "design": {"source": str(tmp / "design"), "max_new_frames": 8},  # voices described in words
     }
     with Relay(tmp) as relay, Node(tmp, relay, models, voices_dir=str(tmp / "voices")) as node:
-        relay.wait_for_models({"tts-1", "base"}, node=node, timeout=300)
+        relay.wait_for_models({"tts-1", "base", "design"}, node=node, timeout=300)
         yield relay
 
 
@@ -93,7 +95,7 @@ def test_the_page_loads_with_its_policy_and_no_console_errors(relay, browser):
     assert {"tone", "tts-1"} <= set(page.eval_on_selector_all("#model option", "options => options.map(o => o.value)"))
     page.wait_for_function("() => document.getElementById('models').textContent.includes('Models')")
     models = set(page.text_content("#models").removeprefix("Models: ").split("; "))
-    assert models == {"tone (also tts-1): built-in voices", "base: speaks your own voices"}
+    assert models == {"tone (also tts-1): built-in voices", "base: speaks your own voices", "design: voices described in words"}
     assert problems == []
     assert API_KEY not in page.url
 
@@ -184,4 +186,18 @@ def test_a_voice_recorded_here_is_saved_spoken_and_deleted(relay, browser):
     page.click("#voice-list li:has-text('Recorded here') >> text=Delete")
     page.wait_for_function("() => !document.getElementById('voice-list').textContent.includes('Recorded here')", timeout=30000)
     assert httpx.get(f"{relay.url}/v1/audio/voices/{voice}", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 404
+    assert problems == []
+
+
+def test_a_voice_described_in_words_is_spoken_by_a_voice_design_model(relay, browser):
+    page, problems = open_page(browser, relay)
+    use_key(page)
+    page.wait_for_function("() => document.getElementById('models').textContent.includes('design')")
+    page.select_option("#model", "design")
+    assert page.text_content("#instructions-label") == "Describe the voice"
+    page.fill("#instructions", "A warm, low voice, speaking slowly.")
+    page.select_option("#format", "pcm")
+    page.click("#speak")
+    page.wait_for_function("() => document.getElementById('speak-result').textContent.includes('First audio')", timeout=60000)
+    assert int(page.get_attribute("#speak-result", "data-samples")) == 8 * 1920
     assert problems == []
