@@ -123,9 +123,9 @@ async def speech_stream(websocket: WebSocket) -> None:
             await websocket.close(code=CLOSE_POLICY)
         return
     offered = websocket.scope.get("subprotocols", [])
+    app.state.metrics.live_sessions.inc()
     try:
         await websocket.accept(subprotocol=REALTIME_SUBPROTOCOL if REALTIME_SUBPROTOCOL in offered else None)
-        app.state.metrics.live_sessions.inc()
         await LiveSession(websocket, client).run()
     finally:
         app.state.open_requests.release(client)
