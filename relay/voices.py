@@ -219,8 +219,8 @@ def voice_catalogue(router: Router, started: int) -> list[dict[str, Any]]:
                 name, {"id": name, "object": "audio.voice", "name": name, "type": "preset", "created_at": started, "models": []}
             )
             entry["models"] += [m for m in (info.name, *info.aliases) if m not in entry["models"]]
-    for voice_id, (voice, _) in router.kept_voices().items():
-        entries[voice_id] = _kept_voice_object(voice, _models_keeping(router, voice_id))
+    for voice_id, (voice, nodes) in router.kept_voices().items():
+        entries[voice_id] = _kept_voice_object(voice, _models_speaking(nodes))
     for entry in entries.values():
         entry["model"] = entry["models"][0] if entry["models"] else None
     return list(entries.values())
@@ -228,8 +228,13 @@ def voice_catalogue(router: Router, started: int) -> list[dict[str, Any]]:
 
 def _models_keeping(router: Router, voice_id: str) -> list[str]:
     kept = router.kept_voices().get(voice_id)
+    return _models_speaking(kept[1] if kept else [])
+
+
+def _models_speaking(nodes: list[NodeSession]) -> list[str]:
+    """The names and aliases of the models on ``nodes`` that speak kept voices."""
     models: list[str] = []
-    for node in kept[1] if kept else []:
+    for node in nodes:
         for info in node.models.values():
             if info.clones:
                 models += [m for m in (info.name, *info.aliases) if m not in models]
