@@ -16,7 +16,7 @@ from starlette.types import ASGIApp
 from tunnel.credentials import bearer_token
 
 from . import playground, voices
-from .auth import ChallengeStore
+from .auth import ChallengeStore, key_holder
 from .config import RelayConfig
 from .errors import ApiError
 from .limits import ConcurrencyLimiter, RateLimiter
@@ -36,13 +36,7 @@ def api_key_required(endpoint: Endpoint, catalogue: bool = False) -> Endpoint:
     async def guarded(request: Request) -> ASGIApp:
         config: RelayConfig = request.app.state.config
         if config.require_api_key and not (catalogue and config.public_catalogue):
-            token = bearer_token(request.headers.get("authorization"))
-            if token is None:
-                raise ApiError(401, "Missing API key: send it as 'Authorization: Bearer <key>'.", code="missing_api_key")
-            name = config.api_keys.match(token)
-            if name is None:
-                raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
-            request.state.client = f"key:{name}"  # whom the per-key limits count
+            request.state.client = key_holder(config.api_keys, bearer_token(request.headers.get("authorization")))
         else:
             request.state.client = f"addr:{request.client.host if request.client else 'unknown'}"
         return await endpoint(request)

@@ -1,5 +1,6 @@
-"""The relay's side of the node handshake: the bounded store of challenges it issued
-(tunnel/handshake.py has the pure parts both ends share, tunnel/credentials.py the secrets).
+"""Who is asking: a client's API key, and the relay's side of the node handshake (the bounded
+store of challenges it issued; tunnel/handshake.py has the pure parts both ends share,
+tunnel/credentials.py the secrets).
 """
 
 from __future__ import annotations
@@ -8,7 +9,22 @@ import time
 from collections import OrderedDict
 from typing import Callable
 
+from tunnel.credentials import Credentials
 from tunnel.handshake import new_challenge
+
+from .errors import ApiError
+
+
+def key_holder(api_keys: Credentials, key: str | None) -> str:
+    """``key:<name>`` for a valid API key, whom the per-key limits count; raises ApiError (401)
+    for a missing or a wrong one. Compared in constant time (Credentials)."""
+    if not key:
+        raise ApiError(401, "Missing API key: send it as 'Authorization: Bearer <key>'.", code="missing_api_key")
+    name = api_keys.match(key)
+    if name is None:
+        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+    return f"key:{name}"
+
 
 CHALLENGE_TTL = 30.0  # seconds: a node fetches a challenge and connects at once
 MAX_CHALLENGES = 4096  # outstanding at once; a flood of requests evicts the oldest, memory stays flat

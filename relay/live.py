@@ -22,6 +22,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from tunnel.credentials import bearer_token
 from tunnel.protocol import MAX_INPUT_CHARS, MAX_LIVE_CHARS, Audio, End, Error
 
+from .auth import key_holder
 from .errors import ApiError
 from .limits import retry_after
 from .live_protocol import InputDone, InputText, LiveError, SessionClose, SessionConfig, Splitter, parse_message
@@ -143,14 +144,12 @@ def _admit(websocket: WebSocket) -> str:
     if config.require_api_key:
         offered = [str(p) for p in websocket.scope.get("subprotocols", [])]
         subprotocol_key = next((p[len(KEY_SUBPROTOCOL) :] for p in offered if p.startswith(KEY_SUBPROTOCOL)), None)
-        key = bearer_token(websocket.headers.get("authorization")) or subprotocol_key
-        if not key:
-            raise ApiError(401, "Missing API key: send it as 'Authorization: Bearer <key>'.", code="missing_api_key")
-        name = config.api_keys.match(key)
-        if name is None:
-            app.state.metrics.auth_failure("api")
-            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
-        client = f"key:{name}"
+        try:
+            client = key_holder(config.api_keys, bearer_token(websocket.headers.get("authorization")) or subprotocol_key)
+        except ApiError as refusal:
+            if refusal.code == "invalid_api_key":  # the HTTP routes' refusals are counted by the middleware
+                app.state.metrics.auth_failure("api")
+            raise
     if app.state.router.draining:
         raise ApiError(503, "This relay is shutting down; retry shortly.", code="relay_draining")
     wait = app.state.rate_limiter.take(client)
