@@ -81,6 +81,14 @@ def use_key(page, key: str = API_KEY) -> None:
     page.click("#connect")
 
 
+def ready_to_speak(page, model: str, voice: str = "alloy") -> None:
+    """With the key in, once the pickers are filled: ``model`` and ``voice`` chosen."""
+    use_key(page)
+    page.wait_for_function("() => document.getElementById('voice').options.length > 0")
+    page.select_option("#model", model)
+    page.select_option("#voice", voice)
+
+
 def test_the_page_loads_with_its_policy_and_no_console_errors(relay, browser):
     response = httpx.get(f"{relay.url}/playground")
     policy = response.headers["content-security-policy"]
@@ -109,10 +117,7 @@ def test_a_wrong_key_shows_its_message(relay, browser):
 
 def test_speak_plays_pcm_as_it_arrives(relay, browser):
     page, problems = open_page(browser, relay)
-    use_key(page)
-    page.wait_for_function("() => document.getElementById('voice').options.length > 0")
-    page.select_option("#model", "tone")
-    page.select_option("#voice", "alloy")
+    ready_to_speak(page, "tone")
     page.select_option("#format", "pcm")
     page.fill("#text", "Hello there.")
     page.click("#speak")
@@ -136,10 +141,7 @@ def test_a_voice_named_like_markup_is_shown_as_text(relay, browser):
 
 def test_speak_plays_mp3_as_it_arrives(relay, browser):
     page, problems = open_page(browser, relay)
-    use_key(page)
-    page.wait_for_function("() => document.getElementById('voice').options.length > 0")
-    page.select_option("#model", "tone")
-    page.select_option("#voice", "alloy")
+    ready_to_speak(page, "tone")
     page.select_option("#format", "mp3")
     page.fill("#text", "A longer sentence to hear.")
     page.click("#speak")
@@ -150,10 +152,7 @@ def test_speak_plays_mp3_as_it_arrives(relay, browser):
 
 def test_live_text_plays_while_it_is_still_being_fed(relay, browser):
     page, problems = open_page(browser, relay)
-    use_key(page)
-    page.wait_for_function("() => document.getElementById('voice').options.length > 0")
-    page.select_option("#model", "tone")
-    page.select_option("#voice", "alloy")
+    ready_to_speak(page, "tone")
     page.fill("#live-text", "One two three four five six seven eight nine ten eleven twelve.")
     page.fill("#live-pace", "4")
     page.click("#live-play")
